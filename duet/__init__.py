@@ -1,0 +1,1 @@
+"""Duet: the CLI and the one settings class shared by serving, feedback and trainer."""

@@ -1,0 +1,148 @@
+"""The `duet` command. Errors are one line on stderr with exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import secrets
+import sys
+
+from pydantic import ValidationError
+
+
+class CLIError(Exception):
+    pass
+
+
+def _settings(**overrides):
+    from duet.settings import Settings
+
+    try:
+        return Settings(**overrides)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise CLIError(f"bad setting DUET_{str(err['loc'][0]).upper()}: {err['msg']}") from None
+
+
+def _check_redis(url: str) -> None:
+    import redis
+
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
+    except Exception as e:
+        raise CLIError(f"Redis at {url} does not answer ({type(e).__name__}); start one "
+                       f"(e.g. `redis-server --daemonize yes`) or set DUET_REDIS_URL") from None
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from serving.app import create_app
+
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    s = _settings(**overrides)
+    _check_redis(s.redis_url)
+    uvicorn.run(create_app(s), host=s.host, port=s.port, log_level="info", timeout_graceful_shutdown=30)
+
+
+def cmd_up(args: argparse.Namespace) -> None:
+    """Run Duet on embedded defaults. Until the trainer exists, this is the API with a dev key."""
+    s = _settings()
+    _check_redis(s.redis_url)
+    from duet.model_assets import resolve_model
+
+    resolve_model(s.model, s.home)  # converts the default model on first run, with a progress bar
+    dev_key = s.dev_key or os.environ.get("DUET_DEV_KEY") or _persistent_dev_key(s.home)
+    os.environ["DUET_DEV_KEY"] = dev_key
+    host, port = args.host or s.host, args.port or s.port
+    print(f"duet: API       http://{host}:{port}/v1  (OpenAI-compatible)")
+    print(f"duet: metrics   http://{host}:{port}/metrics")
+    print(f"duet: dev key   {dev_key}")
+    print("duet: the model loads in the background; /ready turns 200 when it can answer. Ctrl-C stops.")
+    args.host, args.port = host, port
+    cmd_serve(args)
+
+
+def _persistent_dev_key(home) -> str:
+    path = home / "dev_key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("duet-dev-" + secrets.token_urlsafe(24))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def cmd_keys_create(args: argparse.Namespace) -> None:
+    import redis.asyncio as aioredis
+
+    from serving.auth import KeyStore
+
+    s = _settings()
+    _check_redis(s.redis_url)
+    if args.pair_rate is not None and not 0.0 <= args.pair_rate <= 1.0:
+        raise CLIError("--pair-rate must be between 0 and 1")
+    if args.rate_limit is not None and args.rate_limit < 1:
+        raise CLIError("--rate-limit must be at least 1")
+
+    async def run():
+        r = aioredis.from_url(s.redis_url, decode_responses=True)
+        try:
+            return await KeyStore(r).create(args.name, pair_rate=args.pair_rate, rate_limit_rpm=args.rate_limit)
+        finally:
+            await r.aclose()
+
+    key, record = asyncio.run(run())
+    print(key)
+    print(f"key id {record.key_id} ({record.name}); shown once, stored hashed", file=sys.stderr)
+
+
+def cmd_model_prepare(args: argparse.Namespace) -> None:
+    from duet.model_assets import ModelNotFound, resolve_model
+
+    s = _settings()
+    try:
+        print(resolve_model(s.model, s.home))
+    except ModelNotFound as e:
+        raise CLIError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="duet", description="A chat API that learns from its users' votes.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    for name, fn, help_ in (("up", cmd_up, "run Duet on embedded defaults"),
+                            ("serve", cmd_serve, "run the serving API only")):
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("--host")
+        sp.add_argument("--port", type=int)
+        sp.set_defaults(fn=fn)
+
+    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
+    kc = keys.add_parser("create", help="create an API key and print it")
+    kc.add_argument("--name", default="default")
+    kc.add_argument("--pair-rate", type=float, help="this key's chance of paired answers (overrides DUET_PAIR_RATE)")
+    kc.add_argument("--rate-limit", type=int, help="requests per minute for this key")
+    kc.set_defaults(fn=cmd_keys_create)
+
+    model = sub.add_parser("model", help="the served model").add_subparsers(dest="model_command", required=True)
+    mp = model.add_parser("prepare", help="convert the default model once and print its folder")
+    mp.set_defaults(fn=cmd_model_prepare)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except CLIError as e:
+        print(f"duet: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

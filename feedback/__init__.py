@@ -1,0 +1,1 @@
+"""The contract between serving and trainer: vote and comparison schemas, Redis layout, Kafka topics."""

@@ -1,0 +1,184 @@
+"""The FastAPI app: routes, auth, limits, metrics. The engine loads in the background after the
+server is listening, so /health answers at once and chat answers 503 until /ready says yes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+from fastapi.exceptions import RequestValidationError
+
+from duet.model_assets import resolve_model
+from duet.settings import Settings
+from serving import metrics
+from serving.auth import ApiKeyRecord, KeyStore
+from serving.chat import ChatService
+from serving.engine import Engine, VLLMEngine
+from serving.errors import APIError, error_response, install_error_handlers
+from serving.pairing import PAIRS_HEADER, ComparisonStore
+from serving.prompting import PromptBuilder
+from serving.protocol import ChatCompletionRequest, ModelCard, ModelList
+from serving.rate_limit import RateLimiter
+
+log = logging.getLogger(__name__)
+
+EngineFactory = Callable[[Settings, str], Engine]
+
+
+def vllm_engine_factory(s: Settings, model_path: str) -> Engine:
+    return VLLMEngine.start(
+        model_path, served_model_name=s.served_model_name, max_model_len=s.max_model_len, dtype=s.dtype,
+        enforce_eager=s.enforce_eager, seed=s.seed, kv_cache_gb=s.kv_cache_gb,
+        gpu_memory_utilization=s.gpu_memory_utilization, cache_root=str(s.home / "vllm-cache"),
+    )
+
+
+@dataclass
+class Runtime:
+    """What the routes need; `chat` is None until the engine has loaded."""
+
+    settings: Settings
+    redis: aioredis.Redis
+    keys: KeyStore
+    limiter: RateLimiter
+    engine: Engine | None = None
+    chat: ChatService | None = None
+    engine_error: str | None = None
+    started: float = 0.0
+
+
+async def _load_engine(rt: Runtime, factory: EngineFactory) -> None:
+    s = rt.settings
+    try:
+        model_path = await asyncio.to_thread(resolve_model, s.model, s.home)
+        prompts = await asyncio.to_thread(PromptBuilder, model_path)
+        engine = await asyncio.to_thread(factory, s, model_path)
+        rt.engine = engine
+        rt.chat = ChatService(s, engine, prompts, ComparisonStore(rt.redis), s.resolved_secret())
+        metrics.set_model_version(engine.model_version)
+        log.info("engine ready (%s) after %.1f s", model_path, time.time() - rt.started)
+    except Exception as e:  # surfaced on /ready and in chat's 503, not as a crash loop
+        log.exception("engine failed to load")
+        rt.engine_error = f"{type(e).__name__}: {e}"
+
+
+def create_app(settings: Settings | None = None, engine_factory: EngineFactory = vllm_engine_factory) -> FastAPI:
+    s = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        redis = aioredis.from_url(s.redis_url, decode_responses=True)
+        rt = Runtime(settings=s, redis=redis, keys=KeyStore(redis, s.admin_key, s.auth_disabled),
+                     limiter=RateLimiter(redis, s.rate_limit_rpm), started=time.time())
+        if s.dev_key:
+            await rt.keys.create("dev", key=s.dev_key)
+        app.state.rt = rt
+        loader = asyncio.create_task(_load_engine(rt, engine_factory))
+        sampler = asyncio.create_task(_sample_engine_queue(rt))
+        try:
+            yield
+        finally:
+            sampler.cancel()
+            loader.cancel()
+            if rt.engine is not None:
+                rt.engine.shutdown()
+            await redis.aclose()
+
+    app = FastAPI(title="Duet", lifespan=lifespan, docs_url=None, redoc_url=None)
+    install_error_handlers(app)
+
+    @app.middleware("http")
+    async def limits_and_metrics(request: Request, call_next):
+        t0 = time.perf_counter()
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > s.max_body_bytes:
+            response = error_response(413, f"Request body is {length} bytes; the limit is {s.max_body_bytes}.",
+                                      code="request_too_large")
+        else:
+            response = await call_next(request)
+        route = request.scope.get("route")
+        path = route.path if route is not None else "unmatched"
+        metrics.REQUESTS.labels(route=path, status=str(response.status_code)).inc()
+        metrics.LATENCY.labels(route=path).observe(time.perf_counter() - t0)
+        return response
+
+    def rt_of(request: Request) -> Runtime:
+        return request.app.state.rt
+
+    async def authorize(request: Request) -> ApiKeyRecord:
+        rt = rt_of(request)
+        key = await rt.keys.authenticate(request.headers.get("authorization"))
+        await rt.limiter.check(key.key_id, key.rate_limit_rpm)
+        return key
+
+    def chat_service(rt: Runtime) -> ChatService:
+        if rt.chat is None:
+            why = f"the engine failed to load: {rt.engine_error}" if rt.engine_error else "the engine is loading"
+            raise APIError(503, f"Not ready: {why}. Retry shortly.", code="engine_not_ready",
+                           headers={"Retry-After": "5"})
+        return rt.chat
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready(request: Request) -> JSONResponse:
+        rt = rt_of(request)
+        try:
+            redis_ok = bool(await asyncio.wait_for(rt.redis.ping(), timeout=1.0))
+        except Exception:
+            redis_ok = False
+        engine_ok = rt.chat is not None
+        body = {"ready": redis_ok and engine_ok, "engine": "ready" if engine_ok else (
+            "failed" if rt.engine_error else "loading"), "redis": "ok" if redis_ok else "unreachable",
+            "model_version": rt.engine.model_version if rt.engine else None}
+        return JSONResponse(body, status_code=200 if body["ready"] else 503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> ModelList:
+        await authorize(request)
+        rt = rt_of(request)
+        root = rt.engine.model_version if rt.engine else None
+        return ModelList(data=[ModelCard(id=s.served_model_name, created=int(rt.started), root=root)])
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        key = await authorize(request)
+        raw = await request.body()
+        if len(raw) > s.max_body_bytes:  # chunked bodies carry no Content-Length
+            raise APIError(413, f"Request body is larger than {s.max_body_bytes} bytes.", code="request_too_large")
+        try:
+            req = ChatCompletionRequest.model_validate_json(raw)
+        except ValidationError as e:
+            raise RequestValidationError(e.errors()) from None
+        chat = chat_service(rt_of(request))
+        plan = chat.plan(req, key, request.headers.get(PAIRS_HEADER))
+        if req.stream:
+            return StreamingResponse(chat.stream(plan), media_type="text/event-stream",
+                                     headers={"X-Duet-Model-Version": chat.engine.model_version,
+                                              "Cache-Control": "no-cache"})
+        resp = await chat.complete(plan)
+        return JSONResponse(resp.model_dump(), headers={"X-Duet-Model-Version": resp.duet.model_version})
+
+    return app
+
+
+async def _sample_engine_queue(rt: Runtime) -> None:
+    while True:
+        if rt.engine is not None:
+            metrics.ENGINE_QUEUE.set(rt.engine.num_unfinished())
+        await asyncio.sleep(1.0)

@@ -1,0 +1,73 @@
+"""API keys: stored hashed in Redis, looked up by the sha256 of the presented bearer token.
+
+Redis layout:
+    duet:apikey:{sha256(key)}   STRING, JSON of `ApiKeyRecord` (no expiry)
+The admin key comes from DUET_ADMIN_KEY and never touches Redis.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from datetime import UTC, datetime
+
+from pydantic import BaseModel, Field
+from redis.asyncio import Redis
+
+from serving.errors import APIError
+
+KEY_PREFIX = "duet:apikey:"
+ANONYMOUS = "anonymous"
+
+
+class ApiKeyRecord(BaseModel):
+    key_id: str  # public id, safe to log; the first 12 hex chars of the key's hash
+    name: str
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    pair_rate: float | None = Field(None, ge=0.0, le=1.0)  # overrides DUET_PAIR_RATE
+    rate_limit_rpm: int | None = Field(None, ge=1)  # overrides DUET_RATE_LIMIT_RPM
+    admin: bool = False
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key() -> str:
+    return "duet-" + secrets.token_urlsafe(32)
+
+
+class KeyStore:
+    def __init__(self, redis: Redis, admin_key: str = "", auth_disabled: bool = False) -> None:
+        self.redis = redis
+        self.admin_key = admin_key
+        self.auth_disabled = auth_disabled
+
+    async def create(self, name: str, *, key: str | None = None, pair_rate: float | None = None,
+                     rate_limit_rpm: int | None = None) -> tuple[str, ApiKeyRecord]:
+        key = key or new_key()
+        digest = hash_key(key)
+        record = ApiKeyRecord(key_id=digest[:12], name=name, pair_rate=pair_rate, rate_limit_rpm=rate_limit_rpm)
+        await self.redis.set(KEY_PREFIX + digest, record.model_dump_json())
+        return key, record
+
+    async def authenticate(self, authorization: str | None) -> ApiKeyRecord:
+        if self.auth_disabled:
+            return ApiKeyRecord(key_id=ANONYMOUS, name=ANONYMOUS)
+        token = _bearer(authorization)
+        if self.admin_key and hmac.compare_digest(token, self.admin_key):
+            return ApiKeyRecord(key_id="admin", name="admin", admin=True)
+        raw = await self.redis.get(KEY_PREFIX + hash_key(token))
+        if raw is None:
+            raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+        return ApiKeyRecord.model_validate_json(raw)
+
+
+def _bearer(authorization: str | None) -> str:
+    if not authorization:
+        raise APIError(401, "Missing API key: send 'Authorization: Bearer YOUR_KEY'.", code="missing_api_key")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise APIError(401, "Malformed Authorization header: expected 'Bearer YOUR_KEY'.", code="invalid_api_key")
+    return token.strip()

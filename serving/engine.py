@@ -1,0 +1,156 @@
+"""The engine interface the API talks to, and its vLLM implementation (AsyncLLM, in-process).
+
+The API never sees vLLM types: it sends prompt token ids and sampling settings and receives
+per-choice text deltas tagged with the model version that produced them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from feedback.comparisons import SamplingSpec
+
+log = logging.getLogger(__name__)
+
+BASE_VERSION = "base"
+
+
+@dataclass
+class ChoiceDelta:
+    index: int
+    text: str
+    new_tokens: int
+    finish_reason: str | None  # "stop" | "length" | "abort" | None while running
+
+
+@dataclass
+class GenerationStep:
+    deltas: list[ChoiceDelta]
+    model_version: str  # version active when this step came out of the engine
+
+
+class Engine(Protocol):
+    model_version: str
+    max_model_len: int
+
+    def generate(
+        self, prompt_token_ids: list[int], sampling: SamplingSpec, n: int, request_id: str
+    ) -> AsyncIterator[GenerationStep]: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    async def load_weights(self, path: str, version: str) -> float: ...
+
+    def num_unfinished(self) -> int: ...
+
+    def shutdown(self) -> None: ...
+
+
+def _prepare_cpu_env(kv_cache_gb: int, cache_root: str) -> None:
+    # Set before vLLM is imported: it reads these at import / engine start.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gb))
+    # vLLM reserves a core for the front end by default; on 2 cores that costs ~25 % throughput.
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    os.environ.setdefault("VLLM_CACHE_ROOT", cache_root)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+
+
+class VLLMEngine:
+    """vLLM's AsyncLLM behind the Engine interface. One per process."""
+
+    def __init__(self, llm, model_path: str, max_model_len: int) -> None:
+        self._llm = llm
+        self.model_path = model_path
+        self.max_model_len = max_model_len
+        self.model_version = BASE_VERSION
+        self._swap_lock = asyncio.Lock()
+
+    @classmethod
+    def start(
+        cls,
+        model_path: str,
+        *,
+        served_model_name: str,
+        max_model_len: int,
+        dtype: str,
+        enforce_eager: bool,
+        seed: int,
+        kv_cache_gb: int,
+        gpu_memory_utilization: float,
+        cache_root: str,
+    ) -> VLLMEngine:
+        _prepare_cpu_env(kv_cache_gb, cache_root)
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(
+            model=model_path,
+            served_model_name=served_model_name,
+            max_model_len=max_model_len,
+            dtype=dtype,
+            enforce_eager=enforce_eager,
+            seed=seed,
+            gpu_memory_utilization=gpu_memory_utilization,
+        )
+        llm = AsyncLLM.from_engine_args(args)
+        return cls(llm, model_path, max_model_len)
+
+    async def generate(
+        self, prompt_token_ids: list[int], sampling: SamplingSpec, n: int, request_id: str
+    ) -> AsyncIterator[GenerationStep]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(
+            n=n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_tokens,
+            seed=sampling.seed,
+            stop=sampling.stop or None,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        # AsyncLLM.generate aborts the request itself when this generator is closed or
+        # cancelled (client gone), so no request outlives its HTTP connection.
+        async for out in self._llm.generate(TokensPrompt(prompt_token_ids=prompt_token_ids), params, request_id):
+            deltas = [
+                ChoiceDelta(
+                    index=c.index,
+                    text=c.text,
+                    new_tokens=len(c.token_ids),
+                    finish_reason=c.finish_reason,
+                )
+                for c in out.outputs
+            ]
+            yield GenerationStep(deltas=deltas, model_version=self.model_version)
+
+    async def abort(self, request_id: str) -> None:
+        await self._llm.abort(request_id)
+
+    async def load_weights(self, path: str, version: str) -> float:
+        """Swap weights in place (requests in flight are frozen, not dropped). Returns the pause in s."""
+        async with self._swap_lock:
+            t0 = time.perf_counter()
+            await self._llm.pause_generation(mode="keep", clear_cache=True)
+            try:
+                await self._llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
+                # KV computed by the old weights must never be reused by the new ones.
+                await self._llm.reset_prefix_cache()
+                self.model_version = version
+            finally:
+                await self._llm.resume_generation()
+            return time.perf_counter() - t0
+
+    def num_unfinished(self) -> int:
+        return self._llm.get_num_unfinished_requests()
+
+    def shutdown(self) -> None:
+        self._llm.shutdown()
