@@ -26,7 +26,8 @@ fi
 
 echo "duet: installing into $VENV (engine: $ENGINE) ..."
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
+# -q and the grep keep the log readable: this machine's pip config lists local index folders that may be absent.
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
 pip install -U "pip>=24"
 
 if [ "$ENGINE" = cuda ]; then

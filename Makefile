@@ -1,0 +1,14 @@
+# The two commands README.md promises. Both install into ./.venv first (idempotent).
+.PHONY: install up test bench
+
+install:
+	@bash scripts/install.sh
+
+up: install
+	HF_HUB_OFFLINE=1 .venv/bin/duet up
+
+test: install
+	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -ra tests; rc=$$?; [ $$rc -eq 5 ] && exit 0; exit $$rc
+
+bench: install
+	HF_HUB_OFFLINE=1 .venv/bin/python bench/serving.py

@@ -1,0 +1,130 @@
+"""Shared fixtures: a tiny random Llama with the SmolLM2 tokenizer, a Redis database of the tests'
+own, and ONE real Duet server (real vLLM engine, real HTTP) per test session."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+TEST_REDIS_DB = int(os.environ.get("DUET_TEST_REDIS_DB", "13"))
+REDIS_URL = f"redis://127.0.0.1:6379/{TEST_REDIS_DB}"
+ADMIN_KEY = "test-admin-key"
+SECRET = "test-secret"
+MAX_MODEL_LEN = 256
+MAX_BODY = 200_000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def redis_client():
+    r = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    r.flushdb()
+    yield r
+    r.flushdb()
+    r.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """2-layer random Llama (head_dim 64) saved with SmolLM2's tokenizer and chat template."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from duet.model_assets import gguf_path
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    src = gguf_path()
+    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=1024,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def duet_env(tiny_model: Path, home: Path, port: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "DUET_MODEL": str(tiny_model), "DUET_HOME": str(home), "DUET_PORT": str(port),
+        "DUET_REDIS_URL": REDIS_URL, "DUET_ADMIN_KEY": ADMIN_KEY, "DUET_SECRET": SECRET,
+        "DUET_MAX_MODEL_LEN": str(MAX_MODEL_LEN), "DUET_MAX_BODY_BYTES": str(MAX_BODY),
+        "DUET_PAIR_RATE": "1.0",  # opted-in clients always pair: plain clients must still never get one
+        "DUET_MAX_TOKENS_CAP": "200", "DUET_DEFAULT_MAX_TOKENS": "16", "DUET_RATE_LIMIT_RPM": "100000",
+        "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
+    })
+    return env
+
+
+class DuetServer:
+    def __init__(self, url: str, env: dict[str, str], first_chat: httpx.Response) -> None:
+        self.url = url
+        self.env = env
+        self.first_chat = first_chat  # a chat request sent while the engine was still loading
+
+    def create_key(self, *args: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "duet.cli", "keys", "create", *args], env=self.env,
+                             capture_output=True, text=True, check=True, timeout=60)
+        return out.stdout.strip()
+
+
+@pytest.fixture(scope="session")
+def duet_server(tiny_model, tmp_path_factory, redis_client):
+    home = tmp_path_factory.mktemp("duet-home")
+    port = free_port()
+    env = duet_env(tiny_model, home, port)
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "duet.cli", "serve"], env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                httpx.get(url + "/health", timeout=1)
+                break
+            except httpx.TransportError:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise RuntimeError("server did not start: " + (home / "server.log").read_text()[-3000:])
+                time.sleep(0.2)
+        first = httpx.post(url + "/v1/chat/completions", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                           json={"model": "duet", "messages": [{"role": "user", "content": "hi"}]})
+        deadline = time.time() + 240
+        while httpx.get(url + "/ready", timeout=5).status_code != 200:
+            if time.time() > deadline or proc.poll() is not None:
+                raise RuntimeError("engine did not load: " + (home / "server.log").read_text()[-3000:])
+            time.sleep(1)
+        yield DuetServer(url, env, first)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def api_key(duet_server) -> str:
+    return duet_server.create_key("--name", "tests")
+
+
+@pytest.fixture()
+def client(duet_server, api_key):
+    with httpx.Client(base_url=duet_server.url, headers={"Authorization": f"Bearer {api_key}"},
+                      timeout=120) as c:
+        yield c

@@ -1,0 +1,26 @@
+"""The CLI answers bad input with one line, never a traceback."""
+
+import os
+import subprocess
+import sys
+
+
+def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "duet.cli", *args], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **env})
+
+
+def test_bad_setting_is_one_line():
+    r = run_cli("keys", "create", DUET_PAIR_RATE="2")
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "DUET_PAIR_RATE" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unreachable_redis_is_one_line():
+    r = run_cli("keys", "create", DUET_REDIS_URL="redis://127.0.0.1:1/0")
+    assert r.returncode == 2 and "does not answer" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_flag_value_is_one_line():
+    r = run_cli("keys", "create", "--pair-rate", "7", DUET_REDIS_URL="redis://127.0.0.1:6379/13")
+    assert r.returncode == 2 and "--pair-rate" in r.stderr and "Traceback" not in r.stderr
