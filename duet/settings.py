@@ -46,6 +46,11 @@ class Settings(BaseSettings):
     # --- services -------------------------------------------------------------------------
     redis_url: str = "redis://127.0.0.1:6379/0"
     kafka_bootstrap: str = ""  # empty: `duet up` starts the embedded broker
+    kafka_partitions: int = 3  # of the feedback topic, when Duet creates it
+    kafka_replication: int = 1  # 3 on a real cluster (deploy/)
+    kafka_min_insync: int | None = None  # 2 on a real cluster
+    outbox_max: int = 100_000  # votes waiting for Kafka; past it votes get 503 + Retry-After
+    relay_batch: int = 500
 
     def resolved_secret(self) -> str:
         """The vote-token secret: the configured one, else one generated once and kept on disk."""

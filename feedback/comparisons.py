@@ -2,8 +2,9 @@
 
 Redis key layout (the votes API reads it; nothing else should write it):
 
-    duet:cmp:{comparison_id}   STRING, JSON of `PendingComparison`, TTL = DUET_COMPARISON_TTL_S
-                               (default 24 h; the record expires exactly at `expires_at`).
+    duet:cmp:{id}   STRING, JSON of `PendingComparison`, TTL = DUET_COMPARISON_TTL_S (default 24 h;
+                    the record expires at `expires_at`). `id` is `cmp_<hex>` for K >= 2 answers to
+                    compare, or `cpl_<hex>` for a single answer that may get a thumbs up/down.
 
 The record is self-contained (messages, every answer, the model version of each answer and the
 sampling parameters), so a vote event built from it never needs Redis again.

@@ -28,6 +28,8 @@ from serving.pairing import PAIRS_HEADER, ComparisonStore
 from serving.prompting import PromptBuilder
 from serving.protocol import ChatCompletionRequest, ModelCard, ModelList
 from serving.rate_limit import RateLimiter
+from serving.votes import VoteAccepted, VoteRequest, VoteService
+from feedback.outbox import Outbox, OutboxRelay
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,8 @@ class Runtime:
     redis: aioredis.Redis
     keys: KeyStore
     limiter: RateLimiter
+    votes: VoteService
+    relay: OutboxRelay | None = None
     engine: Engine | None = None
     chat: ChatService | None = None
     engine_error: str | None = None
@@ -77,8 +81,15 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         redis = aioredis.from_url(s.redis_url, decode_responses=True)
+        votes = VoteService(ComparisonStore(redis), Outbox(redis, s.outbox_max), s.resolved_secret())
         rt = Runtime(settings=s, redis=redis, keys=KeyStore(redis, s.admin_key, s.auth_disabled),
-                     limiter=RateLimiter(redis, s.rate_limit_rpm), started=time.time())
+                     limiter=RateLimiter(redis, s.rate_limit_rpm), votes=votes, started=time.time())
+        if s.kafka_bootstrap:
+            rt.relay = OutboxRelay(s.redis_url, s.kafka_bootstrap, batch=s.relay_batch,
+                                   partitions=s.kafka_partitions, replication=s.kafka_replication,
+                                   min_insync=s.kafka_min_insync).start()
+        else:
+            log.warning("DUET_KAFKA_BOOTSTRAP is unset: votes are kept in the Redis outbox until a broker is set")
         if s.dev_key:
             await rt.keys.create("dev", key=s.dev_key)
         app.state.rt = rt
@@ -89,6 +100,8 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
         finally:
             sampler.cancel()
             loader.cancel()
+            if rt.relay is not None:
+                await asyncio.to_thread(rt.relay.stop)
             if rt.engine is not None:
                 rt.engine.shutdown()
             await redis.aclose()
@@ -173,6 +186,17 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
                                               "Cache-Control": "no-cache"})
         resp = await chat.complete(plan)
         return JSONResponse(resp.model_dump(), headers={"X-Duet-Model-Version": resp.duet.model_version})
+
+    @app.post("/v1/feedback", status_code=202)
+    async def feedback(request: Request) -> JSONResponse:
+        key = await authorize(request)
+        try:
+            vote = VoteRequest.model_validate_json(await request.body())
+        except ValidationError as e:
+            metrics.VOTE_REJECTIONS.labels(reason="malformed").inc()
+            raise RequestValidationError(e.errors()) from None
+        status, event_id = await rt_of(request).votes.vote(vote, key, request.headers.get("idempotency-key"))
+        return JSONResponse(VoteAccepted(event_id=event_id).model_dump(), status_code=status)
 
     return app
 

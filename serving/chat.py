@@ -19,7 +19,7 @@ from serving import metrics
 from serving.auth import ApiKeyRecord
 from serving.engine import Engine
 from serving.errors import APIError
-from serving.pairing import ComparisonStore, decide_pair, expiry, hash_user, new_comparison_id, pairs_mode, vote_token
+from serving.pairing import ComparisonStore, decide_pair, expiry, hash_user, new_record_id, pairs_mode, vote_token
 from serving.prompting import PromptBuilder
 from serving.protocol import (
     ChatCompletionChunk,
@@ -50,6 +50,7 @@ class Plan:
     sampling: SamplingSpec
     n: int
     paired: bool
+    keep_for_votes: bool  # store what was shown so a vote can refer to it (pairs, and singles for thumbs)
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -84,6 +85,7 @@ class ChatService:
             raise APIError(400, f"n must be at most {s.max_n}", param="n", code="invalid_value")
 
         mode = pairs_mode(req.duet.pairs if req.duet else None, pairs_header)
+        duet_aware = req.duet is not None or pairs_header is not None
         k = (req.duet.k if req.duet and req.duet.k else 2)
         if k > s.max_k:
             raise APIError(400, f"duet.k must be at most {s.max_k}", param="duet.k", code="invalid_value")
@@ -118,7 +120,8 @@ class ChatService:
         sampling = SamplingSpec(temperature=temperature, top_p=req.top_p, max_tokens=max_tokens, seed=req.seed,
                                 stop=req.stop)
         return Plan(request_id="chatcmpl-" + uuid.uuid4().hex, request=req, key=key, messages=messages,
-                    prompt_ids=prompt_ids, sampling=sampling, n=k if paired else req.n, paired=paired)
+                    prompt_ids=prompt_ids, sampling=sampling, n=k if paired else req.n, paired=paired,
+                    keep_for_votes=paired or (duet_aware and req.n == 1))
 
     # --- engine ----------------------------------------------------------------------------
     async def _steps(self, plan: Plan, col: Collected) -> AsyncIterator[list]:
@@ -147,13 +150,13 @@ class ChatService:
             metrics.INFLIGHT.dec()
 
     async def _finish(self, plan: Plan, col: Collected) -> DuetResponseInfo:
-        """Build the duet object; for pairs, store the comparison first so a vote can never miss it."""
+        """Build the duet object; store what was shown first, so a vote can never miss it."""
         version = col.versions[-1] if col.versions else self.engine.model_version
         info = DuetResponseInfo(model_version=version, model_versions=col.versions if len(col.versions) > 1 else None)
-        if not plan.paired:
+        if not plan.keep_for_votes:
             return info
         created, expires = expiry(self.s.comparison_ttl_s)
-        cid = new_comparison_id()
+        cid = new_record_id(plan.paired)
         answer_version = "+".join(col.versions) if col.versions else version
         await self.store.save(PendingComparison(
             comparison_id=cid, key_id=plan.key.key_id, user_hash=hash_user(plan.request.user),
@@ -163,9 +166,12 @@ class ChatService:
                      for i in range(plan.n)],
             sampling=plan.sampling, prompt_tokens=len(plan.prompt_ids), created_at=created, expires_at=expires,
         ))
-        metrics.PAIRED_RESPONSES.labels(k=str(plan.n)).inc()
         exp = int(expires.timestamp())
-        info.comparison_id = cid
+        if plan.paired:
+            metrics.PAIRED_RESPONSES.labels(k=str(plan.n)).inc()
+            info.comparison_id = cid
+        else:
+            info.completion_id = cid
         info.expires_at = exp
         info.vote_token = vote_token(self.secret, cid, plan.key.key_id, exp)
         return info

@@ -38,8 +38,9 @@ def decide_pair(mode: PairsMode, pair_rate: float, rng: random.Random | None = N
     return False
 
 
-def new_comparison_id() -> str:
-    return "cmp_" + uuid.uuid4().hex
+def new_record_id(paired: bool) -> str:
+    """cmp_... for K answers to compare, cpl_... for one answer that can get a thumbs vote."""
+    return ("cmp_" if paired else "cpl_") + uuid.uuid4().hex
 
 
 def vote_token(secret: str, comparison_id: str, key_id: str, expires_at: int) -> str:

@@ -89,7 +89,8 @@ class DuetResponseInfo(BaseModel):
 
     model_version: str
     model_versions: list[str] | None = None  # set when tokens came from more than one version (swap mid-request)
-    comparison_id: str | None = None
+    comparison_id: str | None = None  # set when the response holds K answers to compare
+    completion_id: str | None = None  # set on single answers to Duet-aware clients (thumbs up/down)
     vote_token: str | None = None
     expires_at: int | None = None  # unix seconds
 

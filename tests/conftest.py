@@ -20,6 +20,7 @@ ADMIN_KEY = "test-admin-key"
 SECRET = "test-secret"
 MAX_MODEL_LEN = 256
 MAX_BODY = 200_000
+OUTBOX_MAX = 200
 
 
 def free_port() -> int:
@@ -35,6 +36,18 @@ def redis_client():
     yield r
     r.flushdb()
     r.close()
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory):
+    """The embedded Kafka-protocol broker (tansu, in memory), one per test session."""
+    from feedback.broker import EmbeddedBroker
+    from feedback.topics import ensure_topics
+
+    b = EmbeddedBroker(log_path=tmp_path_factory.mktemp("tansu") / "tansu.log").start()
+    ensure_topics(b.bootstrap, partitions=3)
+    yield b
+    b.stop()
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +70,7 @@ def tiny_model(tmp_path_factory) -> Path:
     return out
 
 
-def duet_env(tiny_model: Path, home: Path, port: int) -> dict[str, str]:
+def duet_env(tiny_model: Path, home: Path, port: int, bootstrap: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update({
         "DUET_MODEL": str(tiny_model), "DUET_HOME": str(home), "DUET_PORT": str(port),
@@ -65,6 +78,7 @@ def duet_env(tiny_model: Path, home: Path, port: int) -> dict[str, str]:
         "DUET_MAX_MODEL_LEN": str(MAX_MODEL_LEN), "DUET_MAX_BODY_BYTES": str(MAX_BODY),
         "DUET_PAIR_RATE": "1.0",  # opted-in clients always pair: plain clients must still never get one
         "DUET_MAX_TOKENS_CAP": "200", "DUET_DEFAULT_MAX_TOKENS": "16", "DUET_RATE_LIMIT_RPM": "100000",
+        "DUET_KAFKA_BOOTSTRAP": bootstrap, "DUET_OUTBOX_MAX": str(OUTBOX_MAX),
         "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
     })
     return env
@@ -83,10 +97,10 @@ class DuetServer:
 
 
 @pytest.fixture(scope="session")
-def duet_server(tiny_model, tmp_path_factory, redis_client):
+def duet_server(tiny_model, tmp_path_factory, redis_client, broker):
     home = tmp_path_factory.mktemp("duet-home")
     port = free_port()
-    env = duet_env(tiny_model, home, port)
+    env = duet_env(tiny_model, home, port, broker.bootstrap)
     log = open(home / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "duet.cli", "serve"], env=env, stdout=log,
                             stderr=subprocess.STDOUT)

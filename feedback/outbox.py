@@ -1,0 +1,195 @@
+"""The vote outbox: a Redis stream that makes a vote durable before it is acknowledged, and the relay
+that publishes it to Kafka.
+
+Redis layout (besides `duet:cmp:*`, see feedback/comparisons.py):
+    duet:voted:{comparison_id}   STRING "event_id\\nidempotency_key"; TTL: the comparison's remaining life
+    duet:outbox                  STREAM, fields event_id, key (Kafka key), payload (FeedbackEvent JSON)
+    duet:outbox:relay-lock       STRING, lease held by the one relay publishing (several replicas may run)
+
+`record_vote` is one Lua script: it checks the comparison still exists, that it has no vote, that
+the outbox has room, then marks it voted and appends the event — all or nothing, so two concurrent
+votes can never both pass and an acknowledged vote is always in the outbox.
+The relay sends entries in stream order and deletes each only after Kafka acknowledged it
+(acks=all): delivery is at-least-once, consumers de-duplicate by event_id.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import redis
+
+from feedback import metrics
+from feedback.comparisons import comparison_key
+from feedback.topics import FEEDBACK, ensure_topics
+
+log = logging.getLogger(__name__)
+
+OUTBOX = "duet:outbox"
+RELAY_LOCK = "duet:outbox:relay-lock"
+
+
+def voted_key(record_id: str) -> str:
+    return f"duet:voted:{record_id}"
+
+
+_RECORD_VOTE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone'} end
+local prev = redis.call('GET', KEYS[2])
+if prev then return {'voted', prev} end
+if redis.call('XLEN', KEYS[3]) >= tonumber(ARGV[4]) then return {'full'} end
+local ttl = redis.call('TTL', KEYS[1])
+if ttl < 1 then ttl = 1 end
+redis.call('SET', KEYS[2], ARGV[1] .. '\\n' .. ARGV[3], 'EX', ttl + 3600)
+redis.call('XADD', KEYS[3], '*', 'event_id', ARGV[1], 'key', ARGV[5], 'payload', ARGV[2])
+return {'ok'}
+"""
+
+
+@dataclass
+class VoteResult:
+    status: Literal["ok", "gone", "voted", "full"]
+    event_id: str | None = None  # for "voted": the event id of the earlier vote
+    idempotency_key: str | None = None  # for "voted": the key the earlier vote came with
+
+
+class Outbox:
+    """The vote side: used by serving's votes API (async Redis client)."""
+
+    def __init__(self, redis_client, max_entries: int) -> None:
+        self.redis = redis_client
+        self.max_entries = max_entries
+        self._script = redis_client.register_script(_RECORD_VOTE)
+
+    async def record_vote(self, record_id: str, event_id: str, payload: str, idempotency_key: str = "") -> VoteResult:
+        res = await self._script(keys=[comparison_key(record_id), voted_key(record_id), OUTBOX],
+                                 args=[event_id, payload, idempotency_key, self.max_entries, record_id])
+        status = res[0]
+        if status == "voted":
+            prev_event, _, prev_key = res[1].partition("\n")
+            return VoteResult("voted", prev_event, prev_key or None)
+        return VoteResult(status, event_id if status == "ok" else None)
+
+    async def depth(self) -> int:
+        return await self.redis.xlen(OUTBOX)
+
+
+def stream_id_ms(entry_id: str) -> int:
+    return int(entry_id.split("-", 1)[0])
+
+
+class OutboxRelay:
+    """Publishes the outbox to Kafka from a thread of its own (kafka-python is blocking; the event
+    loop never waits on it). Survives broker outages: on any error it drops the producer, backs off,
+    and on reconnect re-creates the topics (an in-memory broker comes back empty) and resends."""
+
+    def __init__(self, redis_url: str, bootstrap: str, *, topic: str = FEEDBACK, batch: int = 500,
+                 partitions: int = 3, replication: int = 1, min_insync: int | None = None,
+                 lock_ttl_ms: int = 10_000) -> None:
+        self.redis = redis.Redis.from_url(redis_url, decode_responses=True)
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.batch = batch
+        self.partitions, self.replication, self.min_insync = partitions, replication, min_insync
+        self.lock_ttl_ms = lock_ttl_ms
+        self.owner = f"{os.uname().nodename}:{os.getpid()}:{id(self)}"
+        self._producer = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------
+    def start(self) -> OutboxRelay:
+        self._thread = threading.Thread(target=self._run, name="duet-outbox-relay", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout)
+        self._close_producer()
+        self.redis.close()
+
+    # --- the loop -------------------------------------------------------------------------
+    def _run(self) -> None:
+        backoff = 0.2
+        while not self._stop.is_set():
+            try:
+                self._observe_outbox()
+                if not self._hold_lock():
+                    self._stop.wait(1.0)
+                    continue
+                sent = self.drain_once()
+                backoff = 0.2
+                if sent == 0:
+                    # Wake as soon as a new vote arrives (or after 200 ms to refresh gauges and the lock).
+                    self.redis.xread({OUTBOX: "$"}, block=200, count=1)
+            except Exception as e:  # broker or Redis down: keep everything, retry with backoff
+                metrics.PRODUCE_ERRORS.labels(error=type(e).__name__).inc()
+                log.warning("outbox relay: %s: %s; retrying in %.1f s", type(e).__name__, e, backoff)
+                self._close_producer()
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def _hold_lock(self) -> bool:
+        """A lease so that one relay publishes at a time when several serving replicas share Redis."""
+        if self.redis.set(RELAY_LOCK, self.owner, nx=True, px=self.lock_ttl_ms):
+            return True
+        if self.redis.get(RELAY_LOCK) == self.owner:
+            self.redis.pexpire(RELAY_LOCK, self.lock_ttl_ms)
+            return True
+        return False
+
+    def _observe_outbox(self) -> None:
+        metrics.OUTBOX_DEPTH.set(self.redis.xlen(OUTBOX))
+        first = self.redis.xrange(OUTBOX, count=1)
+        metrics.OUTBOX_OLDEST_AGE.set(max(0.0, time.time() - stream_id_ms(first[0][0]) / 1000) if first else 0.0)
+
+    def _producer_or_connect(self):
+        if self._producer is None:
+            from kafka import KafkaProducer
+
+            ensure_topics(self.bootstrap, self.partitions, self.replication, self.min_insync)
+            self._producer = KafkaProducer(
+                bootstrap_servers=self.bootstrap, client_id="duet-outbox-relay",
+                acks="all", enable_idempotence=True, retries=10, linger_ms=5, compression_type="gzip",
+                max_block_ms=5_000, request_timeout_ms=5_000, delivery_timeout_ms=15_000,
+            )
+        return self._producer
+
+    def _close_producer(self) -> None:
+        if self._producer is not None:
+            try:
+                self._producer.close(timeout=1)
+            except Exception:
+                pass
+            self._producer = None
+
+    def drain_once(self) -> int:
+        """Send up to `batch` outbox entries, delete those Kafka acknowledged. Returns how many."""
+        entries = self.redis.xrange(OUTBOX, count=self.batch)
+        if not entries:
+            return 0
+        producer = self._producer_or_connect()
+        t0 = time.perf_counter()
+        futures = [(entry_id, producer.send(self.topic, key=f["key"].encode(), value=f["payload"].encode(),
+                                            headers=[("event_id", f["event_id"].encode())]))
+                   for entry_id, f in entries]
+        producer.flush(timeout=20)
+        acked = [entry_id for entry_id, fut in futures if fut.is_done and fut.succeeded()]
+        if acked:
+            self.redis.xdel(OUTBOX, *acked)
+            now = time.time()
+            for entry_id in acked:
+                metrics.RELAY_DELAY.observe(max(0.0, now - stream_id_ms(entry_id) / 1000))
+            metrics.RELAYED.inc(len(acked))
+        metrics.PRODUCE_LATENCY.observe(time.perf_counter() - t0)
+        failed = next((fut.exception for _, fut in futures if fut.is_done and fut.failed()), None)
+        if len(acked) < len(entries):
+            raise failed or TimeoutError(f"{len(entries) - len(acked)} outbox entries not acknowledged")
+        return len(acked)

@@ -1,0 +1,214 @@
+"""Votes: real HTTP API, real Redis, real broker (tansu), real engine for the answers."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from feedback.consumer import FeedbackConsumer
+from feedback.events import FeedbackEvent
+from feedback.outbox import OUTBOX
+from feedback.topics import DEAD_LETTERS, FEEDBACK
+from tests.conftest import OUTBOX_MAX
+from tests.kafka_helpers import read_topic
+from tests.test_serving_api import HELLO, assert_openai_error
+
+pytestmark = pytest.mark.slow
+
+
+def pair(client: httpx.Client, k: int = 2) -> dict:
+    r = client.post("/v1/chat/completions", json={"model": "duet", "messages": HELLO, "max_tokens": 3,
+                                                  "duet": {"pairs": "force", "k": k}})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def vote(client: httpx.Client, body: dict, **headers) -> httpx.Response:
+    return client.post("/v1/feedback", json=body, headers=headers)
+
+
+def ballot(resp: dict, **verdict) -> dict:
+    d = resp["duet"]
+    ident = {"comparison_id": d["comparison_id"]} if d["comparison_id"] else {"completion_id": d["completion_id"]}
+    return {**ident, "vote_token": d["vote_token"], **verdict}
+
+
+def events_by_id(bootstrap: str, ids: set[str], timeout_s: float = 60) -> list[dict]:
+    def ids_in(records):
+        return {json.loads(r.value)["event_id"] for r in records}
+    records = read_topic(bootstrap, FEEDBACK, lambda recs: ids <= ids_in(recs), timeout_s)
+    return [json.loads(r.value) for r in records if json.loads(r.value)["event_id"] in ids]
+
+
+def test_vote_reaches_kafka_self_contained(client, broker):
+    resp = pair(client)
+    r = vote(client, ballot(resp, choice="b", reason="more polite", open_ended=True))
+    assert r.status_code == 202, r.text
+    event_id = r.json()["event_id"]
+    [raw] = events_by_id(broker.bootstrap, {event_id})
+    ev = FeedbackEvent.model_validate(raw)
+    assert ev.choice == "b" and ev.reason == "more polite" and ev.open_ended is True
+    assert ev.schema_version == "1.0" and uuid.UUID(ev.event_id).version == 7
+    assert [a.text for a in ev.comparison.answers] == [c["message"]["content"] for c in resp["choices"]]
+    assert {a.model_version for a in ev.comparison.answers} == {"base"}
+    assert ev.comparison.messages[0].content == HELLO[0]["content"]
+    assert ev.comparison.sampling.max_tokens == 3
+
+
+def test_consumer_helper_reads_votes_in_a_group(client, broker):
+    ids = {vote(client, ballot(pair(client), choice=c)).json()["event_id"] for c in ("a", "tie", "both_bad")}
+    consumer = FeedbackConsumer(broker.bootstrap, group_id="g-" + uuid.uuid4().hex)
+    try:
+        got: dict[str, FeedbackEvent] = {}
+        deadline = time.time() + 60
+        while not ids <= set(got) and time.time() < deadline:
+            got.update({d.event.event_id: d.event for d in consumer.poll(timeout_ms=500)})
+        assert ids <= set(got)
+        assert {got[i].choice for i in ids} == {"a", "tie", "both_bad"}
+        consumer.commit(consumer.positions())
+    finally:
+        consumer.close()
+
+
+def test_ranking_of_k_answers_and_thumbs(client, broker):
+    three = pair(client, k=3)
+    assert_openai_error(vote(client, ballot(three, choice="a")), 400, "choice")
+    assert_openai_error(vote(client, ballot(three, ranking=[0, 0, 1])), 400, "ranking")
+    r = vote(client, ballot(three, ranking=[2, [0, 1]]))
+    assert r.status_code == 202, r.text
+    single = client.post("/v1/chat/completions", json={"model": "duet", "messages": HELLO, "max_tokens": 3,
+                                                       "duet": {"pairs": "never"}}).json()
+    assert single["duet"]["completion_id"].startswith("cpl_") and len(single["choices"]) == 1
+    t = vote(client, ballot(single, rating="down", reason="rude"))
+    assert t.status_code == 202, t.text
+    events = {e["event_id"]: e for e in events_by_id(broker.bootstrap, {r.json()["event_id"], t.json()["event_id"]})}
+    assert events[r.json()["event_id"]]["ranking"] == [[2], [0, 1]]
+    rating = events[t.json()["event_id"]]
+    assert rating["kind"] == "rating" and rating["rating"] == "down"
+    assert rating["comparison"]["answers"][0]["text"] == single["choices"][0]["message"]["content"]
+
+
+def test_plain_clients_leave_nothing_in_redis(client, redis_client):
+    before = set(redis_client.keys("duet:cmp:*"))
+    body = client.post("/v1/chat/completions", json={"model": "duet", "messages": HELLO, "max_tokens": 2}).json()
+    assert body["duet"]["completion_id"] is None
+    assert set(redis_client.keys("duet:cmp:*")) == before
+
+
+def test_rejections(client, duet_server, redis_client):
+    resp = pair(client)
+    good = ballot(resp, choice="a")
+    # malformed: the field is named
+    assert_openai_error(vote(client, {**good, "choice": "c"}), 400, "choice")
+    assert_openai_error(vote(client, {**good, "reason": "x" * 2001}), 400, "reason")
+    assert_openai_error(vote(client, {**good, "surprise": 1}), 400, "surprise")
+    assert_openai_error(vote(client, {k: v for k, v in good.items() if k != "vote_token"}), 400, "vote_token")
+    assert_openai_error(vote(client, {**good, "completion_id": "cpl_x"}), 400)
+    # unknown -> 410; bad token or another key -> 403
+    assert_openai_error(vote(client, {**good, "comparison_id": "cmp_" + "0" * 32}), 410, "comparison_id")
+    assert_openai_error(vote(client, {**good, "vote_token": "f" * 64}), 403, "vote_token")
+    other = duet_server.create_key("--name", "other")
+    with httpx.Client(base_url=duet_server.url, headers={"Authorization": f"Bearer {other}"}) as c2:
+        assert_openai_error(vote(c2, good), 403, "vote_token")
+    assert_openai_error(httpx.post(duet_server.url + "/v1/feedback", json=good), 401)
+    # first vote wins; a retry with the same Idempotency-Key gets the same event; anything else 409
+    first = vote(client, good, **{"Idempotency-Key": "k1"})
+    assert first.status_code == 202
+    retry = vote(client, good, **{"Idempotency-Key": "k1"})
+    assert retry.status_code == 200 and retry.json() == first.json()
+    assert_openai_error(vote(client, {**good, "choice": "b"}), 409, "comparison_id")
+    assert_openai_error(vote(client, good, **{"Idempotency-Key": "k2"}), 409)
+    # expired -> 410
+    late = pair(client)
+    redis_client.delete("duet:cmp:" + late["duet"]["comparison_id"])
+    assert_openai_error(vote(client, ballot(late, choice="a")), 410, "comparison_id")
+    metrics = client.get("/metrics").text
+    for reason in ("malformed", "unknown_or_expired", "bad_token", "already_voted"):
+        assert f'duet_vote_rejections_total{{reason="{reason}"}}' in metrics
+
+
+def test_concurrent_votes_on_one_comparison_let_exactly_one_through(client, duet_server, api_key):
+    resp = pair(client)
+
+    def go(choice):
+        with httpx.Client(base_url=duet_server.url, headers={"Authorization": f"Bearer {api_key}"}) as c:
+            return vote(c, ballot(resp, choice=choice)).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        statuses = Counter(pool.map(go, ["a", "b"] * 8))
+    assert statuses == Counter({202: 1, 409: 15})
+
+
+def test_votes_survive_a_broker_outage(client, broker, duet_server, api_key, redis_client):
+    """Broker down: votes pile up in the outbox (bounded), then drain exactly once when it is back,
+    although the restarted in-memory broker is empty (the relay re-creates the topics)."""
+    with ThreadPoolExecutor(4) as pool:
+        pairs = list(pool.map(lambda _: pair(client), range(OUTBOX_MAX + 1)))
+    deadline = time.time() + 30
+    while redis_client.xlen(OUTBOX) and time.time() < deadline:
+        time.sleep(0.1)
+    assert redis_client.xlen(OUTBOX) == 0
+    broker.stop()
+    try:
+        def go(p):
+            with httpx.Client(base_url=duet_server.url, headers={"Authorization": f"Bearer {api_key}"}) as c:
+                return vote(c, ballot(p, choice="a"))
+
+        with ThreadPoolExecutor(8) as pool:
+            responses = list(pool.map(go, pairs[:OUTBOX_MAX]))
+        assert [r.status_code for r in responses] == [202] * OUTBOX_MAX
+        assert redis_client.xlen(OUTBOX) == OUTBOX_MAX
+        full = go(pairs[OUTBOX_MAX])
+        assert_openai_error(full, 503)
+        assert int(full.headers["Retry-After"]) > 0
+        assert 'duet_outbox_depth 200.0' in client.get("/metrics").text or redis_client.xlen(OUTBOX) == 200
+    finally:
+        broker.start()
+    ids = {r.json()["event_id"] for r in responses}
+    records = read_topic(broker.bootstrap, FEEDBACK, lambda recs: len(recs) >= OUTBOX_MAX, timeout_s=90)
+    counts = Counter(json.loads(r.value)["event_id"] for r in records)
+    assert set(counts) == ids and set(counts.values()) == {1}
+    deadline = time.time() + 10
+    while redis_client.xlen(OUTBOX) and time.time() < deadline:
+        time.sleep(0.1)
+    assert redis_client.xlen(OUTBOX) == 0
+    assert go(pairs[OUTBOX_MAX]).status_code == 202  # room again
+
+
+def test_consumer_drops_duplicates_and_dead_letters_poison(broker):
+    from kafka import KafkaProducer
+
+    from feedback.topics import ensure_topics
+    from tests.test_feedback_events import comparison
+
+    ensure_topics(broker.bootstrap)
+    topic = "test.feedback." + uuid.uuid4().hex[:8]
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
+    ev1 = FeedbackEvent(kind="comparison", key_id="k", user_hash=None, comparison=comparison(), choice="a")
+    ev2 = FeedbackEvent(kind="comparison", key_id="k", user_hash=None, comparison=comparison(), choice="tie")
+    v2 = ev1.model_dump_json().replace('"schema_version":"1.0"', '"schema_version":"2.0"')
+    for value in (ev1.model_dump_json(), b"not json", ev1.model_dump_json(), v2, ev2.model_dump_json()):
+        producer.send(topic, value=value if isinstance(value, bytes) else value.encode(), partition=0).get(10)
+    producer.close()
+    consumer = FeedbackConsumer(broker.bootstrap, group_id="g-" + uuid.uuid4().hex, topic=topic)
+    try:
+        got = []
+        deadline = time.time() + 60
+        while len(got) < 2 and time.time() < deadline:
+            got += consumer.poll(timeout_ms=500)
+        assert [d.event.event_id for d in got] == [ev1.event_id, ev2.event_id]  # duplicate dropped, poison skipped
+        assert [d.offset for d in got] == [0, 4]
+    finally:
+        consumer.close()
+    dlq = read_topic(broker.bootstrap, DEAD_LETTERS,
+                     lambda recs: sum(dict(r.headers).get("source_topic") == topic.encode() for r in recs) >= 2)
+    mine = [r for r in dlq if dict(r.headers).get("source_topic") == topic.encode()]
+    reasons = [dict(r.headers)["reason"].decode() for r in mine]
+    assert reasons[0].startswith("not_json") and reasons[1].startswith("unknown_major")
+    assert [dict(r.headers)["source_offset"] for r in mine] == [b"1", b"3"]
