@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -51,6 +52,11 @@ class Settings(BaseSettings):
     kafka_min_insync: int | None = None  # 2 on a real cluster
     outbox_max: int = 100_000  # votes waiting for Kafka; past it votes get 503 + Retry-After
     relay_batch: int = 500
+    # Where the outbox relay runs: "process" (a child of the serving process, so kafka-python's CPU
+    # work does not compete with the API for the GIL), "thread" (in the serving process), or "off"
+    # (run `duet relay` yourself, e.g. as its own Deployment).
+    relay: Literal["process", "thread", "off"] = "process"
+    relay_metrics_port: int = 0  # `duet relay` serves Prometheus metrics here when > 0
 
     def resolved_secret(self) -> str:
         """The vote-token secret: the configured one, else one generated once and kept on disk."""

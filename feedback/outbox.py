@@ -83,6 +83,17 @@ def stream_id_ms(entry_id: str) -> int:
     return int(entry_id.split("-", 1)[0])
 
 
+def outbox_stats(r) -> tuple[int, float]:
+    """(depth, age in seconds of the oldest entry). Works with a sync client; see `async_outbox_stats`."""
+    first = r.xrange(OUTBOX, count=1)
+    return r.xlen(OUTBOX), (max(0.0, time.time() - stream_id_ms(first[0][0]) / 1000) if first else 0.0)
+
+
+async def async_outbox_stats(r) -> tuple[int, float]:
+    first = await r.xrange(OUTBOX, count=1)
+    return await r.xlen(OUTBOX), (max(0.0, time.time() - stream_id_ms(first[0][0]) / 1000) if first else 0.0)
+
+
 class OutboxRelay:
     """Publishes the outbox to Kafka from a thread of its own (kafka-python is blocking; the event
     loop never waits on it). Survives broker outages: on any error it drops the producer, backs off,
@@ -108,6 +119,18 @@ class OutboxRelay:
         self._thread.start()
         return self
 
+    def run_forever(self) -> None:
+        """Run in the calling thread until SIGTERM/SIGINT (the `duet relay` process)."""
+        import signal
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self._stop.set())
+        try:
+            self._run()
+        finally:
+            self._close_producer()
+            self.redis.close()
+
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
         if self._thread:
@@ -118,9 +141,12 @@ class OutboxRelay:
     # --- the loop -------------------------------------------------------------------------
     def _run(self) -> None:
         backoff = 0.2
+        observed = 0.0
         while not self._stop.is_set():
             try:
-                self._observe_outbox()
+                if time.monotonic() - observed > 1.0:
+                    self._observe_outbox()
+                    observed = time.monotonic()
                 if not self._hold_lock():
                     self._stop.wait(1.0)
                     continue
@@ -129,6 +155,10 @@ class OutboxRelay:
                 if sent == 0:
                     # Wake as soon as a new vote arrives (or after 200 ms to refresh gauges and the lock).
                     self.redis.xread({OUTBOX: "$"}, block=200, count=1)
+                elif sent < self.batch:
+                    # Under steady load, let a batch build up: fewer, larger sends cost far less CPU
+                    # (and GIL time taken from the API) for at most 20 ms more delay.
+                    self._stop.wait(0.02)
             except Exception as e:  # broker or Redis down: keep everything, retry with backoff
                 metrics.PRODUCE_ERRORS.labels(error=type(e).__name__).inc()
                 log.warning("outbox relay: %s: %s; retrying in %.1f s", type(e).__name__, e, backoff)
@@ -146,9 +176,9 @@ class OutboxRelay:
         return False
 
     def _observe_outbox(self) -> None:
-        metrics.OUTBOX_DEPTH.set(self.redis.xlen(OUTBOX))
-        first = self.redis.xrange(OUTBOX, count=1)
-        metrics.OUTBOX_OLDEST_AGE.set(max(0.0, time.time() - stream_id_ms(first[0][0]) / 1000) if first else 0.0)
+        depth, age = outbox_stats(self.redis)
+        metrics.OUTBOX_DEPTH.set(depth)
+        metrics.OUTBOX_OLDEST_AGE.set(age)
 
     def _producer_or_connect(self):
         if self._producer is None:

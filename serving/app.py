@@ -23,13 +23,16 @@ from serving import metrics
 from serving.auth import ApiKeyRecord, KeyStore
 from serving.chat import ChatService
 from serving.engine import Engine, VLLMEngine
-from serving.errors import APIError, error_response, install_error_handlers
+from serving.errors import APIError, install_error_handlers
+from serving.middleware import LimitsAndMetrics
 from serving.pairing import PAIRS_HEADER, ComparisonStore
 from serving.prompting import PromptBuilder
 from serving.protocol import ChatCompletionRequest, ModelCard, ModelList
 from serving.rate_limit import RateLimiter
 from serving.votes import VoteAccepted, VoteRequest, VoteService
-from feedback.outbox import Outbox, OutboxRelay
+from feedback import metrics as feedback_metrics
+from feedback.outbox import Outbox, OutboxRelay, async_outbox_stats
+from serving.relay_child import RelayChild
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +56,7 @@ class Runtime:
     keys: KeyStore
     limiter: RateLimiter
     votes: VoteService
-    relay: OutboxRelay | None = None
+    relay: OutboxRelay | RelayChild | None = None
     engine: Engine | None = None
     chat: ChatService | None = None
     engine_error: str | None = None
@@ -84,17 +87,19 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
         votes = VoteService(ComparisonStore(redis), Outbox(redis, s.outbox_max), s.resolved_secret())
         rt = Runtime(settings=s, redis=redis, keys=KeyStore(redis, s.admin_key, s.auth_disabled),
                      limiter=RateLimiter(redis, s.rate_limit_rpm), votes=votes, started=time.time())
-        if s.kafka_bootstrap:
+        if not s.kafka_bootstrap:
+            log.warning("DUET_KAFKA_BOOTSTRAP is unset: votes are kept in the Redis outbox until a broker is set")
+        elif s.relay == "process":
+            rt.relay = RelayChild(s).start()
+        elif s.relay == "thread":
             rt.relay = OutboxRelay(s.redis_url, s.kafka_bootstrap, batch=s.relay_batch,
                                    partitions=s.kafka_partitions, replication=s.kafka_replication,
                                    min_insync=s.kafka_min_insync).start()
-        else:
-            log.warning("DUET_KAFKA_BOOTSTRAP is unset: votes are kept in the Redis outbox until a broker is set")
         if s.dev_key:
             await rt.keys.create("dev", key=s.dev_key)
         app.state.rt = rt
         loader = asyncio.create_task(_load_engine(rt, engine_factory))
-        sampler = asyncio.create_task(_sample_engine_queue(rt))
+        sampler = asyncio.create_task(_sample_gauges(rt))
         try:
             yield
         finally:
@@ -109,20 +114,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
     app = FastAPI(title="Duet", lifespan=lifespan, docs_url=None, redoc_url=None)
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def limits_and_metrics(request: Request, call_next):
-        t0 = time.perf_counter()
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > s.max_body_bytes:
-            response = error_response(413, f"Request body is {length} bytes; the limit is {s.max_body_bytes}.",
-                                      code="request_too_large")
-        else:
-            response = await call_next(request)
-        route = request.scope.get("route")
-        path = route.path if route is not None else "unmatched"
-        metrics.REQUESTS.labels(route=path, status=str(response.status_code)).inc()
-        metrics.LATENCY.labels(route=path).observe(time.perf_counter() - t0)
-        return response
+    app.add_middleware(LimitsAndMetrics, max_body_bytes=s.max_body_bytes)
 
     def rt_of(request: Request) -> Runtime:
         return request.app.state.rt
@@ -201,8 +193,17 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
     return app
 
 
-async def _sample_engine_queue(rt: Runtime) -> None:
+async def _sample_gauges(rt: Runtime) -> None:
+    """Once a second: engine queue and outbox gauges, and the relay child's health."""
     while True:
-        if rt.engine is not None:
-            metrics.ENGINE_QUEUE.set(rt.engine.num_unfinished())
+        try:
+            if rt.engine is not None:
+                metrics.ENGINE_QUEUE.set(rt.engine.num_unfinished())
+            depth, age = await async_outbox_stats(rt.redis)
+            feedback_metrics.OUTBOX_DEPTH.set(depth)
+            feedback_metrics.OUTBOX_OLDEST_AGE.set(age)
+            if isinstance(rt.relay, RelayChild):
+                rt.relay.check()
+        except Exception as e:  # Redis briefly away: /ready reports it; keep sampling
+            log.debug("gauge sampling failed: %s", e)
         await asyncio.sleep(1.0)

@@ -9,20 +9,25 @@ from redis.asyncio import Redis
 from serving.errors import APIError
 
 WINDOW_S = 60
+# One round trip: count the request and make sure the window's key expires.
+_INCR_WITH_EXPIRY = """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+return n
+"""
 
 
 class RateLimiter:
     def __init__(self, redis: Redis, default_rpm: int) -> None:
         self.redis = redis
         self.default_rpm = default_rpm
+        self._incr = redis.register_script(_INCR_WITH_EXPIRY)
 
     async def check(self, key_id: str, rpm: int | None) -> None:
         limit = rpm or self.default_rpm
         now = time.time()
         window = int(now // WINDOW_S)
-        key = f"duet:ratelimit:{key_id}:{window}"
-        async with self.redis.pipeline(transaction=True) as pipe:
-            count, _ = await pipe.incr(key).expire(key, WINDOW_S * 2).execute()
+        count = await self._incr(keys=[f"duet:ratelimit:{key_id}:{window}"], args=[WINDOW_S * 2])
         if count > limit:
             retry_after = max(1, int((window + 1) * WINDOW_S - now) + 1)
             raise APIError(

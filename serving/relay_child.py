@@ -1,0 +1,44 @@
+"""Runs the outbox relay (`duet relay`) as a child process of serving and restarts it if it dies."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+
+from prometheus_client import Counter
+
+from duet.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RELAY_RESTARTS = Counter("duet_relay_restarts_total", "Times serving restarted its outbox relay child")
+
+
+class RelayChild:
+    def __init__(self, s: Settings) -> None:
+        # The child reads the same settings; pass the ones that may have come from overrides.
+        self.env = {**os.environ, "DUET_REDIS_URL": s.redis_url, "DUET_KAFKA_BOOTSTRAP": s.kafka_bootstrap,
+                    "DUET_RELAY_BATCH": str(s.relay_batch), "DUET_KAFKA_PARTITIONS": str(s.kafka_partitions),
+                    "DUET_KAFKA_REPLICATION": str(s.kafka_replication)}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> RelayChild:
+        self.proc = subprocess.Popen([sys.executable, "-m", "duet.cli", "relay"], env=self.env)
+        return self
+
+    def check(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            log.warning("outbox relay exited with %s; restarting it", self.proc.returncode)
+            RELAY_RESTARTS.inc()
+            self.start()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc = None
