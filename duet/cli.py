@@ -50,21 +50,40 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> None:
-    """Run Duet on embedded defaults. Until the trainer exists, this is the API with a dev key."""
+    """Run Duet on embedded defaults: the embedded broker (unless DUET_KAFKA_BOOTSTRAP is set), and
+    the API with its outbox relay and a development key. (The trainer joins when it exists.)"""
     s = _settings()
     _check_redis(s.redis_url)
     from duet.model_assets import resolve_model
+    from feedback.broker import EmbeddedBroker
+    from feedback.topics import ensure_topics
 
     resolve_model(s.model, s.home)  # converts the default model on first run, with a progress bar
-    dev_key = s.dev_key or os.environ.get("DUET_DEV_KEY") or _persistent_dev_key(s.home)
+    dev_key = s.dev_key or _persistent_dev_key(s.home)
     os.environ["DUET_DEV_KEY"] = dev_key
-    host, port = args.host or s.host, args.port or s.port
-    print(f"duet: API       http://{host}:{port}/v1  (OpenAI-compatible)")
-    print(f"duet: metrics   http://{host}:{port}/metrics")
-    print(f"duet: dev key   {dev_key}")
-    print("duet: the model loads in the background; /ready turns 200 when it can answer. Ctrl-C stops.")
-    args.host, args.port = host, port
-    cmd_serve(args)
+    broker = None
+    if not s.kafka_bootstrap:
+        run_dir = s.home / "run"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        broker = EmbeddedBroker(log_path=run_dir / "tansu.log").start()
+        os.environ["DUET_KAFKA_BOOTSTRAP"] = broker.bootstrap
+        print(f"duet: broker    {broker.bootstrap} (embedded tansu, in memory; log {run_dir / 'tansu.log'})")
+    try:
+        bootstrap = os.environ.get("DUET_KAFKA_BOOTSTRAP", s.kafka_bootstrap)
+        try:
+            ensure_topics(bootstrap, s.kafka_partitions, s.kafka_replication, s.kafka_min_insync)
+        except Exception as e:
+            raise CLIError(f"Kafka at {bootstrap} does not answer ({type(e).__name__}): check DUET_KAFKA_BOOTSTRAP") from None
+        host, port = args.host or s.host, args.port or s.port
+        print(f"duet: API       http://{host}:{port}/v1  (OpenAI-compatible; votes: POST /v1/feedback)")
+        print(f"duet: metrics   http://{host}:{port}/metrics")
+        print(f"duet: dev key   {dev_key}")
+        print("duet: the model loads in the background; /ready turns 200 when it can answer. Ctrl-C stops.")
+        args.host, args.port = host, port
+        cmd_serve(args)
+    finally:
+        if broker is not None:
+            broker.stop()
 
 
 def _persistent_dev_key(home) -> str:
@@ -78,7 +97,7 @@ def _persistent_dev_key(home) -> str:
 
 def cmd_relay(args: argparse.Namespace) -> None:
     """Publish the vote outbox to Kafka until stopped (serving starts this itself unless DUET_RELAY=off)."""
-    from feedback.outbox import OutboxRelay
+    from feedback.relay import OutboxRelay
 
     s = _settings()
     if not s.kafka_bootstrap:
@@ -154,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)  # kafka-python logs every connection at INFO
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)

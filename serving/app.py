@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
@@ -31,7 +32,7 @@ from serving.protocol import ChatCompletionRequest, ModelCard, ModelList
 from serving.rate_limit import RateLimiter
 from serving.votes import VoteAccepted, VoteRequest, VoteService
 from feedback import metrics as feedback_metrics
-from feedback.outbox import Outbox, OutboxRelay, async_outbox_stats
+from feedback.outbox import Outbox, async_outbox_stats
 from serving.relay_child import RelayChild
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class Runtime:
     keys: KeyStore
     limiter: RateLimiter
     votes: VoteService
-    relay: OutboxRelay | RelayChild | None = None
+    relay: Any = None  # RelayChild, or an OutboxRelay thread with DUET_RELAY=thread
     engine: Engine | None = None
     chat: ChatService | None = None
     engine_error: str | None = None
@@ -92,6 +93,8 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
         elif s.relay == "process":
             rt.relay = RelayChild(s).start()
         elif s.relay == "thread":
+            from feedback.relay import OutboxRelay  # registers the relay's metrics in this process
+
             rt.relay = OutboxRelay(s.redis_url, s.kafka_bootstrap, batch=s.relay_batch,
                                    partitions=s.kafka_partitions, replication=s.kafka_replication,
                                    min_insync=s.kafka_min_insync).start()

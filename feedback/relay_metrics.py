@@ -1,0 +1,11 @@
+"""Metrics of the outbox relay, registered only in the process that runs it (`duet relay`, or serving
+with DUET_RELAY=thread) so no other process exports them as zeros."""
+
+from prometheus_client import Counter, Histogram
+
+RELAYED = Counter("duet_outbox_relayed_total", "Votes published to Kafka and removed from the outbox")
+RELAY_DELAY = Histogram("duet_relay_delay_seconds", "Time from a vote entering the outbox to Kafka's ack",
+                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
+PRODUCE_LATENCY = Histogram("duet_produce_latency_seconds", "Time to send and flush one relay batch",
+                            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 20))
+PRODUCE_ERRORS = Counter("duet_produce_errors_total", "Relay failures (broker down, timeouts)", ["error"])
