@@ -111,6 +111,37 @@ def cmd_relay(args: argparse.Namespace) -> None:
                 replication=s.kafka_replication, min_insync=s.kafka_min_insync).run_forever()
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    """The reward-model trainer: consume votes, train, checkpoint (until stopped, or --once)."""
+    s = _settings()
+    if not s.kafka_bootstrap:
+        raise CLIError("DUET_KAFKA_BOOTSTRAP is not set: the trainer reads votes from Kafka")
+    from duet.model_assets import resolve_model
+    from trainer.reward_model import minilm_path
+    from trainer.reward_trainer import RewardTrainerConfig
+    from trainer.service import RewardService, ServiceConfig
+
+    backbone = minilm_path() if s.rm_backbone == "minilm" else resolve_model(s.rm_backbone or s.model, s.home)
+    if s.trainer_metrics_port and not args.once:
+        from prometheus_client import start_http_server
+
+        start_http_server(s.trainer_metrics_port, addr=s.host)
+    rm = RewardTrainerConfig(backbone=backbone, loss=s.rm_loss, lr=s.rm_lr, replay_ratio=s.rm_replay_ratio,
+                             replay_capacity=s.rm_replay_capacity, utility_eps=s.rm_utility_eps,
+                             max_tokens=s.rm_max_tokens, seed=s.seed)
+    svc = RewardService(ServiceConfig(bootstrap=s.kafka_bootstrap, checkpoint_dir=s.home / "trainer" / "checkpoints",
+                                      group_id=s.trainer_group_id, step_groups=s.rm_step_groups,
+                                      max_wait_s=s.rm_max_wait_s, held_out_pct=s.held_out_pct,
+                                      keep_checkpoints=s.keep_checkpoints), rm)
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: svc.stop.set())
+    state = svc.run(once=args.once)
+    print(f"duet: trained on {state.events_trained} votes ({state.events_held_out} held out, "
+          f"{state.events_untrainable} without an order); held-out accuracy {state.held_out_accuracy}")
+
+
 def cmd_keys_create(args: argparse.Namespace) -> None:
     import redis.asyncio as aioredis
 
@@ -157,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(fn=fn)
 
     sub.add_parser("relay", help="publish the vote outbox to Kafka").set_defaults(fn=cmd_relay)
+    tr = sub.add_parser("train", help="run the reward-model trainer")
+    tr.add_argument("--once", action="store_true", help="train on what is on Kafka now, then exit")
+    tr.set_defaults(fn=cmd_train)
 
     keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
     kc = keys.add_parser("create", help="create an API key and print it")

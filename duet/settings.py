@@ -58,6 +58,21 @@ class Settings(BaseSettings):
     relay: Literal["process", "thread", "off"] = "process"
     relay_metrics_port: int = 0  # `duet relay` serves Prometheus metrics here when > 0
 
+    # --- trainer --------------------------------------------------------------------------
+    rm_backbone: str = ""  # "" = the served base model; "minilm" = all-MiniLM-L6-v2; or an HF folder
+    rm_loss: Literal["bradley_terry", "prompt_aware"] = "bradley_terry"
+    rm_lr: float = 1e-5
+    rm_max_tokens: int = 384
+    rm_step_groups: int = 8  # new comparisons per step
+    rm_max_wait_s: float = 30.0  # a step runs with fewer once the oldest has waited this long
+    rm_replay_ratio: float = 1.0
+    rm_replay_capacity: int = 5_000
+    rm_utility_eps: float = 0.05
+    held_out_pct: float = Field(10.0, ge=0.0, le=100.0)
+    trainer_group_id: str = "duet-trainer"
+    trainer_metrics_port: int = 9101  # `duet train` serves /metrics here (0: off)
+    keep_checkpoints: int = 3
+
     def resolved_secret(self) -> str:
         """The vote-token secret: the configured one, else one generated once and kept on disk."""
         if self.secret:

@@ -1,0 +1,95 @@
+"""Trainer checkpoints: everything needed to resume exactly where a crash left off.
+
+    <dir>/ckpt-<seq:08d>/          seq: checkpoints written so far (monotonic)
+        reward_model.safetensors   backbone + head weights
+        optimizer.pt               AdamW state
+        state.json                 `TrainerState`: counts, Kafka offsets, event ids already seen
+        replay.jsonl, heldout.jsonl  the replay buffer and the held-out set (PromptGroup per line)
+
+Written into a temporary folder, fsynced, then renamed into place: a crash leaves either the old
+checkpoint or the new one, never half of one. The newest `keep` are kept.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, Field
+from safetensors.torch import load_file, save_file
+
+from trainer.examples import PromptGroup
+
+PREFIX = "ckpt-"
+
+
+class TrainerState(BaseModel):
+    seq: int = 0  # checkpoints written
+    step: int = 0  # optimizer steps
+    events_trained: int = 0  # comparison events whose pairs went into a training step
+    events_held_out: int = 0
+    events_untrainable: int = 0  # both_bad and thumbs: counted, nothing to order
+    counts: dict[str, int] = Field(default_factory=dict)  # by choice / rating
+    offsets: dict[int, int] = Field(default_factory=dict)  # partition -> next offset to read
+    seen_ids: list[str] = Field(default_factory=list)
+    last_loss: float | None = None
+    held_out_accuracy: float | None = None
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(root: Path, state: TrainerState, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+         replay: list[PromptGroup], held_out: list[PromptGroup], keep: int = 3) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    state.seq += 1
+    final = root / f"{PREFIX}{state.seq:08d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+              tmp / "reward_model.safetensors")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    (tmp / "replay.jsonl").write_text("".join(g.model_dump_json() + "\n" for g in replay))
+    (tmp / "heldout.jsonl").write_text("".join(g.model_dump_json() + "\n" for g in held_out))
+    (tmp / "state.json").write_text(state.model_dump_json())
+    for f in tmp.iterdir():
+        _fsync(f)
+    _fsync(tmp)
+    os.replace(tmp, final)
+    _fsync(root)
+    for old in checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def checkpoints(root: Path) -> list[Path]:
+    return sorted(p for p in root.glob(f"{PREFIX}*") if p.is_dir()) if root.exists() else []
+
+
+def latest(root: Path) -> Path | None:
+    found = checkpoints(root)
+    return found[-1] if found else None
+
+
+def _groups(path: Path) -> list[PromptGroup]:
+    return [PromptGroup.model_validate_json(line) for line in path.read_text().splitlines() if line]
+
+
+def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+         ) -> tuple[TrainerState, list[PromptGroup], list[PromptGroup]]:
+    model.load_state_dict(load_file(path / "reward_model.safetensors"))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    state = TrainerState.model_validate_json((path / "state.json").read_text())
+    return state, _groups(path / "replay.jsonl"), _groups(path / "heldout.jsonl")
+
+
+def read_state(path: Path) -> TrainerState:
+    return TrainerState.model_validate_json((path / "state.json").read_text())

@@ -1,0 +1,78 @@
+"""Vote events -> training examples: one `PromptGroup` per comparison (a batch element per prompt).
+
+- choice a / b: one ordered pair; tie: one tie pair; both_bad: nothing to learn an order from
+  (kept as a count); a ranking of K: every pair of answers in different groups, best first, and a
+  tie pair for answers in the same group; ratings (thumbs): counted, not trained on.
+- A fixed share of comparisons, chosen by a hash of the comparison id, is held out for evaluation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from itertools import combinations
+
+from pydantic import BaseModel
+
+from feedback.comparisons import ChatMessage
+from feedback.events import FeedbackEvent
+
+
+class PromptGroup(BaseModel):
+    comparison_id: str
+    event_id: str
+    messages: list[ChatMessage]
+    answers: list[str]
+    pairs: list[tuple[int, int]]  # (preferred, other)
+    ties: list[tuple[int, int]]
+    open_ended: bool
+
+
+def is_held_out(comparison_id: str, percent: float) -> bool:
+    """Stable across restarts and machines: the same comparison is always on the same side."""
+    h = int.from_bytes(hashlib.sha256(comparison_id.encode()).digest()[:8], "big")
+    return (h % 10_000) < percent * 100
+
+
+_OPEN = re.compile(r"\b(write|story|poem|haiku|imagine|ideas?|suggest|brainstorm|opinion|describe|creative|"
+                   r"essay|tips|advice|recommend|what do you think|how would you|why)\b", re.I)
+_CLOSED = re.compile(r"(\d\s*[-+*/^=]\s*\d)|\b(how many|how much|what is|what's|when did|when was|who is|who was|"
+                     r"which|capital of|true or false|yes or no|translate|convert|calculate|solve|spell)\b", re.I)
+
+
+def open_ended_heuristic(prompt: str) -> bool:
+    """Is the prompt open-ended (many good answers) rather than closed (one right answer)?
+    Documented heuristic: creative/advice/opinion cues ("write", "story", "ideas", "why", ...) mean
+    open-ended; factual or arithmetic cues ("what is", "how many", "2+2", "translate", ...) mean
+    closed; with neither, a prompt longer than 12 words counts as open-ended."""
+    if _OPEN.search(prompt):
+        return True
+    if _CLOSED.search(prompt):
+        return False
+    return len(prompt.split()) > 12
+
+
+def to_prompt_group(event: FeedbackEvent) -> PromptGroup | None:
+    """None when the event carries no order to learn (both_bad, ratings)."""
+    if event.kind != "comparison" or event.choice == "both_bad":
+        return None
+    k = len(event.comparison.answers)
+    pairs: list[tuple[int, int]] = []
+    ties: list[tuple[int, int]] = []
+    if event.choice == "a":
+        pairs = [(0, 1)]
+    elif event.choice == "b":
+        pairs = [(1, 0)]
+    elif event.choice == "tie":
+        ties = list(combinations(range(k), 2))
+    else:
+        groups = event.ranking or []
+        for gi, gj in combinations(range(len(groups)), 2):
+            pairs += [(w, l) for w in groups[gi] for l in groups[gj]]
+        for g in groups:
+            ties += list(combinations(g, 2))
+    last_user = next((m.content for m in reversed(event.comparison.messages) if m.role == "user"), "")
+    open_ended = event.open_ended if event.open_ended is not None else open_ended_heuristic(last_user)
+    return PromptGroup(comparison_id=event.comparison.comparison_id, event_id=event.event_id,
+                       messages=event.comparison.messages, answers=[a.text for a in event.comparison.answers],
+                       pairs=pairs, ties=ties, open_ended=open_ended)

@@ -1,0 +1,56 @@
+"""Reward-model losses: pure functions of reward tensors. All return a scalar mean over the batch.
+
+Notation: r_w, r_l are the rewards (logits) of the preferred and the other answer; σ is the sigmoid.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def bradley_terry_loss(r_w: torch.Tensor, r_l: torch.Tensor) -> torch.Tensor:
+    """Bradley–Terry: L = −log σ(r_w − r_l)."""
+    return -F.logsigmoid(r_w - r_l).mean()
+
+
+def tie_loss(r_a: torch.Tensor, r_b: torch.Tensor) -> torch.Tensor:
+    """Ties: the Bradley–Terry likelihood with target ½. With d = r_a − r_b,
+    L = −½ log σ(d) − ½ log σ(−d), minimised (at log 2) when r_a = r_b."""
+    d = r_a - r_b
+    return (-0.5 * F.logsigmoid(d) - 0.5 * F.logsigmoid(-d)).mean()
+
+
+def kwise_loss(rewards: torch.Tensor, pairs: list[tuple[int, int]], ties: list[tuple[int, int]] = ()) -> torch.Tensor:
+    """K-wise ranking of one prompt (InstructGPT): the mean over its C(K,2) pairs,
+    L = 1/|P| Σ_{(w,l)∈P} −log σ(r_w − r_l)  (+ tie terms for pairs ranked equal),
+    so a prompt counts once however many pairs its ranking yields."""
+    terms = []
+    if pairs:
+        w, l = zip(*pairs)
+        terms.append(-F.logsigmoid(rewards[list(w)] - rewards[list(l)]))
+    if ties:
+        a, b = zip(*ties)
+        d = rewards[list(a)] - rewards[list(b)]
+        terms.append(-0.5 * F.logsigmoid(d) - 0.5 * F.logsigmoid(-d))
+    if not terms:
+        return rewards.sum() * 0.0
+    return torch.cat(terms).mean()
+
+
+def utility(x: torch.Tensor, open_ended: torch.Tensor, eps: float = 0.05) -> torch.Tensor:
+    """Prompt-aware utility U (Song et al., 2023, "Reward Collapse", arXiv 2305.17608):
+    U(x) = x for closed-ended prompts; U(x) = −1/x for open-ended ones, which has no finite value at
+    x ≤ 0, so below ε it continues as its tangent at ε: U(x) = −1/ε + (x − ε)/ε²."""
+    safe = torch.clamp(x, min=eps)
+    concave = torch.where(x >= eps, -1.0 / safe, -1.0 / eps + (x - eps) / eps**2)
+    return torch.where(open_ended, concave, x)
+
+
+def prompt_aware_loss(logit_w: torch.Tensor, logit_l: torch.Tensor, open_ended: torch.Tensor,
+                      eps: float = 0.05) -> torch.Tensor:
+    """Maximise Σ U(R_w − R_l) over the bounded rewards R = σ(logit): L = −mean U(σ(logit_w) − σ(logit_l))."""
+    return -utility(torch.sigmoid(logit_w) - torch.sigmoid(logit_l), open_ended, eps).mean()
+
+
+LOSSES = ("bradley_terry", "prompt_aware")

@@ -1,0 +1,14 @@
+"""Prometheus metrics of the trainer (served on its own port by `duet train`)."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+EVENTS = Counter("duet_trainer_events_total", "Vote events consumed, by what became of them",
+                 ["outcome"])  # trained, held_out, untrainable
+VOTES_BY_CHOICE = Counter("duet_trainer_votes_total", "Vote events consumed, by choice or rating", ["choice"])
+RM_LOSS = Gauge("duet_rm_loss", "Reward-model loss of the last training step")
+RM_ACCURACY = Gauge("duet_rm_heldout_accuracy", "Reward-model accuracy on held-out comparisons (0-1)")
+RM_STEPS = Counter("duet_rm_steps_total", "Reward-model optimizer steps")
+STEP_TIME = Histogram("duet_rm_step_seconds", "Time of one reward-model step",
+                      buckets=(0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
+LAG = Gauge("duet_trainer_consumer_lag", "Vote events on Kafka not yet consumed by the trainer")
+CHECKPOINT_TIME = Gauge("duet_trainer_last_checkpoint_timestamp_seconds", "Unix time of the last checkpoint")

@@ -1,0 +1,101 @@
+"""The reward-model update, read top to bottom: a config, one step on a batch of prompt groups
+(new ones mixed with replayed ones), and held-out accuracy."""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from trainer.examples import PromptGroup
+from trainer.losses import kwise_loss, prompt_aware_loss, tie_loss
+from trainer.reward_model import RewardModel, pick_device
+
+
+@dataclass
+class RewardTrainerConfig:
+    backbone: str  # HF folder of the backbone
+    loss: str = "bradley_terry"  # or "prompt_aware" (Song et al., 2023)
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    replay_ratio: float = 1.0  # replayed groups per new group in a step
+    replay_capacity: int = 5_000
+    utility_eps: float = 0.05
+    max_tokens: int = 384
+    grad_clip: float = 1.0
+    seed: int = 0
+
+
+class ReplayBuffer:
+    """Bounded memory of trained prompt groups; old ones fall out first."""
+
+    def __init__(self, capacity: int, items: list[PromptGroup] | None = None, seed: int = 0) -> None:
+        self.items: deque[PromptGroup] = deque(items or [], maxlen=capacity)
+        self.rng = random.Random(seed)
+
+    def add(self, groups: list[PromptGroup]) -> None:
+        self.items.extend(groups)
+
+    def sample(self, n: int) -> list[PromptGroup]:
+        return self.rng.sample(list(self.items), min(n, len(self.items)))
+
+
+class RewardTrainer:
+    def __init__(self, cfg: RewardTrainerConfig, model: RewardModel | None = None) -> None:
+        self.cfg = cfg
+        self.device = pick_device()
+        self.model = (model or RewardModel.from_backbone(cfg.backbone, cfg.max_tokens, cfg.seed)).to(self.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.replay = ReplayBuffer(cfg.replay_capacity, seed=cfg.seed)
+        self.steps = 0
+
+    def _rewards(self, groups: list[PromptGroup]) -> list[torch.Tensor]:
+        """One forward pass over every answer of every group; rewards split back per group."""
+        texts = [self.model.format(g.messages, a) for g in groups for a in g.answers]
+        flat = self.model(texts)
+        return list(torch.split(flat, [len(g.answers) for g in groups]))
+
+    def group_loss(self, rewards: torch.Tensor, g: PromptGroup) -> torch.Tensor:
+        if self.cfg.loss == "prompt_aware" and g.pairs:
+            w, l = zip(*g.pairs)
+            open_ended = torch.full((len(w),), g.open_ended, dtype=torch.bool, device=rewards.device)
+            loss = prompt_aware_loss(rewards[list(w)], rewards[list(l)], open_ended, self.cfg.utility_eps)
+            if g.ties:
+                a, b = zip(*g.ties)
+                loss = loss + tie_loss(rewards[list(a)], rewards[list(b)])
+            return loss
+        return kwise_loss(rewards, g.pairs, g.ties)
+
+    def step(self, new: list[PromptGroup]) -> dict[str, float]:
+        """One optimizer step on `new` plus replayed groups; then `new` joins the replay buffer."""
+        replayed = self.replay.sample(int(len(new) * self.cfg.replay_ratio))
+        batch = new + replayed
+        self.model.train()
+        rewards = self._rewards(batch)
+        # Mean over prompts: each prompt counts once, however many pairs its ranking has.
+        loss = torch.stack([self.group_loss(r, g) for r, g in zip(rewards, batch)]).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.replay.add(new)
+        self.steps += 1
+        return {"loss": float(loss.detach()), "new": len(new), "replayed": len(replayed)}
+
+    @torch.no_grad()
+    def accuracy(self, groups: list[PromptGroup], batch: int = 16) -> float | None:
+        """Share of ordered pairs the model ranks the same way as the voter (ties ignored)."""
+        self.model.eval()
+        right = total = 0
+        for i in range(0, len(groups), batch):
+            chunk = [g for g in groups[i:i + batch] if g.pairs]
+            if not chunk:
+                continue
+            for r, g in zip(self._rewards(chunk), chunk):
+                for w, l in g.pairs:
+                    right += int(r[w] > r[l])
+                    total += 1
+        return right / total if total else None
+

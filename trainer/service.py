@@ -1,0 +1,159 @@
+"""`duet train`: the long-running reward-model service.
+
+Loop: poll vote events -> classify (train / hold out / count only) -> when enough new prompt groups
+have gathered (or they have waited long enough) take one step -> checkpoint -> commit offsets.
+
+Exactly once: a checkpoint stores the Kafka offset of every partition and the event ids it covers,
+and is written only when nothing consumed is left untrained, so "consumed up to the offsets" and
+"trained" are the same set. After a crash the trainer restarts from the newest checkpoint, seeks
+every partition to its offset, and skips any event id it has already seen. Offsets are committed to
+the consumer group only after a checkpoint, for lag monitoring.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from feedback.consumer import FeedbackConsumer, SeenIds
+from feedback.topics import FEEDBACK
+from trainer import checkpoint, metrics
+from trainer.checkpoint import TrainerState
+from trainer.examples import PromptGroup, is_held_out, to_prompt_group
+from trainer.reward_trainer import ReplayBuffer, RewardTrainer, RewardTrainerConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServiceConfig:
+    bootstrap: str
+    checkpoint_dir: Path
+    group_id: str = "duet-trainer"
+    topic: str = FEEDBACK
+    step_groups: int = 8  # new prompt groups per step
+    max_wait_s: float = 30.0  # ...or fewer, once the oldest has waited this long
+    held_out_pct: float = 10.0
+    eval_every: int = 10  # steps
+    keep_checkpoints: int = 3
+    idle_checkpoint_s: float = 10.0  # advance offsets past count-only events at most this often
+
+
+class RewardService:
+    def __init__(self, cfg: ServiceConfig, rm: RewardTrainerConfig) -> None:
+        self.cfg = cfg
+        self.trainer = RewardTrainer(rm)
+        self.state = TrainerState()
+        self.held_out: list[PromptGroup] = []
+        self.stop = threading.Event()
+        path = checkpoint.latest(cfg.checkpoint_dir)
+        if path is not None:
+            self.state, replay, self.held_out = checkpoint.load(path, self.trainer.model, self.trainer.optimizer)
+            self.trainer.replay = ReplayBuffer(rm.replay_capacity, replay, seed=rm.seed)
+            self.trainer.steps = self.state.step
+            log.info("resumed from %s: %d events trained, offsets %s", path.name, self.state.events_trained,
+                     self.state.offsets)
+        self.seen = SeenIds(ids=self.state.seen_ids)
+        self.pending: list[PromptGroup] = []
+        self.pending_since = 0.0
+        self.dirty = False  # consumed count-only/held-out events not yet in a checkpoint
+        self.last_checkpoint = time.time()
+
+    def run(self, once: bool = False) -> TrainerState:
+        """Train until stopped; with once=True, until caught up with the topic, then return."""
+        consumer = FeedbackConsumer(self.cfg.bootstrap, self.cfg.group_id, topic=self.cfg.topic,
+                                    start_offsets=self.state.offsets, seen=self.seen)
+        bar = _progress(self.state)
+        try:
+            while not self.stop.is_set():
+                for d in consumer.poll(timeout_ms=500):
+                    self._classify(d.event)
+                caught_up = self._lag(consumer) == 0
+                due = self.pending and (len(self.pending) >= self.cfg.step_groups or caught_up and once
+                                        or time.time() - self.pending_since > self.cfg.max_wait_s)
+                if due:
+                    self._step()
+                if (due or self.dirty and (once and caught_up or
+                                           time.time() - self.last_checkpoint > self.cfg.idle_checkpoint_s)):
+                    self._checkpoint(consumer)
+                if bar is not None:
+                    bar.n = self.state.events_trained + self.state.events_held_out + self.state.events_untrainable
+                    bar.set_postfix(loss=self.state.last_loss, acc=self.state.held_out_accuracy, refresh=False)
+                    bar.refresh()
+                if once and caught_up and not self.pending and not self.dirty and consumer.consumer.assignment():
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+            consumer.close()
+        return self.state
+
+    def _classify(self, event) -> None:
+        label = event.choice or event.rating or "ranking"
+        metrics.VOTES_BY_CHOICE.labels(choice=label).inc()
+        self.state.counts[label] = self.state.counts.get(label, 0) + 1
+        group = to_prompt_group(event)
+        if group is None:
+            self.state.events_untrainable += 1
+            metrics.EVENTS.labels(outcome="untrainable").inc()
+            self.dirty = True
+        elif is_held_out(group.comparison_id, self.cfg.held_out_pct):
+            self.held_out.append(group)
+            self.state.events_held_out += 1
+            metrics.EVENTS.labels(outcome="held_out").inc()
+            self.dirty = True
+        else:
+            if not self.pending:
+                self.pending_since = time.time()
+            self.pending.append(group)
+
+    def _step(self) -> None:
+        t0 = time.perf_counter()
+        out = self.trainer.step(self.pending)
+        metrics.STEP_TIME.observe(time.perf_counter() - t0)
+        metrics.RM_STEPS.inc()
+        metrics.RM_LOSS.set(out["loss"])
+        metrics.EVENTS.labels(outcome="trained").inc(len(self.pending))
+        self.state.events_trained += len(self.pending)
+        self.state.step = self.trainer.steps
+        self.state.last_loss = out["loss"]
+        self.pending = []
+        if self.state.step % self.cfg.eval_every == 0 and self.held_out:
+            acc = self.trainer.accuracy(self.held_out[-500:])
+            if acc is not None:
+                self.state.held_out_accuracy = acc
+                metrics.RM_ACCURACY.set(acc)
+        log.info("step %d: loss %.4f (%d new, %d replayed), held-out accuracy %s", self.state.step, out["loss"],
+                 out["new"], out["replayed"], self.state.held_out_accuracy)
+
+    def _checkpoint(self, consumer: FeedbackConsumer) -> None:
+        self.state.offsets = {**self.state.offsets, **consumer.positions()}
+        self.state.seen_ids = self.seen.to_list()
+        checkpoint.save(self.cfg.checkpoint_dir, self.state, self.trainer.model, self.trainer.optimizer,
+                        list(self.trainer.replay.items), self.held_out, keep=self.cfg.keep_checkpoints)
+        consumer.commit(self.state.offsets)
+        self.dirty = False
+        self.last_checkpoint = time.time()
+        metrics.CHECKPOINT_TIME.set(self.last_checkpoint)
+
+    def _lag(self, consumer: FeedbackConsumer) -> int | None:
+        assigned = list(consumer.consumer.assignment())
+        if not assigned:
+            return None
+        ends = consumer.consumer.end_offsets(assigned)
+        lag = sum(max(0, ends[tp] - consumer.consumer.position(tp)) for tp in assigned)
+        metrics.LAG.set(lag)
+        return lag
+
+
+def _progress(state: TrainerState):
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(desc="votes consumed", unit="vote", initial=state.events_trained + state.events_held_out
+                + state.events_untrainable)
