@@ -112,16 +112,21 @@ class RewardService:
             self.pending.append(group)
 
     def _step(self) -> None:
-        t0 = time.perf_counter()
-        out = self.trainer.step(self.pending)
-        metrics.STEP_TIME.observe(time.perf_counter() - t0)
-        metrics.RM_STEPS.inc()
-        metrics.RM_LOSS.set(out["loss"])
-        metrics.EVENTS.labels(outcome="trained").inc(len(self.pending))
-        self.state.events_trained += len(self.pending)
-        self.state.step = self.trainer.steps
-        self.state.last_loss = out["loss"]
-        self.pending = []
+        """Train on everything pending, `step_groups` at a time (a checkpoint must not leave any behind)."""
+        while self.pending:
+            chunk, self.pending = self.pending[:self.cfg.step_groups], self.pending[self.cfg.step_groups:]
+            t0 = time.perf_counter()
+            out = self.trainer.step(chunk)
+            metrics.STEP_TIME.observe(time.perf_counter() - t0)
+            metrics.RM_STEPS.inc()
+            metrics.RM_LOSS.set(out["loss"])
+            metrics.EVENTS.labels(outcome="trained").inc(len(chunk))
+            self.state.events_trained += len(chunk)
+            self.state.step = self.trainer.steps
+            self.state.last_loss = out["loss"]
+            self._maybe_evaluate(out)
+
+    def _maybe_evaluate(self, out: dict) -> None:
         if self.state.step % self.cfg.eval_every == 0 and self.held_out:
             acc = self.trainer.accuracy(self.held_out[-500:])
             if acc is not None:

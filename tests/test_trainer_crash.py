@@ -1,0 +1,84 @@
+"""Exactly once, whatever crashes: SIGKILL `duet train` at random moments while votes stream in,
+restart it each time, then check every event id was trained (or held out / counted) exactly once."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from kafka import KafkaProducer
+
+from feedback.broker import EmbeddedBroker
+from feedback.topics import FEEDBACK, ensure_topics
+from trainer import checkpoint
+from trainer.synthetic import marker_event
+
+pytestmark = pytest.mark.slow
+
+N_EVENTS = 240
+
+
+def test_sigkill_across_restarts_trains_every_event_exactly_once(tiny_model, tmp_path):
+    rng = random.Random(7)
+    broker = EmbeddedBroker(log_path=tmp_path / "tansu.log").start()
+    try:
+        ensure_topics(broker.bootstrap, partitions=3)
+        events = [marker_event(rng, k=rng.choice([2, 2, 3])) for _ in range(N_EVENTS - 20)]
+        # some votes that carry no order: counted, never trained
+        for e in rng.sample(events, 20):
+            events.append(e.model_copy(update={"event_id": e.event_id[:-4] + "bbbb", "choice": "both_bad",
+                                               "ranking": None}))
+        rng.shuffle(events)
+        producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all", enable_idempotence=True)
+
+        def stream():  # ~8 votes/s, with one duplicate delivery in every 30 (at-least-once upstream)
+            for i, e in enumerate(events):
+                producer.send(FEEDBACK, key=e.comparison.comparison_id.encode(), value=e.model_dump_json().encode())
+                if i % 30 == 0:
+                    producer.send(FEEDBACK, key=e.comparison.comparison_id.encode(),
+                                  value=e.model_dump_json().encode())
+                time.sleep(1 / 8)
+            producer.flush()
+
+        feeder = threading.Thread(target=stream)
+        feeder.start()
+        env = {**os.environ, "DUET_KAFKA_BOOTSTRAP": broker.bootstrap, "DUET_HOME": str(tmp_path / "home"),
+               "DUET_RM_BACKBONE": str(tiny_model), "DUET_RM_LR": "1e-3", "DUET_RM_STEP_GROUPS": "4",
+               "DUET_RM_MAX_WAIT_S": "0.5", "DUET_RM_MAX_TOKENS": "96", "DUET_TRAINER_METRICS_PORT": "0",
+               "DUET_HELD_OUT_PCT": "10", "HF_HUB_OFFLINE": "1"}
+        cmd = [sys.executable, "-m", "duet.cli", "train"]
+        kills = 0
+        progress = []  # events trained per the newest checkpoint, after each kill
+        ckpt_dir = tmp_path / "home" / "trainer" / "checkpoints"
+        while feeder.is_alive() or kills < 3:
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(rng.uniform(13, 19))  # past start-up and the group join (~11 s), at a random moment
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+            last = checkpoint.latest(ckpt_dir)
+            progress.append(checkpoint.read_state(last).events_trained if last else 0)
+        feeder.join()
+        producer.close()
+        done = subprocess.run(cmd + ["--once"], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+
+        # the kills landed mid-stream: each restart resumed from a checkpoint that had moved on
+        assert len({p for p in progress if p > 0}) >= 2, progress
+        ckpts = checkpoint.checkpoints(ckpt_dir)
+        assert len(ckpts) <= 3  # old ones pruned
+        state = checkpoint.read_state(ckpts[-1])
+        assert sorted(state.seen_ids) == sorted(e.event_id for e in events)
+        assert state.events_trained + state.events_held_out + state.events_untrainable == len(events)
+        assert state.events_untrainable == 20 and state.counts["both_bad"] == 20
+        assert state.events_held_out > 0 and state.step > 0
+        assert sum(state.offsets.values()) == len(events) + len(range(0, len(events), 30))  # all read
+        assert kills >= 3
+    finally:
+        broker.stop()
