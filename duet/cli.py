@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import secrets
+import subprocess
 import sys
 
 from pydantic import ValidationError
@@ -67,6 +68,7 @@ def cmd_up(args: argparse.Namespace) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         broker = EmbeddedBroker(log_path=run_dir / "tansu.log").start()
         os.environ["DUET_KAFKA_BOOTSTRAP"] = broker.bootstrap
+        os.environ["DUET_TRAINER_FRESH_BROKER"] = "true"
         print(f"duet: broker    {broker.bootstrap} (embedded tansu, in memory; log {run_dir / 'tansu.log'})")
     try:
         bootstrap = os.environ.get("DUET_KAFKA_BOOTSTRAP", s.kafka_bootstrap)
@@ -79,8 +81,17 @@ def cmd_up(args: argparse.Namespace) -> None:
         print(f"duet: metrics   http://{host}:{port}/metrics")
         print(f"duet: dev key   {dev_key}")
         print("duet: the model loads in the background; /ready turns 200 when it can answer. Ctrl-C stops.")
+        print(f"duet: trainer   metrics http://{host}:{s.trainer_metrics_port}/metrics (checkpoints in "
+              f"{s.home / 'trainer'})")
+        # The trainer is a child process: its steps must not share the API's GIL. (Full supervision with
+        # restarts comes with the whole-loop issue; for now it runs beside the API and stops with it.)
+        trainer = subprocess.Popen([sys.executable, "-m", "duet.cli", "train"], env=dict(os.environ))
         args.host, args.port = host, port
-        cmd_serve(args)
+        try:
+            cmd_serve(args)
+        finally:
+            trainer.terminate()
+            trainer.wait(timeout=30)
     finally:
         if broker is not None:
             broker.stop()
@@ -132,7 +143,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     svc = RewardService(ServiceConfig(bootstrap=s.kafka_bootstrap, checkpoint_dir=s.home / "trainer" / "checkpoints",
                                       group_id=s.trainer_group_id, step_groups=s.rm_step_groups,
                                       max_wait_s=s.rm_max_wait_s, held_out_pct=s.held_out_pct,
-                                      keep_checkpoints=s.keep_checkpoints), rm)
+                                      keep_checkpoints=s.keep_checkpoints,
+                                      fresh_broker=s.trainer_fresh_broker), rm)
     import signal
 
     for sig in (signal.SIGTERM, signal.SIGINT):

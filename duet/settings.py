@@ -72,6 +72,7 @@ class Settings(BaseSettings):
     trainer_group_id: str = "duet-trainer"
     trainer_metrics_port: int = 9101  # `duet train` serves /metrics here (0: off)
     keep_checkpoints: int = 3
+    trainer_fresh_broker: bool = False  # set by `duet up` with the in-memory embedded broker
 
     def resolved_secret(self) -> str:
         """The vote-token secret: the configured one, else one generated once and kept on disk."""

@@ -7,6 +7,7 @@ EVENTS = Counter("duet_trainer_events_total", "Vote events consumed, by what bec
 VOTES_BY_CHOICE = Counter("duet_trainer_votes_total", "Vote events consumed, by choice or rating", ["choice"])
 RM_LOSS = Gauge("duet_rm_loss", "Reward-model loss of the last training step")
 RM_ACCURACY = Gauge("duet_rm_heldout_accuracy", "Reward-model accuracy on held-out comparisons (0-1)")
+RM_ACCURACY.set(float("nan"))  # not measured yet: NaN, not a misleading 0
 RM_STEPS = Counter("duet_rm_steps_total", "Reward-model optimizer steps")
 STEP_TIME = Histogram("duet_rm_step_seconds", "Time of one reward-model step",
                       buckets=(0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))

@@ -41,6 +41,9 @@ class ServiceConfig:
     eval_every: int = 10  # steps
     keep_checkpoints: int = 3
     idle_checkpoint_s: float = 10.0  # advance offsets past count-only events at most this often
+    # The embedded broker forgets everything when it stops: offsets stored against an earlier one
+    # would skip the new broker's first votes. Weights, replay and seen ids are kept.
+    fresh_broker: bool = False
 
 
 class RewardService:
@@ -57,6 +60,8 @@ class RewardService:
             self.trainer.steps = self.state.step
             log.info("resumed from %s: %d events trained, offsets %s", path.name, self.state.events_trained,
                      self.state.offsets)
+        if cfg.fresh_broker:
+            self.state.offsets = {}
         self.seen = SeenIds(ids=self.state.seen_ids)
         self.pending: list[PromptGroup] = []
         self.pending_since = 0.0
