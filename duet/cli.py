@@ -122,29 +122,51 @@ def cmd_relay(args: argparse.Namespace) -> None:
                 replication=s.kafka_replication, min_insync=s.kafka_min_insync).run_forever()
 
 
+def _reward_service(s):
+    from duet.model_assets import resolve_model
+    from trainer.gate import GateConfig
+    from trainer.policy import PolicyConfig
+    from trainer.reward_model import minilm_path
+    from trainer.reward_trainer import RewardTrainerConfig
+    from trainer.rounds import RoundConfig
+    from trainer.service import RewardService, ServiceConfig
+
+    base = resolve_model(s.model, s.home)
+    backbone = minilm_path() if s.rm_backbone == "minilm" else resolve_model(s.rm_backbone or s.model, s.home)
+    rm = RewardTrainerConfig(backbone=backbone, loss=s.rm_loss, lr=s.rm_lr, replay_ratio=s.rm_replay_ratio,
+                             replay_capacity=s.rm_replay_capacity, utility_eps=s.rm_utility_eps,
+                             max_tokens=s.rm_max_tokens, seed=s.seed)
+    round_cfg = RoundConfig(
+        base_model=base, registry_root=s.home / "registry", keep_versions=s.keep_versions, bootstrap=s.kafka_bootstrap,
+        policy=PolicyConfig(algorithm=s.policy_algorithm, beta=s.policy_beta, lr=s.policy_lr, k=s.policy_k,
+                            max_new_tokens=s.policy_max_new_tokens, seed=s.seed),
+        gate=GateConfig(min_win_rate=s.gate_min_win_rate, max_kl=s.gate_max_kl))
+    return RewardService(ServiceConfig(
+        bootstrap=s.kafka_bootstrap, checkpoint_dir=s.home / "trainer" / "checkpoints", group_id=s.trainer_group_id,
+        step_groups=s.rm_step_groups, max_wait_s=s.rm_max_wait_s, held_out_pct=s.held_out_pct,
+        keep_checkpoints=s.keep_checkpoints, fresh_broker=s.trainer_fresh_broker, round=round_cfg,
+        round_every_votes=s.policy_every_votes, round_every_s=s.policy_every_s, round_prompts=s.policy_prompts,
+        gate_prompts=s.gate_prompts), rm)
+
+
 def cmd_train(args: argparse.Namespace) -> None:
-    """The reward-model trainer: consume votes, train, checkpoint (until stopped, or --once)."""
+    """The trainer: consume votes, train the reward model, checkpoint, and run policy rounds."""
     s = _settings()
     if not s.kafka_bootstrap:
         raise CLIError("DUET_KAFKA_BOOTSTRAP is not set: the trainer reads votes from Kafka")
-    from duet.model_assets import resolve_model
-    from trainer.reward_model import minilm_path
-    from trainer.reward_trainer import RewardTrainerConfig
-    from trainer.service import RewardService, ServiceConfig
-
-    backbone = minilm_path() if s.rm_backbone == "minilm" else resolve_model(s.rm_backbone or s.model, s.home)
+    svc = _reward_service(s)
+    if args.round:
+        result = svc.policy_round()
+        if result is None:
+            raise CLIError("no policy round: the trainer has no trained and held-out comparisons yet")
+        if result.published is None:
+            raise CLIError(f"the gate refused the candidate: {', '.join(result.gate.reasons)} {result.gate.metrics}")
+        print(f"duet: published {result.published.name} ({result.gate.metrics})")
+        return
     if s.trainer_metrics_port and not args.once:
         from prometheus_client import start_http_server
 
         start_http_server(s.trainer_metrics_port, addr=s.host)
-    rm = RewardTrainerConfig(backbone=backbone, loss=s.rm_loss, lr=s.rm_lr, replay_ratio=s.rm_replay_ratio,
-                             replay_capacity=s.rm_replay_capacity, utility_eps=s.rm_utility_eps,
-                             max_tokens=s.rm_max_tokens, seed=s.seed)
-    svc = RewardService(ServiceConfig(bootstrap=s.kafka_bootstrap, checkpoint_dir=s.home / "trainer" / "checkpoints",
-                                      group_id=s.trainer_group_id, step_groups=s.rm_step_groups,
-                                      max_wait_s=s.rm_max_wait_s, held_out_pct=s.held_out_pct,
-                                      keep_checkpoints=s.keep_checkpoints,
-                                      fresh_broker=s.trainer_fresh_broker), rm)
     import signal
 
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -152,6 +174,25 @@ def cmd_train(args: argparse.Namespace) -> None:
     state = svc.run(once=args.once)
     print(f"duet: trained on {state.events_trained} votes ({state.events_held_out} held out, "
           f"{state.events_untrainable} without an order); held-out accuracy {state.held_out_accuracy}")
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from trainer.registry import Registry
+
+    reg = Registry(_settings().home / "registry")
+    if args.models_command == "list":
+        latest = reg.latest()
+        for m in reg.versions():
+            mark = "*" if latest and m.version == latest.version else " "
+            print(f"{mark} {m.name}  parent={m.parent_version}  {m.algorithm}  {m.created_at:%Y-%m-%d %H:%M:%S}  "
+                  f"win_rate={m.eval.get('win_rate')}  kl={m.eval.get('kl')}")
+        if not reg.versions():
+            print("no published versions yet", file=sys.stderr)
+        return
+    m = reg.show(args.version)
+    if m is None:
+        raise CLIError(f"no version {args.version!r} in {reg.root}")
+    print(m.model_dump_json(indent=2))
 
 
 def cmd_keys_create(args: argparse.Namespace) -> None:
@@ -202,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("relay", help="publish the vote outbox to Kafka").set_defaults(fn=cmd_relay)
     tr = sub.add_parser("train", help="run the reward-model trainer")
     tr.add_argument("--once", action="store_true", help="train on what is on Kafka now, then exit")
+    tr.add_argument("--round", action="store_true", help="run one policy round now (gate, publish), then exit")
     tr.set_defaults(fn=cmd_train)
 
     keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
@@ -210,6 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
     kc.add_argument("--pair-rate", type=float, help="this key's chance of paired answers (overrides DUET_PAIR_RATE)")
     kc.add_argument("--rate-limit", type=int, help="requests per minute for this key")
     kc.set_defaults(fn=cmd_keys_create)
+
+    models = sub.add_parser("models", help="published policy versions").add_subparsers(dest="models_command",
+                                                                                       required=True)
+    models.add_parser("list", help="list versions (* = latest)").set_defaults(fn=cmd_models)
+    show = models.add_parser("show", help="a version's manifest")
+    show.add_argument("version", help="number or folder name, e.g. 3 or v000003")
+    show.set_defaults(fn=cmd_models)
 
     model = sub.add_parser("model", help="the served model").add_subparsers(dest="model_command", required=True)
     mp = model.add_parser("prepare", help="convert the default model once and print its folder")

@@ -74,6 +74,20 @@ class Settings(BaseSettings):
     keep_checkpoints: int = 3
     trainer_fresh_broker: bool = False  # set by `duet up` with the in-memory embedded broker
 
+    # --- policy rounds, gate and registry -----------------------------------------------------------
+    policy_algorithm: Literal["rloo", "dpo"] = "rloo"
+    policy_beta: float = 0.05
+    policy_lr: float = 1e-6
+    policy_k: int = 4  # RLOO samples per prompt
+    policy_max_new_tokens: int = 64
+    policy_prompts: int = 8  # recent user prompts per round
+    policy_every_votes: int = 64  # a round after this many new trained votes...
+    policy_every_s: float = 1800.0  # ...or this long after the last round if any vote came in
+    gate_min_win_rate: float = 0.5
+    gate_max_kl: float = 20.0
+    gate_prompts: int = 8  # held-out prompts the gate samples
+    keep_versions: int = 5
+
     def resolved_secret(self) -> str:
         """The vote-token secret: the configured one, else one generated once and kept on disk."""
         if self.secret:

@@ -88,6 +88,8 @@ class FeedbackConsumer:
             bootstrap_servers=bootstrap, group_id=group_id, client_id=client_id, enable_auto_commit=False,
             auto_offset_reset="earliest", session_timeout_ms=10_000, heartbeat_interval_ms=1_000,
             max_poll_records=500,
+            # a policy round between polls can take minutes on a CPU: don't get evicted from the group
+            max_poll_interval_ms=3_600_000,
         )
         self.dlq = KafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, retries=10,
                                  client_id=client_id + "-dlq")

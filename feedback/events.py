@@ -81,3 +81,18 @@ class FeedbackEvent(BaseModel):
 def schema_major(raw: dict) -> int:
     """The major version of a decoded event dict; raises ValueError if it has none that parses."""
     return int(str(raw.get("schema_version", "")).split(".", 1)[0])
+
+
+class WeightsAnnouncement(BaseModel):
+    """On the `weights` topic: a new policy version is in the registry and passed the gate."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    schema_version: str = SCHEMA_VERSION
+    event_id: str = Field(default_factory=uuid7)
+    version: int
+    name: str  # the registry folder name; what serving reports as model_version
+    manifest_location: str  # path or URI of manifest.json
+    manifest_sha256: str
+    parent_version: int | None = None
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))

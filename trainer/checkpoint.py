@@ -34,6 +34,9 @@ class TrainerState(BaseModel):
     counts: dict[str, int] = Field(default_factory=dict)  # by choice / rating
     offsets: dict[int, int] = Field(default_factory=dict)  # partition -> next offset to read
     seen_ids: list[str] = Field(default_factory=list)
+    votes_since_round: int = 0  # trained votes since the last policy round
+    oldest_unrounded_vote: float | None = None  # unix time of the oldest of those votes
+    last_round_at: float = 0.0
     last_loss: float | None = None
     held_out_accuracy: float | None = None
 

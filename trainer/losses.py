@@ -54,3 +54,30 @@ def prompt_aware_loss(logit_w: torch.Tensor, logit_l: torch.Tensor, open_ended: 
 
 
 LOSSES = ("bradley_terry", "prompt_aware")
+
+
+# --- policy losses -----------------------------------------------------------------------
+
+
+def dpo_loss(pi_w: torch.Tensor, pi_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor,
+             beta: float) -> torch.Tensor:
+    """DPO (Rafailov et al., 2023), on sequence log-probabilities log π(y|x):
+    L = −log σ(β [(log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l))])."""
+    return -F.logsigmoid(beta * ((pi_w - ref_w) - (pi_l - ref_l))).mean()
+
+
+def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """REINFORCE leave-one-out baseline over the k samples of each prompt (rewards: [prompts, k]):
+    A_i = r_i − 1/(k−1) Σ_{j≠i} r_j."""
+    k = rewards.shape[-1]
+    return rewards - (rewards.sum(dim=-1, keepdim=True) - rewards) / (k - 1)
+
+
+def rloo_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor,
+              beta: float) -> torch.Tensor:
+    """RLOO policy loss with a per-token KL penalty against the frozen reference, per sample i
+    (logp, ref_logp, mask: [samples, tokens]; advantages: [samples]):
+    L_i = −A_i · Σ_t log π(y_t) + β · Σ_t (log π(y_t) − log π_ref(y_t)), averaged over samples."""
+    seq_logp = (logp * mask).sum(-1)
+    kl = ((logp - ref_logp) * mask).sum(-1)
+    return (-advantages.detach() * seq_logp + beta * kl).mean()

@@ -25,6 +25,7 @@ from trainer import checkpoint, metrics
 from trainer.checkpoint import TrainerState
 from trainer.examples import PromptGroup, is_held_out, to_prompt_group
 from trainer.reward_trainer import ReplayBuffer, RewardTrainer, RewardTrainerConfig
+from trainer.rounds import RoundConfig, RoundResult, reward_model_fn, run_round
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,11 @@ class ServiceConfig:
     # The embedded broker forgets everything when it stops: offsets stored against an earlier one
     # would skip the new broker's first votes. Weights, replay and seen ids are kept.
     fresh_broker: bool = False
+    round: RoundConfig | None = None  # None: reward model only, no policy rounds
+    round_every_votes: int = 64
+    round_every_s: float = 1800.0
+    round_prompts: int = 8
+    gate_prompts: int = 8
 
 
 class RewardService:
@@ -115,6 +121,9 @@ class RewardService:
             if not self.pending:
                 self.pending_since = time.time()
             self.pending.append(group)
+            voted = event.voted_at.timestamp()
+            if self.state.oldest_unrounded_vote is None or voted < self.state.oldest_unrounded_vote:
+                self.state.oldest_unrounded_vote = voted
 
     def _step(self) -> None:
         """Train on everything pending, `step_groups` at a time (a checkpoint must not leave any behind)."""
@@ -127,6 +136,7 @@ class RewardService:
             metrics.RM_LOSS.set(out["loss"])
             metrics.EVENTS.labels(outcome="trained").inc(len(chunk))
             self.state.events_trained += len(chunk)
+            self.state.votes_since_round += len(chunk)
             self.state.step = self.trainer.steps
             self.state.last_loss = out["loss"]
             self._maybe_evaluate(out)
@@ -139,6 +149,34 @@ class RewardService:
                 metrics.RM_ACCURACY.set(acc)
         log.info("step %d: loss %.4f (%d new, %d replayed), held-out accuracy %s", self.state.step, out["loss"],
                  out["new"], out["replayed"], self.state.held_out_accuracy)
+
+    # --- policy rounds ------------------------------------------------------------------------
+    def _round_due(self) -> bool:
+        if self.cfg.round is None or not self.state.votes_since_round:
+            return False
+        return (self.state.votes_since_round >= self.cfg.round_every_votes
+                or time.time() - self.state.last_round_at >= self.cfg.round_every_s)
+
+    def policy_round(self) -> RoundResult | None:
+        """Improve the policy with the current reward model on recent user prompts; gate; publish."""
+        recent = list(self.trainer.replay.items)[-max(self.cfg.round_prompts, 1) * 4:]
+        if not recent or not self.held_out:
+            log.info("policy round skipped: needs trained and held-out comparisons")
+            return None
+        prompts = [g.messages for g in recent[-self.cfg.round_prompts:]]
+        eval_prompts = [g.messages for g in self.held_out[-self.cfg.gate_prompts:]]
+        try:
+            result = run_round(self.cfg.round, prompts, eval_prompts, reward_model_fn(self.trainer.model),
+                               pairs=recent, kafka_offsets=self.state.offsets,
+                               oldest_vote_ts=self.state.oldest_unrounded_vote)
+        except Exception:
+            metrics.POLICY_ROUNDS.labels(result="failed").inc()
+            log.exception("policy round failed")
+            result = None
+        self.state.votes_since_round = 0
+        self.state.oldest_unrounded_vote = None
+        self.state.last_round_at = time.time()
+        return result
 
     def _checkpoint(self, consumer: FeedbackConsumer) -> None:
         self.state.offsets = {**self.state.offsets, **consumer.positions()}

@@ -1,0 +1,147 @@
+"""The model registry: one folder per published policy version, in the layout vLLM loads.
+
+    <root>/v000001/
+        model.safetensors, config.json, generation_config.json, tokenizer files ...
+        manifest.json      `Manifest`: version, parent, base model, sha256 of every other file,
+                           training and eval metrics, algorithm and hyper-parameters, Kafka offsets
+    <root>/latest          text file holding the newest version's folder name
+
+A version is written into a hidden temporary folder and renamed into place only when complete, so a
+crash mid-publish leaves nothing visible; `latest` is replaced atomically after. Only the newest
+`keep` versions are kept. The layout is flat files addressed by relative path, so it maps onto an
+object store (a prefix per version, `latest` written last) without change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+MANIFEST = "manifest.json"
+LATEST = "latest"
+
+
+class Manifest(BaseModel):
+    version: int
+    name: str  # folder name, e.g. "v000003"; what serving reports as model_version
+    parent_version: int | None
+    base_model: str
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    files: dict[str, str]  # relative path -> sha256
+    algorithm: str
+    hyperparameters: dict[str, float | int | str | bool | None] = Field(default_factory=dict)
+    train_metrics: dict[str, float | int | None] = Field(default_factory=dict)
+    eval: dict[str, float | int | bool | str | None] = Field(default_factory=dict)
+    kafka_offsets: dict[int, int] = Field(default_factory=dict)
+
+
+def version_name(version: int) -> str:
+    return f"v{version:06d}"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def manifest_checksum(folder: Path) -> str:
+    return sha256_file(folder / MANIFEST)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in [*folder.rglob("*"), folder]:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class Registry:
+    def __init__(self, root: Path, keep: int = 5) -> None:
+        self.root = Path(root)
+        self.keep = keep
+
+    def versions(self) -> list[Manifest]:
+        if not self.root.exists():
+            return []
+        out = []
+        for d in sorted(self.root.glob("v[0-9]*")):
+            if (d / MANIFEST).exists():
+                out.append(Manifest.model_validate_json((d / MANIFEST).read_text()))
+        return out
+
+    def latest(self) -> Manifest | None:
+        pointer = self.root / LATEST
+        if not pointer.exists():
+            return None
+        return self.show(pointer.read_text().strip())
+
+    def show(self, name_or_version: str | int) -> Manifest | None:
+        name = version_name(int(name_or_version)) if str(name_or_version).isdigit() else str(name_or_version)
+        path = self.root / name / MANIFEST
+        return Manifest.model_validate_json(path.read_text()) if path.exists() else None
+
+    def path(self, manifest: Manifest) -> Path:
+        return self.root / manifest.name
+
+    def publish(self, write_weights, *, base_model: str, algorithm: str, hyperparameters: dict,
+                train_metrics: dict, eval: dict, kafka_offsets: dict[int, int]) -> tuple[Manifest, Path]:
+        """`write_weights(folder)` saves the model and tokenizer into a folder; the registry does the rest."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        current = self.latest()
+        version = max([m.version for m in self.versions()] + [0]) + 1
+        name = version_name(version)
+        tmp = self.root / f".tmp-{name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            write_weights(tmp)
+            files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+            manifest = Manifest(version=version, name=name, parent_version=current.version if current else None,
+                                base_model=base_model, files=files, algorithm=algorithm,
+                                hyperparameters=hyperparameters, train_metrics=train_metrics, eval=eval,
+                                kafka_offsets=kafka_offsets)
+            (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))
+            _fsync_tree(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a SIGKILL leaves it instead: pruned on the next publish
+            raise
+        final = self.root / name
+        os.replace(tmp, final)
+        pointer_tmp = self.root / f".{LATEST}.tmp"
+        pointer_tmp.write_text(name)
+        os.replace(pointer_tmp, self.root / LATEST)
+        self._prune()
+        return manifest, final
+
+    def _prune(self) -> None:
+        for m in self.versions()[:-self.keep]:
+            shutil.rmtree(self.root / m.name, ignore_errors=True)
+        for stale in self.root.glob(".tmp-*"):  # left by a crash mid-publish
+            if stale.is_dir() and not stale.name.endswith(f"-{os.getpid()}"):
+                shutil.rmtree(stale, ignore_errors=True)
+
+
+def verify(folder: Path) -> list[str]:
+    """Problems with a version folder (empty list = every file matches its manifest checksum)."""
+    path = Path(folder) / MANIFEST
+    if not path.exists():
+        return ["manifest.json missing"]
+    m = Manifest.model_validate_json(path.read_text())
+    problems = []
+    for rel, digest in m.files.items():
+        f = Path(folder) / rel
+        if not f.exists():
+            problems.append(f"{rel} missing")
+        elif sha256_file(f) != digest:
+            problems.append(f"{rel} checksum mismatch")
+    return problems
