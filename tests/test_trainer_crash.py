@@ -17,6 +17,7 @@ from kafka import KafkaProducer
 from feedback.broker import EmbeddedBroker
 from feedback.topics import FEEDBACK, ensure_topics
 from trainer import checkpoint
+from trainer.registry import Registry, verify
 from trainer.synthetic import marker_event
 
 pytestmark = pytest.mark.slow
@@ -51,7 +52,11 @@ def test_sigkill_across_restarts_trains_every_event_exactly_once(tiny_model, tmp
         env = {**os.environ, "DUET_KAFKA_BOOTSTRAP": broker.bootstrap, "DUET_HOME": str(tmp_path / "home"),
                "DUET_RM_BACKBONE": str(tiny_model), "DUET_RM_LR": "1e-3", "DUET_RM_STEP_GROUPS": "4",
                "DUET_RM_MAX_WAIT_S": "0.5", "DUET_RM_MAX_TOKENS": "96", "DUET_TRAINER_METRICS_PORT": "0",
-               "DUET_HELD_OUT_PCT": "10", "HF_HUB_OFFLINE": "1"}
+               "DUET_HELD_OUT_PCT": "10", "HF_HUB_OFFLINE": "1",
+               # policy rounds run too (and get killed too): tiny policy, a permissive gate
+               "DUET_MODEL": str(tiny_model), "DUET_POLICY_EVERY_VOTES": "60", "DUET_POLICY_MAX_NEW_TOKENS": "8",
+               "DUET_POLICY_PROMPTS": "4", "DUET_GATE_PROMPTS": "2", "DUET_GATE_MIN_WIN_RATE": "0",
+               "DUET_GATE_MAX_KL": "1e9"}
         cmd = [sys.executable, "-m", "duet.cli", "train"]
         kills = 0
         progress = []  # events trained per the newest checkpoint, after each kill
@@ -80,5 +85,10 @@ def test_sigkill_across_restarts_trains_every_event_exactly_once(tiny_model, tmp
         assert state.events_held_out > 0 and state.step > 0
         assert sum(state.offsets.values()) == len(events) + len(range(0, len(events), 30))  # all read
         assert kills >= 3
+        # whatever the kills hit, every visible version is whole and matches its manifest
+        registry = Registry(tmp_path / "home" / "registry")
+        assert registry.versions(), "no policy round published"
+        assert all(verify(registry.path(m)) == [] for m in registry.versions())
+        assert registry.latest().version == registry.versions()[-1].version
     finally:
         broker.stop()

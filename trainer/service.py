@@ -91,6 +91,9 @@ class RewardService:
                 if (due or self.dirty and (once and caught_up or
                                            time.time() - self.last_checkpoint > self.cfg.idle_checkpoint_s)):
                     self._checkpoint(consumer)
+                if not self.pending and self._round_due():
+                    self.policy_round()
+                    self._checkpoint(consumer)
                 if bar is not None:
                     bar.n = self.state.events_trained + self.state.events_held_out + self.state.events_untrainable
                     bar.set_postfix(loss=self.state.last_loss, acc=self.state.held_out_accuracy, refresh=False)
@@ -183,7 +186,12 @@ class RewardService:
         self.state.seen_ids = self.seen.to_list()
         checkpoint.save(self.cfg.checkpoint_dir, self.state, self.trainer.model, self.trainer.optimizer,
                         list(self.trainer.replay.items), self.held_out, keep=self.cfg.keep_checkpoints)
-        consumer.commit(self.state.offsets)
+        # After a rebalance, resume from this checkpoint, not from where this process started.
+        consumer.start_offsets = dict(self.state.offsets)
+        try:
+            consumer.commit(self.state.offsets)
+        except Exception as e:  # e.g. a rebalance in progress: the checkpoint is what counts
+            log.warning("offset commit failed (lag metrics only): %s: %s", type(e).__name__, e)
         self.dirty = False
         self.last_checkpoint = time.time()
         metrics.CHECKPOINT_TIME.set(self.last_checkpoint)
