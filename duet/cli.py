@@ -106,6 +106,18 @@ def _persistent_dev_key(home) -> str:
     return path.read_text().strip()
 
 
+def _serve_metrics(port: int, host: str, what: str) -> None:
+    """Prometheus metrics of a background process on its own port (0: off)."""
+    if not port:
+        return
+    from prometheus_client import start_http_server
+
+    try:
+        start_http_server(port, addr=host)
+    except OSError as e:  # e.g. a second Duet on this machine: keep working, unobserved
+        logging.getLogger(__name__).warning("%s metrics port %d unavailable (%s); metrics off", what, port, e)
+
+
 def cmd_relay(args: argparse.Namespace) -> None:
     """Publish the vote outbox to Kafka until stopped (serving starts this itself unless DUET_RELAY=off)."""
     from feedback.relay import OutboxRelay
@@ -114,10 +126,7 @@ def cmd_relay(args: argparse.Namespace) -> None:
     if not s.kafka_bootstrap:
         raise CLIError("DUET_KAFKA_BOOTSTRAP is not set: the relay needs a broker")
     _check_redis(s.redis_url)
-    if s.relay_metrics_port:
-        from prometheus_client import start_http_server
-
-        start_http_server(s.relay_metrics_port)
+    _serve_metrics(s.relay_metrics_port, s.host, "relay")
     OutboxRelay(s.redis_url, s.kafka_bootstrap, batch=s.relay_batch, partitions=s.kafka_partitions,
                 replication=s.kafka_replication, min_insync=s.kafka_min_insync).run_forever()
 
@@ -137,7 +146,7 @@ def _reward_service(s):
                              replay_capacity=s.rm_replay_capacity, utility_eps=s.rm_utility_eps,
                              max_tokens=s.rm_max_tokens, seed=s.seed)
     round_cfg = RoundConfig(
-        base_model=base, registry_root=s.home / "registry", keep_versions=s.keep_versions, bootstrap=s.kafka_bootstrap,
+        base_model=base, registry_root=s.registry_root(), keep_versions=s.keep_versions, bootstrap=s.kafka_bootstrap,
         policy=PolicyConfig(algorithm=s.policy_algorithm, beta=s.policy_beta, lr=s.policy_lr, k=s.policy_k,
                             max_new_tokens=s.policy_max_new_tokens, seed=s.seed),
         gate=GateConfig(min_win_rate=s.gate_min_win_rate, max_kl=s.gate_max_kl))
@@ -163,10 +172,8 @@ def cmd_train(args: argparse.Namespace) -> None:
             raise CLIError(f"the gate refused the candidate: {', '.join(result.gate.reasons)} {result.gate.metrics}")
         print(f"duet: published {result.published.name} ({result.gate.metrics})")
         return
-    if s.trainer_metrics_port and not args.once:
-        from prometheus_client import start_http_server
-
-        start_http_server(s.trainer_metrics_port, addr=s.host)
+    if not args.once:
+        _serve_metrics(s.trainer_metrics_port, s.host, "trainer")
     import signal
 
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -177,9 +184,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> None:
-    from trainer.registry import Registry
+    from feedback.registry import Registry
 
-    reg = Registry(_settings().home / "registry")
+    reg = Registry(_settings().registry_root())
     if args.models_command == "list":
         latest = reg.latest()
         for m in reg.versions():

@@ -56,7 +56,7 @@ class Settings(BaseSettings):
     # work does not compete with the API for the GIL), "thread" (in the serving process), or "off"
     # (run `duet relay` yourself, e.g. as its own Deployment).
     relay: Literal["process", "thread", "off"] = "process"
-    relay_metrics_port: int = 0  # `duet relay` serves Prometheus metrics here when > 0
+    relay_metrics_port: int = 9102  # `duet relay` serves its Prometheus metrics here (0: off)
 
     # --- trainer --------------------------------------------------------------------------
     rm_backbone: str = ""  # "" = the served base model; "minilm" = all-MiniLM-L6-v2; or an HF folder
@@ -87,6 +87,11 @@ class Settings(BaseSettings):
     gate_max_kl: float = 20.0
     gate_prompts: int = 8  # held-out prompts the gate samples
     keep_versions: int = 5
+    registry_dir: Path | None = None  # where versions are published; default <home>/registry
+    swap_probe_timeout_s: float = 30.0
+
+    def registry_root(self) -> Path:
+        return self.registry_dir or self.home / "registry"
 
     def resolved_secret(self) -> str:
         """The vote-token secret: the configured one, else one generated once and kept on disk."""

@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -34,6 +34,11 @@ from serving.votes import VoteAccepted, VoteRequest, VoteService
 from feedback import metrics as feedback_metrics
 from feedback.outbox import Outbox, async_outbox_stats
 from serving.relay_child import RelayChild
+from serving.swap import WeightSwapper
+from serving.engine import BASE_VERSION
+from feedback.registry import version_name
+from serving.weights_watcher import WeightsWatcher
+from feedback.events import WeightsAnnouncement
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +63,8 @@ class Runtime:
     limiter: RateLimiter
     votes: VoteService
     relay: Any = None  # RelayChild, or an OutboxRelay thread with DUET_RELAY=thread
+    swapper: WeightSwapper | None = None
+    watcher: WeightsWatcher | None = None
     engine: Engine | None = None
     chat: ChatService | None = None
     engine_error: str | None = None
@@ -71,9 +78,17 @@ async def _load_engine(rt: Runtime, factory: EngineFactory) -> None:
         prompts = await asyncio.to_thread(PromptBuilder, model_path)
         engine = await asyncio.to_thread(factory, s, model_path)
         rt.engine = engine
-        rt.chat = ChatService(s, engine, prompts, ComparisonStore(rt.redis), s.resolved_secret())
+        rt.swapper = WeightSwapper(engine, prompts, model_path, s.registry_root(), s.swap_probe_timeout_s)
         metrics.set_model_version(engine.model_version)
-        log.info("engine ready (%s) after %.1f s", model_path, time.time() - rt.started)
+        if s.kafka_bootstrap:
+            rt.watcher = WeightsWatcher(s.kafka_bootstrap, asyncio.get_running_loop(),
+                                        lambda ann: _on_announcement(rt, ann)).start()
+        latest = rt.swapper.registry.latest()
+        if latest is not None:  # published while this replica was down
+            await rt.swapper.activate(latest.name)
+        rt.chat = ChatService(s, engine, prompts, ComparisonStore(rt.redis), s.resolved_secret())
+        log.info("engine ready (%s, version %s) after %.1f s", model_path, engine.model_version,
+                 time.time() - rt.started)
     except Exception as e:  # surfaced on /ready and in chat's 503, not as a crash loop
         log.exception("engine failed to load")
         rt.engine_error = f"{type(e).__name__}: {e}"
@@ -110,6 +125,8 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
             loader.cancel()
             if rt.relay is not None:
                 await asyncio.to_thread(rt.relay.stop)
+            if rt.watcher is not None:
+                await asyncio.to_thread(rt.watcher.stop)
             if rt.engine is not None:
                 rt.engine.shutdown()
             await redis.aclose()
@@ -182,6 +199,45 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
         resp = await chat.complete(plan)
         return JSONResponse(resp.model_dump(), headers={"X-Duet-Model-Version": resp.duet.model_version})
 
+    # --- admin ------------------------------------------------------------------------------------
+    async def admin(request: Request) -> WeightSwapper:
+        key = await authorize(request)
+        if not key.admin:
+            raise APIError(403, "This route needs the admin key.", code="admin_only")
+        rt = rt_of(request)
+        if rt.swapper is None:
+            raise APIError(503, "Not ready: the engine is loading.", code="engine_not_ready",
+                           headers={"Retry-After": "5"})
+        return rt.swapper
+
+    @app.get("/admin/models")
+    async def admin_models(request: Request) -> dict:
+        swapper = await admin(request)
+        return {**swapper.status(), "versions": [m.model_dump(mode="json", include={"version", "name", "parent_version",
+                                                                                      "created_at", "eval"})
+                                                 for m in swapper.registry.versions()]}
+
+    @app.post("/admin/models/{version}/activate")
+    async def admin_activate(version: str, request: Request) -> JSONResponse:
+        swapper = await admin(request)
+        version = version_name(int(version)) if version.isdigit() else version
+        if version != BASE_VERSION and swapper.registry.show(version) is None:
+            raise APIError(404, f"no version '{version}' in the registry", param="version", code="unknown_version")
+        rec = await swapper.activate(version)
+        status = 200 if rec.result == "ok" else (409 if rec.result == "rolled_back" else 422)
+        if status != 200:
+            raise APIError(status, f"{version} not activated ({rec.result}): {rec.reason}", param="version",
+                           code=f"swap_{rec.result}")
+        return JSONResponse({"current": swapper.engine.model_version, "swap": asdict(rec)})
+
+    @app.post("/admin/updates/{action}")
+    async def admin_updates(action: str, request: Request) -> dict:
+        swapper = await admin(request)
+        if action not in ("pause", "resume"):
+            raise APIError(404, f"unknown action '{action}': use pause or resume", param="action")
+        swapper.paused = action == "pause"
+        return {"updates_paused": swapper.paused}
+
     @app.post("/v1/feedback", status_code=202)
     async def feedback(request: Request) -> JSONResponse:
         key = await authorize(request)
@@ -194,6 +250,16 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
         return JSONResponse(VoteAccepted(event_id=event_id).model_dump(), status_code=status)
 
     return app
+
+
+async def _on_announcement(rt: Runtime, ann: WeightsAnnouncement) -> None:
+    swapper = rt.swapper
+    if swapper is None or ann.name == swapper.engine.model_version:
+        return
+    if swapper.paused:
+        log.info("updates paused: not swapping to %s", ann.name)
+        return
+    await swapper.activate(ann.name, ann.manifest_sha256)
 
 
 async def _sample_gauges(rt: Runtime) -> None:

@@ -50,24 +50,32 @@ def broker(tmp_path_factory):
     b.stop()
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    """2-layer random Llama (head_dim 64) saved with SmolLM2's tokenizer and chat template."""
+def make_tiny_llama(out: Path, seed: int = 0, hidden_size: int = 128, edit=None) -> Path:
+    """2-layer random Llama (head_dim 64) saved with SmolLM2's tokenizer and chat template.
+    `edit(model)` may change the weights before saving (tests of broken candidates)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from duet.model_assets import gguf_path
 
-    out = tmp_path_factory.mktemp("tiny-llama")
     src = gguf_path()
     tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=256, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=1024,
                       tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(out)
+    model = LlamaForCausalLM(cfg)
+    if edit is not None:
+        with torch.no_grad():
+            edit(model)
+    model.to(torch.bfloat16).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def duet_env(tiny_model: Path, home: Path, port: int, bootstrap: str) -> dict[str, str]:
@@ -78,7 +86,7 @@ def duet_env(tiny_model: Path, home: Path, port: int, bootstrap: str) -> dict[st
         "DUET_MAX_MODEL_LEN": str(MAX_MODEL_LEN), "DUET_MAX_BODY_BYTES": str(MAX_BODY),
         "DUET_PAIR_RATE": "1.0",  # opted-in clients always pair: plain clients must still never get one
         "DUET_MAX_TOKENS_CAP": "200", "DUET_DEFAULT_MAX_TOKENS": "16", "DUET_RATE_LIMIT_RPM": "100000",
-        "DUET_KAFKA_BOOTSTRAP": bootstrap, "DUET_OUTBOX_MAX": str(OUTBOX_MAX),
+        "DUET_KAFKA_BOOTSTRAP": bootstrap, "DUET_REGISTRY_DIR": str(home / "registry"), "DUET_OUTBOX_MAX": str(OUTBOX_MAX),
         "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
     })
     return env
@@ -88,6 +96,7 @@ class DuetServer:
     def __init__(self, url: str, env: dict[str, str], first_chat: httpx.Response) -> None:
         self.url = url
         self.env = env
+        self.registry = Path(env["DUET_REGISTRY_DIR"])
         self.first_chat = first_chat  # a chat request sent while the engine was still loading
 
     def create_key(self, *args: str) -> str:

@@ -18,7 +18,7 @@ from trainer.examples import to_prompt_group
 from trainer.gate import GateConfig, evaluate
 from trainer.losses import dpo_loss, rloo_advantages, rloo_loss
 from trainer.policy import PolicyConfig, PolicyTrainer, load_causal_lm
-from trainer.registry import Registry, verify
+from feedback.registry import Registry, verify
 from trainer.rounds import RoundConfig, run_round
 from trainer.synthetic import TOPICS, marker_event
 

@@ -17,7 +17,7 @@ from kafka import KafkaProducer
 from feedback.broker import EmbeddedBroker
 from feedback.topics import FEEDBACK, ensure_topics
 from trainer import checkpoint
-from trainer.registry import Registry, verify
+from feedback.registry import Registry, verify
 from trainer.synthetic import marker_event
 
 pytestmark = pytest.mark.slow

@@ -17,7 +17,7 @@ from trainer import metrics
 from trainer.examples import PromptGroup
 from trainer.gate import GateConfig, GateResult, evaluate
 from trainer.policy import PolicyConfig, PolicyTrainer, RewardFn, load_causal_lm
-from trainer.registry import Manifest, Registry, manifest_checksum
+from feedback.registry import Manifest, Registry, manifest_checksum
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,8 @@ def run_round(cfg: RoundConfig, prompts: list[list[ChatMessage]], eval_prompts: 
         train_metrics = pt.rloo_round(prompts, reward_fn)
         metrics.POLICY_REWARD_MEAN.set(train_metrics["reward_mean"])
         metrics.POLICY_REWARD_STD.set(train_metrics["reward_std"])
-    live_model = load_causal_lm(live_path, pt.device, trainable=False)
+    # before the first publication the live model is the reference itself: don't load it twice
+    live_model = pt.ref if live is None else load_causal_lm(live_path, pt.device, trainable=False)
     result = evaluate(pt, live_model, eval_prompts, reward_fn, cfg.gate)
     metrics.POLICY_KL.set(result.metrics.get("kl") or 0.0)
     if not result.passed:

@@ -68,6 +68,8 @@ class RewardService:
                      self.state.offsets)
         if cfg.fresh_broker:
             self.state.offsets = {}
+        if not self.state.last_round_at:  # the time-based trigger counts from the first start
+            self.state.last_round_at = time.time()
         self.seen = SeenIds(ids=self.state.seen_ids)
         self.pending: list[PromptGroup] = []
         self.pending_since = 0.0

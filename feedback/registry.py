@@ -1,4 +1,5 @@
-"""The model registry: one folder per published policy version, in the layout vLLM loads.
+"""The model registry: one folder per published policy version, in the layout vLLM loads. It lives
+in feedback/ because it is a contract: the trainer writes it, serving reads and verifies it.
 
     <root>/v000001/
         model.safetensors, config.json, generation_config.json, tokenizer files ...

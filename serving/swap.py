@@ -1,0 +1,164 @@
+"""Hot-swap: verify a published version, load it into the running engine, probe it, roll back on trouble.
+
+Verification (in a thread, while the engine keeps serving): the manifest's checksum matches the
+announcement, every file matches the manifest, the architecture and every tensor's shape match the
+running model, and every value is finite. Only then is the engine paused, for the reload itself.
+A request that spans a swap reports every version its tokens came from (`duet.model_versions`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from prometheus_client import Counter, Histogram
+
+from feedback.comparisons import ChatMessage, SamplingSpec
+from feedback.registry import MANIFEST, Registry, sha256_file, verify
+from serving import metrics
+from serving.engine import BASE_VERSION, Engine
+from serving.prompting import PromptBuilder
+
+log = logging.getLogger(__name__)
+
+SWAPS = Counter("duet_swaps_total", "Weight swaps, by result (ok, refused, rolled_back)", ["result"])
+SWAP_SECONDS = Histogram("duet_swap_duration_seconds", "Verify + load + probe of one swap",
+                         buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
+PAUSE_SECONDS = Histogram("duet_swap_pause_seconds", "Time generation was paused for a swap",
+                          buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5))
+
+PROBE_PROMPTS = ["Say hello.", "What is 2 + 2?", "Name a colour."]
+_ARCH_KEYS = ("architectures", "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "vocab_size", "intermediate_size")
+
+
+@dataclass
+class SwapRecord:
+    version: str
+    result: str  # ok | refused | rolled_back
+    reason: str = ""
+    at: float = field(default_factory=time.time)
+    seconds: float = 0.0
+    pause_s: float = 0.0
+
+
+def _tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    shapes = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                shapes[k] = tuple(st.get_slice(k).get_shape())
+    return shapes
+
+
+def _nonfinite(folder: Path) -> str | None:
+    import torch
+    from safetensors import safe_open
+
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                t = st.get_tensor(k)
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    return k
+    return None
+
+
+class WeightSwapper:
+    def __init__(self, engine: Engine, prompts: PromptBuilder, base_path: str, registry_root: Path,
+                 probe_timeout_s: float = 30.0) -> None:
+        self.engine = engine
+        self.prompts = prompts
+        self.base_path = Path(base_path)
+        self.registry = Registry(registry_root)
+        self.probe_timeout_s = probe_timeout_s
+        self.history: list[SwapRecord] = []
+        self.paused = False  # admin freeze of automatic swaps
+        self._lock = asyncio.Lock()
+        self._base_shapes: dict[str, tuple[int, ...]] | None = None
+        self._previous: list[str] = []  # versions to roll back to, newest last
+
+    def path_of(self, version: str) -> Path:
+        return self.base_path if version == BASE_VERSION else self.registry.root / version
+
+    # --- verification (no engine involved) -------------------------------------------------
+    def check(self, version: str, manifest_sha256: str | None = None) -> list[str]:
+        if version == BASE_VERSION:
+            return []
+        folder = self.path_of(version)
+        if not (folder / MANIFEST).exists():
+            return [f"{version}: no such version in {self.registry.root}"]
+        if manifest_sha256 and sha256_file(folder / MANIFEST) != manifest_sha256:
+            return ["manifest checksum differs from the announcement"]
+        problems = verify(folder)
+        if problems:
+            return problems
+        mine, theirs = (json.loads((p / "config.json").read_text()) for p in (self.base_path, folder))
+        for key in _ARCH_KEYS:
+            if mine.get(key) != theirs.get(key):
+                return [f"architecture differs: {key} {theirs.get(key)!r} != running {mine.get(key)!r}"]
+        if self._base_shapes is None:
+            self._base_shapes = _tensor_shapes(self.base_path)
+        shapes = _tensor_shapes(folder)
+        # tied embeddings may be saved with or without lm_head: compare the tensors both have
+        bad = [k for k in shapes.keys() & self._base_shapes.keys() if shapes[k] != self._base_shapes[k]]
+        missing = self._base_shapes.keys() - shapes.keys() - {"lm_head.weight"}
+        if bad or missing:
+            return [f"tensor shapes differ from the running model: {sorted(bad or missing)[:3]}"]
+        name = _nonfinite(folder)
+        return [f"non-finite values in {name}"] if name else []
+
+    # --- the swap ------------------------------------------------------------------------------
+    async def activate(self, version: str, manifest_sha256: str | None = None, rollback_ok: bool = True) -> SwapRecord:
+        async with self._lock:
+            t0 = time.perf_counter()
+            problems = await asyncio.to_thread(self.check, version, manifest_sha256)
+            if problems:
+                return self._record(SwapRecord(version, "refused", "; ".join(problems), seconds=time.perf_counter() - t0))
+            previous = self.engine.model_version
+            pause = await self.engine.load_weights(str(self.path_of(version)), version)
+            PAUSE_SECONDS.observe(pause)
+            metrics.set_model_version(version)
+            if rollback_ok and not await self.probe():
+                back = await self.engine.load_weights(str(self.path_of(previous)), previous)
+                PAUSE_SECONDS.observe(back)
+                metrics.set_model_version(previous)
+                return self._record(SwapRecord(version, "rolled_back", "health probe failed",
+                                               seconds=time.perf_counter() - t0, pause_s=pause + back))
+            self._previous.append(previous)
+            return self._record(SwapRecord(version, "ok", seconds=time.perf_counter() - t0, pause_s=pause))
+
+    async def probe(self) -> bool:
+        """A few fixed prompts must give non-empty answers in time."""
+        sampling = SamplingSpec(temperature=0.0, top_p=1.0, max_tokens=8)
+        try:
+            async with asyncio.timeout(self.probe_timeout_s):
+                for i, text in enumerate(PROBE_PROMPTS):
+                    ids = self.prompts.token_ids([ChatMessage(role="user", content=text)])
+                    out = []
+                    async for step in self.engine.generate(ids, sampling, 1, f"probe-{time.time_ns()}-{i}"):
+                        out += [d.text for d in step.deltas]
+                    if not "".join(out).strip():
+                        return False
+            return True
+        except TimeoutError:
+            return False
+
+    def _record(self, rec: SwapRecord) -> SwapRecord:
+        SWAPS.labels(result=rec.result).inc()
+        SWAP_SECONDS.observe(rec.seconds)
+        self.history.append(rec)
+        del self.history[:-100]
+        (log.info if rec.result == "ok" else log.warning)("swap to %s: %s %s", rec.version, rec.result, rec.reason)
+        return rec
+
+    def status(self) -> dict:
+        latest = self.registry.latest()
+        return {"current": self.engine.model_version, "latest_published": latest.name if latest else None,
+                "updates_paused": self.paused, "history": [asdict(r) for r in self.history]}

@@ -1,0 +1,25 @@
+"""When the trainer runs a policy round: every M trained votes, or T seconds after the last round
+(counted from the first start, not from the epoch) if any vote came in."""
+
+import time
+
+from trainer.reward_trainer import RewardTrainerConfig
+from trainer.rounds import RoundConfig
+from trainer.service import RewardService, ServiceConfig
+
+
+def test_round_trigger(tiny_model, tmp_path):
+    svc = RewardService(ServiceConfig(bootstrap="unused:9092", checkpoint_dir=tmp_path / "ckpt",
+                                      round=RoundConfig(base_model=str(tiny_model), registry_root=tmp_path / "reg"),
+                                      round_every_votes=64, round_every_s=600),
+                        RewardTrainerConfig(backbone=str(tiny_model)))
+    assert not svc._round_due()  # no votes
+    svc.state.votes_since_round = 10
+    assert not svc._round_due()  # few votes, and the service just started
+    svc.state.votes_since_round = 64
+    assert svc._round_due()
+    svc.state.votes_since_round = 10
+    svc.state.last_round_at = time.time() - 601
+    assert svc._round_due()
+    svc.cfg.round = None
+    assert not svc._round_due()  # reward model only
