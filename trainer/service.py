@@ -199,12 +199,16 @@ class RewardService:
         metrics.CHECKPOINT_TIME.set(self.last_checkpoint)
 
     def _lag(self, consumer: FeedbackConsumer) -> int | None:
+        """Events not yet consumed; None until this consumer holds every partition of the topic
+        (after a crash, the dead member keeps some until its session times out: not caught up)."""
         assigned = list(consumer.consumer.assignment())
         if not assigned:
             return None
         ends = consumer.consumer.end_offsets(assigned)
         lag = sum(max(0, ends[tp] - consumer.consumer.position(tp)) for tp in assigned)
         metrics.LAG.set(lag)
+        if len(assigned) < len(consumer.consumer.partitions_for_topic(self.cfg.topic) or ()):
+            return None
         return lag
 
 
