@@ -13,32 +13,31 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
-from fastapi.exceptions import RequestValidationError
 
 from duet.model_assets import resolve_model
 from duet.settings import Settings
+from feedback import metrics as feedback_metrics
+from feedback.events import WeightsAnnouncement
+from feedback.outbox import Outbox, async_outbox_stats
+from feedback.registry import version_name
 from serving import metrics
 from serving.auth import ApiKeyRecord, KeyStore
 from serving.chat import ChatService
-from serving.engine import Engine, VLLMEngine
+from serving.engine import BASE_VERSION, Engine, VLLMEngine
 from serving.errors import APIError, install_error_handlers
 from serving.middleware import LimitsAndMetrics
 from serving.pairing import PAIRS_HEADER, ComparisonStore
 from serving.prompting import PromptBuilder
 from serving.protocol import ChatCompletionRequest, ModelCard, ModelList
 from serving.rate_limit import RateLimiter
-from serving.votes import VoteAccepted, VoteRequest, VoteService
-from feedback import metrics as feedback_metrics
-from feedback.outbox import Outbox, async_outbox_stats
 from serving.relay_child import RelayChild
 from serving.swap import WeightSwapper
-from serving.engine import BASE_VERSION
-from feedback.registry import version_name
+from serving.votes import VoteAccepted, VoteRequest, VoteService
 from serving.weights_watcher import WeightsWatcher
-from feedback.events import WeightsAnnouncement
 
 log = logging.getLogger(__name__)
 
