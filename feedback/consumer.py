@@ -150,5 +150,7 @@ class FeedbackConsumer:
         self.consumer.commit({TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1) for p, o in offsets.items()})
 
     def close(self) -> None:
-        self.consumer.close()
-        self.dlq.close()
+        # No autocommit (offsets are committed after checkpoints) and bounded waits: closing must
+        # not hang when the broker is already gone.
+        self.consumer.close(autocommit=False, timeout_ms=5_000)
+        self.dlq.close(timeout=5)

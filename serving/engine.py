@@ -153,4 +153,6 @@ class VLLMEngine:
         return self._llm.get_num_unfinished_requests()
 
     def shutdown(self) -> None:
-        self._llm.shutdown()
+        llm, self._llm = self._llm, None  # idempotent
+        if llm is not None:
+            llm.shutdown()

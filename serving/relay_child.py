@@ -9,6 +9,7 @@ import sys
 
 from prometheus_client import Counter
 
+from duet.processes import stop_process
 from duet.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -35,10 +36,5 @@ class RelayChild:
             self.start()
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        stop_process(self.proc, timeout=15)
         self.proc = None
