@@ -14,7 +14,6 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,11 +31,16 @@ import psutil  # noqa: E402
 import redis  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from duet.processes import stop_process  # noqa: E402
 from feedback.broker import EmbeddedBroker, free_port
 from feedback.comparisons import Answer, ChatMessage, PendingComparison, SamplingSpec, comparison_key
 from feedback.outbox import OUTBOX
 from serving.auth import hash_key
 from serving.pairing import vote_token
+
+# benchlib sits beside this file: importable only now that `feedback` is the package in sys.modules
+sys.path.append(str(Path(__file__).resolve().parent))
+from benchlib import start_server  # noqa: E402
 
 SECRET, KEY = "bench-secret", "bench-key"
 
@@ -120,19 +124,10 @@ def main() -> None:
     env = {**os.environ, "DUET_PORT": str(port), "DUET_DEV_KEY": KEY, "DUET_SECRET": SECRET,
            "DUET_REDIS_URL": redis_url, "DUET_KAFKA_BOOTSTRAP": broker.bootstrap, "DUET_HOME": str(tmp),
            "DUET_RATE_LIMIT_RPM": "100000000", "DUET_OUTBOX_MAX": str(args.votes * 2), "HF_HUB_OFFLINE": "1"}
-    server = subprocess.Popen([sys.executable, "-m", "duet.cli", "serve"], env=env,
-                              stdout=open(tmp / "server.log", "w"), stderr=subprocess.STDOUT)
+    server = None
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline:  # wait for the engine too: its loading would steal the CPU
-            try:
-                if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
-        else:
-            raise RuntimeError(f"server not ready; see {tmp / 'server.log'}")
+        # waits for the engine too: its loading would steal the CPU from the measurement
+        server = start_server([sys.executable, "-m", "duet.cli", "serve"], env, url, tmp / "server.log")
         result: dict = {}
         asyncio.run(post_votes(url, seed_comparisons(r, 1000, "warm"), args.concurrency, "warm-up"))
         wait_drained(r)
@@ -167,8 +162,7 @@ def main() -> None:
                            "votes_per_s": round(depth / drain, 1) if drain else None}
         result["targets"] = {"votes_per_s": ">= 2000", "p99_ms": "< 50"}
     finally:
-        server.terminate()
-        server.wait(60)
+        stop_process(server, timeout=60)
         broker.stop()
         r.flushdb()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

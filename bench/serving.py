@@ -15,14 +15,16 @@ import json
 import os
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
+from benchlib import start_server
 from tqdm import tqdm
+
+from duet.processes import stop_process
 
 PROMPTS = [
     "Explain why the sky is blue in two sentences.",
@@ -40,30 +42,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def start(cmd: list[str], env: dict, url: str, log: Path, ready_path: str) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{cmd[2]} exited; see {log}")
-        try:
-            if httpx.get(url + ready_path, timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(1)
-    proc.kill()
-    raise RuntimeError(f"server not ready in 300 s; see {log}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 async def one(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, float, int]:
@@ -153,7 +131,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     duet_env = {**env, "DUET_PORT": str(port), "DUET_DEV_KEY": "bench-key", "DUET_MODEL": model,
                 "DUET_HOME": str(tmp), "DUET_RATE_LIMIT_RPM": "1000000"}
-    proc = start([sys.executable, "-m", "duet.cli", "serve"], duet_env, url, tmp / "duet.log", "/ready")
+    proc = start_server([sys.executable, "-m", "duet.cli", "serve"], duet_env, url, tmp / "duet.log")
     hdr = {"Authorization": "Bearer bench-key"}
     try:
         duet = {f"c{c}": asyncio.run(load(url + "/v1/chat/completions", hdr, "duet", c, args.requests,
@@ -161,7 +139,7 @@ def main() -> None:
         result["pair_vs_single"] = asyncio.run(pair_vs_single(url + "/v1/chat/completions", hdr,
                                                               args.requests, args.max_tokens))
     finally:
-        stop(proc)
+        stop_process(proc, timeout=60)
 
     # --- vLLM's own OpenAI server, same engine settings -----------------------------------
     port = free_port()
@@ -169,12 +147,12 @@ def main() -> None:
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name",
            "duet", "--port", str(port), "--enforce-eager", "--max-model-len", str(s.max_model_len),
            "--dtype", s.dtype, "--seed", str(s.seed)]
-    proc = start(cmd, env, url, tmp / "vllm.log", "/health")
+    proc = start_server(cmd, env, url, tmp / "vllm.log", "/health")
     try:
         vllm = {f"c{c}": asyncio.run(load(url + "/v1/chat/completions", {}, "duet", c, args.requests,
                                           args.max_tokens, desc=f"vllm c={c}")) for c in (1, 8)}
     finally:
-        stop(proc)
+        stop_process(proc, timeout=60)
 
     result["duet"], result["vllm"] = duet, vllm
     result["throughput_ratio"] = {k: round(duet[k]["tokens_per_s"] / vllm[k]["tokens_per_s"], 3) for k in duet}

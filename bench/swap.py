@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,8 +27,13 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 import aiohttp  # noqa: E402
 import httpx  # noqa: E402
 
+from duet.processes import stop_process  # noqa: E402
 from feedback.broker import free_port  # noqa: E402
 from feedback.registry import Registry  # noqa: E402
+
+# benchlib sits beside this file: importable only now that `feedback` is the package in sys.modules
+sys.path.append(str(Path(__file__).resolve().parent))
+from benchlib import start_server  # noqa: E402
 
 KEY, ADMIN = "bench-key", "bench-admin"
 
@@ -95,17 +99,8 @@ def main() -> None:
     env = {**os.environ, "DUET_PORT": str(port), "DUET_DEV_KEY": KEY, "DUET_ADMIN_KEY": ADMIN, "DUET_MODEL": base,
            "DUET_HOME": str(tmp), "DUET_REGISTRY_DIR": str(tmp / "registry"), "DUET_REDIS_URL": "redis://127.0.0.1:6379/14",
            "DUET_RATE_LIMIT_RPM": "1000000", "HF_HUB_OFFLINE": "1"}
-    server = subprocess.Popen([sys.executable, "-m", "duet.cli", "serve"], env=env,
-                              stdout=open(tmp / "server.log", "w"), stderr=subprocess.STDOUT)
+    server = start_server([sys.executable, "-m", "duet.cli", "serve"], env, url, tmp / "server.log")
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            try:
-                if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
         # the server loads the registry's latest at start: go back to base for the baseline
         httpx.post(url + "/admin/models/base/activate", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)
         quiet, quiet_failed, quiet_total = asyncio.run(load(url, args.seconds))
@@ -115,8 +110,7 @@ def main() -> None:
                                         swapper(url, [copy.name, "base"], args.seconds, args.every))
         (busy, busy_failed, busy_total), swaps = asyncio.run(both())
     finally:
-        server.terminate()
-        server.wait(60)
+        stop_process(server, timeout=60)
     ok = [r for r in swaps if r.get("result") == "ok"]
     result = {
         "model": base, "clients": 8, "seconds_each": args.seconds, "swaps": len(swaps), "swaps_ok": len(ok),
