@@ -7,12 +7,12 @@ import asyncio
 import logging
 import os
 import secrets
-import subprocess
 import sys
+import threading
+import time
 
 from pydantic import ValidationError
 
-from duet.processes import stop_process
 
 
 class CLIError(Exception):
@@ -53,49 +53,110 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> None:
-    """Run Duet on embedded defaults: the embedded broker (unless DUET_KAFKA_BOOTSTRAP is set), and
-    the API with its outbox relay and a development key. (The trainer joins when it exists.)"""
-    s = _settings()
-    _check_redis(s.redis_url)
+    """Run the whole loop on embedded defaults, supervised: Redis (a private one if none answers), the
+    embedded broker (unless DUET_KAFKA_BOOTSTRAP is set), the API (with its outbox relay) and the trainer."""
     from duet.model_assets import resolve_model
+    from duet.supervisor import Child, Supervisor, spawn
     from feedback.broker import EmbeddedBroker
     from feedback.topics import ensure_topics
 
-    resolve_model(s.model, s.home)  # converts the default model on first run, with a progress bar
-    dev_key = s.dev_key or _persistent_dev_key(s.home)
-    os.environ["DUET_DEV_KEY"] = dev_key
-    broker = None
-    if not s.kafka_bootstrap:
-        run_dir = s.home / "run"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        broker = EmbeddedBroker(log_path=run_dir / "tansu.log").start()
-        os.environ["DUET_KAFKA_BOOTSTRAP"] = broker.bootstrap
-        os.environ["DUET_TRAINER_FRESH_BROKER"] = "true"
-        print(f"duet: broker    {broker.bootstrap} (embedded tansu, in memory; log {run_dir / 'tansu.log'})")
+    s = _settings()
+    run_dir = s.home / "runs" / time.strftime("%Y%m%d-%H%M%S")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    sup = Supervisor()
+    env = dict(os.environ)
     try:
-        bootstrap = os.environ.get("DUET_KAFKA_BOOTSTRAP", s.kafka_bootstrap)
+        redis_url = _redis_for_up(s, sup, run_dir)
+        env["DUET_REDIS_URL"] = redis_url
+        resolve_model(s.model, s.home)  # converts the default model on first run, with a progress bar
+        env["DUET_DEV_KEY"] = s.dev_key or _persistent_dev_key(s.home)
+        if not s.kafka_bootstrap:
+            broker = EmbeddedBroker(log_path=run_dir / "broker.log")
+            sup.add(Child("broker", lambda: broker.start().proc, stop_timeout_s=10))
+            env["DUET_KAFKA_BOOTSTRAP"] = broker.bootstrap
+            env["DUET_TRAINER_FRESH_BROKER"] = "true"
+            print(f"duet: broker    {broker.bootstrap} (embedded tansu, in memory)")
+        bootstrap = env["DUET_KAFKA_BOOTSTRAP"]
         try:
             ensure_topics(bootstrap, s.kafka_partitions, s.kafka_replication, s.kafka_min_insync)
         except Exception as e:
             raise CLIError(f"Kafka at {bootstrap} does not answer ({type(e).__name__}): check DUET_KAFKA_BOOTSTRAP") from None
         host, port = args.host or s.host, args.port or s.port
-        print(f"duet: API       http://{host}:{port}/v1  (OpenAI-compatible; votes: POST /v1/feedback)")
-        print(f"duet: metrics   http://{host}:{port}/metrics")
-        print(f"duet: dev key   {dev_key}")
-        print("duet: the model loads in the background; /ready turns 200 when it can answer. Ctrl-C stops.")
-        print(f"duet: trainer   metrics http://{host}:{s.trainer_metrics_port}/metrics (checkpoints in "
-              f"{s.home / 'trainer'})")
-        # The trainer is a child process: its steps must not share the API's GIL. (Full supervision with
-        # restarts comes with the whole-loop issue; for now it runs beside the API and stops with it.)
-        trainer = subprocess.Popen([sys.executable, "-m", "duet.cli", "train"], env=dict(os.environ))
-        args.host, args.port = host, port
-        try:
-            cmd_serve(args)
-        finally:
-            stop_process(trainer, timeout=30)
+        me = [sys.executable, "-m", "duet.cli"]
+        # The trainer is its own process: its steps must not share the API's GIL.
+        sup.add(Child("trainer", lambda: spawn(me + ["train"], env, run_dir / "trainer.log")))
+        sup.add(Child("serving", lambda: spawn(me + ["serve", "--host", host, "--port", str(port)], env,
+                                               run_dir / "serving.log")))
+        _serve_metrics(s.supervisor_metrics_port, s.host, "supervisor")
+        base = f"http://{host}:{port}"
+        print(f"duet: chat      {base}/#key={env['DUET_DEV_KEY']}")
+        print(f"duet: dashboard {base}/dashboard")
+        print(f"duet: API       {base}/v1  (OpenAI-compatible; votes: POST /v1/feedback)")
+        print(f"duet: dev key   {env['DUET_DEV_KEY']}")
+        print(f"duet: metrics   {base}/metrics, trainer :{s.trainer_metrics_port}, relay :{s.relay_metrics_port}, "
+              f"supervisor :{s.supervisor_metrics_port}")
+        print(f"duet: logs      {run_dir}")
+        print("duet: the model loads in the background; /ready turns 200 when it can answer. Ctrl-C stops.",
+              flush=True)
+        threading.Thread(target=_announce_ready, args=(f"{base}/ready", sup), daemon=True).start()
+        sup.run()
+    except KeyboardInterrupt:
+        print("\nduet: stopping ...", flush=True)
     finally:
-        if broker is not None:
-            broker.stop()
+        sup.stop()
+
+
+def _announce_ready(url: str, sup) -> None:
+    import urllib.request
+
+    while not sup.stopping.is_set():
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    print("duet: ready", flush=True)
+                    return
+        except Exception:
+            pass
+        time.sleep(1)
+
+
+def _redis_for_up(s, sup, run_dir) -> str:
+    """DUET_REDIS_URL if it answers; else a private redis-server (append-only file under the home
+    folder, so votes survive a restart) supervised like the other children."""
+    import shutil
+
+    import redis
+
+    try:
+        redis.Redis.from_url(s.redis_url, socket_connect_timeout=2).ping()
+        return s.redis_url
+    except Exception as e:
+        err = type(e).__name__
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise CLIError(f"Redis at {s.redis_url} does not answer ({err}) and no redis-server is on PATH: install "
+                       f"one (e.g. `apt install redis-server`) or set DUET_REDIS_URL")
+    from duet.supervisor import Child, spawn
+    from feedback.broker import free_port
+
+    port = free_port()
+    data = s.home / "redis"
+    data.mkdir(parents=True, exist_ok=True)
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data), "--appendonly", "yes",
+            "--save", ""]
+    sup.add(Child("redis", lambda: spawn(argv, dict(os.environ), run_dir / "redis.log"), stop_timeout_s=10))
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.time() + 15
+    while True:
+        try:
+            redis.Redis.from_url(url, socket_connect_timeout=1).ping()
+            break
+        except Exception:
+            if time.time() > deadline:
+                raise CLIError(f"the private redis-server did not start; see {run_dir / 'redis.log'}") from None
+            time.sleep(0.2)
+    print(f"duet: redis     {url} (private; {s.redis_url} did not answer)")
+    return url
 
 
 def _persistent_dev_key(home) -> str:

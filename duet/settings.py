@@ -57,6 +57,7 @@ class Settings(BaseSettings):
     # (run `duet relay` yourself, e.g. as its own Deployment).
     relay: Literal["process", "thread", "off"] = "process"
     relay_metrics_port: int = 9102  # `duet relay` serves its Prometheus metrics here (0: off)
+    supervisor_metrics_port: int = 9103  # `duet up` serves child restarts here (0: off)
 
     # --- trainer --------------------------------------------------------------------------
     rm_backbone: str = ""  # "" = the served base model; "minilm" = all-MiniLM-L6-v2; or an HF folder
