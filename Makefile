@@ -8,6 +8,7 @@ up: install
 	HF_HUB_OFFLINE=1 .venv/bin/duet up
 
 test: install
+	@bash scripts/install-test-tools.sh
 	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -ra tests; rc=$$?; [ $$rc -eq 5 ] && exit 0; exit $$rc
 
 bench: install

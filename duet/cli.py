@@ -70,6 +70,7 @@ def cmd_up(args: argparse.Namespace) -> None:
         env["DUET_REDIS_URL"] = redis_url
         resolve_model(s.model, s.home)  # converts the default model on first run, with a progress bar
         env["DUET_DEV_KEY"] = s.dev_key or _persistent_dev_key(s.home)
+        env["DUET_ADMIN_KEY"] = s.admin_key or _persistent_admin_key(s.home)
         if not s.kafka_bootstrap:
             broker = EmbeddedBroker(log_path=run_dir / "broker.log")
             sup.add(Child("broker", lambda: broker.start().proc, stop_timeout_s=10))
@@ -92,14 +93,21 @@ def cmd_up(args: argparse.Namespace) -> None:
         print(f"duet: chat      {base}/#key={env['DUET_DEV_KEY']}")
         print(f"duet: dashboard {base}/dashboard")
         print(f"duet: API       {base}/v1  (OpenAI-compatible; votes: POST /v1/feedback)")
-        print(f"duet: dev key   {env['DUET_DEV_KEY']}")
+        print(f"duet: dev key   {env['DUET_DEV_KEY']}   admin key in {s.home / 'admin_key'}")
         print(f"duet: metrics   {base}/metrics, trainer :{s.trainer_metrics_port}, relay :{s.relay_metrics_port}, "
               f"supervisor :{s.supervisor_metrics_port}")
         print(f"duet: logs      {run_dir}")
         print("duet: the model loads in the background; /ready turns 200 when it can answer. Ctrl-C stops.",
               flush=True)
         threading.Thread(target=_announce_ready, args=(f"{base}/ready", sup), daemon=True).start()
+        import signal
+
+        # SIGTERM (docker, systemd) and SIGINT stop the loop; explicit, since a shell may start a
+        # background job with SIGINT ignored.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: sup.stopping.set())
         sup.run()
+        print("\nduet: stopping ...", flush=True)
     except KeyboardInterrupt:
         print("\nduet: stopping ...", flush=True)
     finally:
@@ -159,13 +167,22 @@ def _redis_for_up(s, sup, run_dir) -> str:
     return url
 
 
-def _persistent_dev_key(home) -> str:
-    path = home / "dev_key"
+def _persistent_secret(home, name: str, prefix: str) -> str:
+    """A local-development secret generated once and kept (mode 600) under the home folder."""
+    path = home / name
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("duet-dev-" + secrets.token_urlsafe(24))
+        path.write_text(prefix + secrets.token_urlsafe(24))
         path.chmod(0o600)
     return path.read_text().strip()
+
+
+def _persistent_dev_key(home) -> str:
+    return _persistent_secret(home, "dev_key", "duet-dev-")
+
+
+def _persistent_admin_key(home) -> str:
+    return _persistent_secret(home, "admin_key", "duet-admin-")
 
 
 def _serve_metrics(port: int, host: str, what: str) -> None:
@@ -217,7 +234,7 @@ def _reward_service(s):
         step_groups=s.rm_step_groups, max_wait_s=s.rm_max_wait_s, held_out_pct=s.held_out_pct,
         keep_checkpoints=s.keep_checkpoints, fresh_broker=s.trainer_fresh_broker, round=round_cfg,
         round_every_votes=s.policy_every_votes, round_every_s=s.policy_every_s, round_prompts=s.policy_prompts,
-        gate_prompts=s.gate_prompts), rm)
+        gate_prompts=s.gate_prompts, redis_url=s.redis_url), rm)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -298,6 +315,41 @@ def cmd_model_prepare(args: argparse.Namespace) -> None:
         raise CLIError(str(e)) from None
 
 
+def cmd_simulate(args: argparse.Namespace) -> None:
+    """Simulated users vote by a rule; prints where the result and the learning curve went."""
+    from pathlib import Path
+
+    from duet.preferences import load_rule
+    from duet.simulate import SimulateConfig, SimulationError, Simulator
+
+    s = _settings()
+    if not 0.0 <= args.noise <= 1.0:
+        raise CLIError("--noise must be between 0 and 1")
+    for flag in ("votes", "concurrency", "eval_every", "eval_prompts", "eval_samples", "max_tokens"):
+        if getattr(args, flag) < 1:
+            raise CLIError(f"--{flag.replace('_', '-')} must be at least 1")
+    try:
+        load_rule(args.rule)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    admin_file = s.home / "admin_key"
+    cfg = SimulateConfig(
+        base_url=args.url or f"http://{s.host}:{s.port}",
+        api_key=args.api_key or s.dev_key or _persistent_dev_key(s.home),
+        admin_key=args.admin_key or s.admin_key or (admin_file.read_text().strip() if admin_file.exists() else ""),
+        rule=args.rule, noise=args.noise, votes=args.votes, concurrency=args.concurrency, max_tokens=args.max_tokens,
+        eval_every=args.eval_every, eval_prompts=args.eval_prompts, eval_samples=args.eval_samples,
+        settle_s=args.settle_s, rate=args.rate, out_dir=Path(args.out), seed=args.seed, progress=True)
+    try:
+        result = Simulator(cfg).run()
+    except SimulationError as e:
+        raise CLIError(str(e)) from None
+    f = result.final
+    print(f"duet: {result.votes_cast} votes ({result.votes_failed} failed) in {result.seconds:.0f} s; "
+          f"{f.model_version} vs base under '{args.rule}': win rate {f.win_rate:.3f} "
+          f"[{f.ci_low:.3f}, {f.ci_high:.3f}]; result {cfg.out_dir / 'result.json'}, curve {result.plot}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="duet", description="A chat API that learns from its users' votes.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -314,6 +366,24 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--once", action="store_true", help="train on what is on Kafka now, then exit")
     tr.add_argument("--round", action="store_true", help="run one policy round now (gate, publish), then exit")
     tr.set_defaults(fn=cmd_train)
+
+    sim = sub.add_parser("simulate", help="simulated users vote by a rule; measure the win rate against base")
+    sim.add_argument("--rule", default="shorter", help="shorter, keyword, polite, or module:function")
+    sim.add_argument("--votes", type=int, default=300)
+    sim.add_argument("--noise", type=float, default=0.1, help="chance a vote is random")
+    sim.add_argument("--concurrency", type=int, default=4)
+    sim.add_argument("--max-tokens", type=int, default=48)
+    sim.add_argument("--eval-every", type=int, default=50, help="votes between checks for a new version")
+    sim.add_argument("--eval-prompts", type=int, default=32)
+    sim.add_argument("--eval-samples", type=int, default=2)
+    sim.add_argument("--settle-s", type=float, default=0.0, help="after the last vote, wait this long for a new version")
+    sim.add_argument("--rate", type=float, default=0.0, help="at most this many votes per second (0: no limit)")
+    sim.add_argument("--out", default="simulation", help="folder for result.json and learning_curve.png")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--url", help="Duet's base URL (default http://DUET_HOST:DUET_PORT)")
+    sim.add_argument("--api-key", help="default: DUET_DEV_KEY, else the key `duet up` printed")
+    sim.add_argument("--admin-key", help="default: DUET_ADMIN_KEY, else the one `duet up` keeps")
+    sim.set_defaults(fn=cmd_simulate)
 
     keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
     kc = keys.add_parser("create", help="create an API key and print it")
@@ -337,7 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("kafka").setLevel(logging.WARNING)  # kafka-python logs every connection at INFO
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns progress bars  # kafka-python logs every connection at INFO
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)

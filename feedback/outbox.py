@@ -5,6 +5,7 @@ Redis layout (besides `duet:cmp:*`, see feedback/comparisons.py):
     duet:voted:{comparison_id}   STRING "event_id\\nidempotency_key"; TTL: the comparison's remaining life
     duet:outbox                  STREAM, fields event_id, key (Kafka key), payload (FeedbackEvent JSON)
     duet:outbox:relay-lock       STRING, lease held by the one relay publishing (several replicas may run)
+    duet:stats:votes:{day}       HASH, votes per minute and choice for the dashboard (feedback/loop_status.py)
 
 `record_vote` is one Lua script: it checks the comparison still exists, that it has no vote, that
 the outbox has room, then marks it voted and appends the event — all or nothing, so two concurrent
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from feedback.comparisons import comparison_key
+from feedback.loop_status import VOTE_STATS_TTL_S, vote_stats_field, vote_stats_key
 
 OUTBOX = "duet:outbox"
 RELAY_LOCK = "duet:outbox:relay-lock"
@@ -38,6 +40,8 @@ local ttl = redis.call('TTL', KEYS[1])
 if ttl < 1 then ttl = 1 end
 redis.call('SET', KEYS[2], ARGV[1] .. '\\n' .. ARGV[3], 'EX', ttl + 3600)
 redis.call('XADD', KEYS[3], '*', 'event_id', ARGV[1], 'key', ARGV[5], 'payload', ARGV[2])
+redis.call('HINCRBY', KEYS[4], ARGV[6], 1)
+redis.call('EXPIRE', KEYS[4], ARGV[7])
 return {'ok'}
 """
 
@@ -57,9 +61,12 @@ class Outbox:
         self.max_entries = max_entries
         self._script = redis_client.register_script(_RECORD_VOTE)
 
-    async def record_vote(self, record_id: str, event_id: str, payload: str, idempotency_key: str = "") -> VoteResult:
-        res = await self._script(keys=[comparison_key(record_id), voted_key(record_id), OUTBOX],
-                                 args=[event_id, payload, idempotency_key, self.max_entries, record_id])
+    async def record_vote(self, record_id: str, event_id: str, payload: str, idempotency_key: str = "",
+                          choice: str = "unknown") -> VoteResult:
+        now = time.time()
+        res = await self._script(keys=[comparison_key(record_id), voted_key(record_id), OUTBOX, vote_stats_key(now)],
+                                 args=[event_id, payload, idempotency_key, self.max_entries, record_id,
+                                       vote_stats_field(now, choice), VOTE_STATS_TTL_S])
         status = res[0]
         if status == "voted":
             prev_event, _, prev_key = res[1].partition("\n")

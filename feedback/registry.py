@@ -41,6 +41,9 @@ class Manifest(BaseModel):
     kafka_offsets: dict[int, int] = Field(default_factory=dict)
 
 
+BASE_VERSION = "base"  # the name of the unmodified base model, in serving and on the dashboard
+
+
 def version_name(version: int) -> str:
     return f"v{version:06d}"
 

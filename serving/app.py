@@ -5,21 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from duet.model_assets import resolve_model
 from duet.settings import Settings
+from feedback import loop_status
 from feedback import metrics as feedback_metrics
 from feedback.events import WeightsAnnouncement
 from feedback.outbox import Outbox, async_outbox_stats
@@ -27,6 +31,7 @@ from feedback.registry import version_name
 from serving import metrics
 from serving.auth import ApiKeyRecord, KeyStore
 from serving.chat import ChatService
+from serving.dashboard import Dashboard, Leaderboard, build_dashboard, build_leaderboard
 from serving.engine import BASE_VERSION, Engine, VLLMEngine
 from serving.errors import APIError, install_error_handlers
 from serving.middleware import LimitsAndMetrics
@@ -42,6 +47,7 @@ from serving.weights_watcher import WeightsWatcher
 log = logging.getLogger(__name__)
 
 EngineFactory = Callable[[Settings, str], Engine]
+STATIC = Path(__file__).parent / "static"  # the chat and dashboard pages; no CDN: they work offline
 
 
 def vllm_engine_factory(s: Settings, model_path: str) -> Engine:
@@ -77,7 +83,8 @@ async def _load_engine(rt: Runtime, factory: EngineFactory) -> None:
         prompts = await asyncio.to_thread(PromptBuilder, model_path)
         engine = await asyncio.to_thread(factory, s, model_path)
         rt.engine = engine
-        rt.swapper = WeightSwapper(engine, prompts, model_path, s.registry_root(), s.swap_probe_timeout_s)
+        rt.swapper = WeightSwapper(engine, prompts, model_path, s.registry_root(), s.swap_probe_timeout_s,
+                                   status_redis=rt.redis, replica=f"{socket.gethostname()}:{s.port}")
         metrics.set_model_version(engine.model_version)
         if s.kafka_bootstrap:
             rt.watcher = WeightsWatcher(s.kafka_bootstrap, asyncio.get_running_loop(),
@@ -198,11 +205,44 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
         resp = await chat.complete(plan)
         return JSONResponse(resp.model_dump(), headers={"X-Duet-Model-Version": resp.duet.model_version})
 
+    # --- pages and the dashboard's data ---------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    async def chat_page() -> FileResponse:
+        return FileResponse(STATIC / "chat.html")
+
+    @app.get("/dashboard", include_in_schema=False)
+    async def dashboard_page() -> FileResponse:
+        return FileResponse(STATIC / "dashboard.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/v1/dashboard")
+    async def dashboard(request: Request, hours: float = Query(24.0, gt=0, le=24 * 30)) -> Dashboard:
+        await authorize(request)
+        rt = rt_of(request)
+        return await build_dashboard(rt.redis, rt.engine.model_version if rt.engine else None, hours)
+
+    @app.get("/v1/leaderboard")
+    async def leaderboard(request: Request, judge: str | None = Query(None, max_length=64)) -> Leaderboard:
+        await authorize(request)
+        return await build_leaderboard(rt_of(request).redis, judge)
+
+    @app.post("/admin/evaluations", status_code=201)
+    async def admin_evaluation(battle: loop_status.Battle, request: Request) -> loop_status.Battle:
+        """Verdicts between two versions from an outside judge (raters, `duet simulate`): on the leaderboard."""
+        await admin_key(request)
+        await loop_status.arecord(rt_of(request).redis, loop_status.BATTLES, battle)
+        return battle
+
     # --- admin ------------------------------------------------------------------------------------
-    async def admin(request: Request) -> WeightSwapper:
+    async def admin_key(request: Request) -> ApiKeyRecord:
         key = await authorize(request)
         if not key.admin:
             raise APIError(403, "This route needs the admin key.", code="admin_only")
+        return key
+
+    async def admin(request: Request) -> WeightSwapper:
+        await admin_key(request)
         rt = rt_of(request)
         if rt.swapper is None:
             raise APIError(503, "Not ready: the engine is loading.", code="engine_not_ready",

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from feedback.comparisons import SamplingSpec
+from feedback.registry import BASE_VERSION
 
 log = logging.getLogger(__name__)
-
-BASE_VERSION = "base"
 
 
 @dataclass

@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from prometheus_client import Counter, Histogram
 
+from feedback import loop_status
 from feedback.comparisons import ChatMessage, SamplingSpec
 from feedback.registry import MANIFEST, Registry, sha256_file, verify
 from serving import metrics
@@ -72,12 +74,14 @@ def _nonfinite(folder: Path) -> str | None:
 
 class WeightSwapper:
     def __init__(self, engine: Engine, prompts: PromptBuilder, base_path: str, registry_root: Path,
-                 probe_timeout_s: float = 30.0) -> None:
+                 probe_timeout_s: float = 30.0, status_redis=None, replica: str = "") -> None:
         self.engine = engine
         self.prompts = prompts
         self.base_path = Path(base_path)
         self.registry = Registry(registry_root)
         self.probe_timeout_s = probe_timeout_s
+        self.status_redis = status_redis
+        self.replica = replica or socket.gethostname()
         self.history: list[SwapRecord] = []
         self.paused = False  # admin freeze of automatic swaps
         self._lock = asyncio.Lock()
@@ -116,6 +120,15 @@ class WeightSwapper:
 
     # --- the swap ------------------------------------------------------------------------------
     async def activate(self, version: str, manifest_sha256: str | None = None, rollback_ok: bool = True) -> SwapRecord:
+        previous = self.engine.model_version
+        rec = await self._activate(version, manifest_sha256, rollback_ok)
+        if self.status_redis is not None:  # the dashboard's swaps timeline
+            await loop_status.arecord(self.status_redis, loop_status.SWAPS, loop_status.SwapStatus(
+                version=version, previous=previous, result=rec.result, reason=rec.reason, seconds=rec.seconds,
+                pause_s=rec.pause_s, replica=self.replica))
+        return rec
+
+    async def _activate(self, version: str, manifest_sha256: str | None, rollback_ok: bool) -> SwapRecord:
         async with self._lock:
             t0 = time.perf_counter()
             problems = await asyncio.to_thread(self.check, version, manifest_sha256)

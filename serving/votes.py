@@ -73,7 +73,7 @@ class VoteService:
                                "vote_token")
         event = self._event(req, record, key)
         result = await self.outbox.record_vote(record_id, event.event_id, event.model_dump_json(),
-                                               idempotency_key or "")
+                                               idempotency_key or "", choice=_choice_label(req))
         if result.status == "ok":
             metrics.VOTES.labels(choice=_choice_label(req)).inc()
             return 202, event.event_id

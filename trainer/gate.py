@@ -41,7 +41,7 @@ def evaluate(pt: PolicyTrainer, live, prompts: list[list[ChatMessage]], reward_f
     if not weights_finite(pt.policy):
         return GateResult(False, ["nonfinite_weights"])
     pt.policy.eval()
-    wins = 0.0
+    wins = ties = 0
     kls, empty, total = [], 0, 0
     for messages in prompts:
         cand = pt.sample(pt.policy, messages, cfg.samples_per_prompt, cfg.temperature)
@@ -55,10 +55,13 @@ def evaluate(pt: PolicyTrainer, live, prompts: list[list[ChatMessage]], reward_f
         total += len(cand)
         r = reward_fn(messages, [s.text for s in cand] + [s.text for s in base]).float()
         rc, rb = r[:len(cand)], r[len(cand):]
-        wins += float((rc > rb).float().sum() + 0.5 * (rc == rb).float().sum())
-    win_rate = wins / total if total else 0.0
+        wins += int((rc > rb).sum())
+        ties += int((rc == rb).sum())
+    win_rate = (wins + 0.5 * ties) / total if total else 0.0
     kl = sum(kls) / len(kls) if kls else 0.0
-    metrics = {"win_rate": win_rate, "kl": kl, "empty_answers": empty, "samples": total}
+    # wins/ties/losses: the verdicts themselves, so the dashboard can put a confidence interval on the rate
+    metrics = {"win_rate": win_rate, "kl": kl, "empty_answers": empty, "samples": total, "wins": wins,
+               "ties": ties, "losses": total - wins - ties}
     reasons = []
     if empty:
         reasons.append("empty_answers")

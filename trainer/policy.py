@@ -73,7 +73,8 @@ class PolicyTrainer:
         ids = self.prompt_ids(messages)
         t = self.cfg.temperature if temperature is None else temperature
         out = model.generate(torch.tensor([ids], device=self.device), do_sample=t > 0, temperature=t if t > 0 else None,
-                             top_p=1.0, max_new_tokens=self.cfg.max_new_tokens, num_return_sequences=n,
+                             top_p=1.0, top_k=0,  # the full distribution, as vLLM serves it (HF defaults to 50)
+                             max_new_tokens=self.cfg.max_new_tokens, num_return_sequences=n,
                              pad_token_id=self.tokenizer.pad_token_id)
         samples = []
         for row in out[:, len(ids):].tolist():

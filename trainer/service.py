@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from feedback import loop_status
+from feedback.registry import BASE_VERSION, version_name
 from feedback.consumer import FeedbackConsumer, SeenIds
 from feedback.topics import FEEDBACK
 from trainer import checkpoint, metrics
@@ -50,6 +52,7 @@ class ServiceConfig:
     round_every_s: float = 1800.0
     round_prompts: int = 8
     gate_prompts: int = 8
+    redis_url: str = ""  # where the dashboard's loop status goes (feedback/loop_status.py); "" = nowhere
 
 
 class RewardService:
@@ -75,6 +78,8 @@ class RewardService:
         self.pending_since = 0.0
         self.dirty = False  # consumed count-only/held-out events not yet in a checkpoint
         self.last_checkpoint = time.time()
+        self.status = _status_client(cfg.redis_url)
+        self.last_lag: int | None = None
 
     def run(self, once: bool = False) -> TrainerState:
         """Train until stopped; with once=True, until caught up with the topic, then return."""
@@ -145,9 +150,15 @@ class RewardService:
             self.state.step = self.trainer.steps
             self.state.last_loss = out["loss"]
             self._maybe_evaluate(out)
+        if self.status is not None:
+            loop_status.record(self.status, loop_status.REWARD_MODEL, loop_status.RewardModelStatus(
+                step=self.state.step, votes_trained=self.state.events_trained,
+                votes_held_out=self.state.events_held_out, held_out_accuracy=self.state.held_out_accuracy,
+                loss=self.state.last_loss, consumer_lag=self.last_lag))
 
     def _maybe_evaluate(self, out: dict) -> None:
-        if self.state.step % self.cfg.eval_every == 0 and self.held_out:
+        first = self.state.held_out_accuracy is None  # show an accuracy as soon as there is one
+        if (first or self.state.step % self.cfg.eval_every == 0) and self.held_out:
             acc = self.trainer.accuracy(self.held_out[-500:])
             if acc is not None:
                 self.state.held_out_accuracy = acc
@@ -181,7 +192,25 @@ class RewardService:
         self.state.votes_since_round = 0
         self.state.oldest_unrounded_vote = None
         self.state.last_round_at = time.time()
+        self._report_round(result)
         return result
+
+    def _report_round(self, result: RoundResult | None) -> None:
+        if self.status is None:
+            return
+        if result is None:
+            loop_status.record(self.status, loop_status.ROUNDS, loop_status.RoundStatus(result="failed"))
+            return
+        m, g = result.published, result.gate.metrics
+        parent = (version_name(m.parent_version) if m.parent_version else BASE_VERSION) if m else None
+        loop_status.record(self.status, loop_status.ROUNDS, loop_status.RoundStatus(
+            result="published" if m else "rejected", version=m.name if m else None, parent_version=parent,
+            reward_mean=result.train_metrics.get("reward_mean"), kl=g.get("kl"), win_rate=g.get("win_rate"),
+            reasons=result.gate.reasons))
+        if m and g.get("wins") is not None:
+            loop_status.record(self.status, loop_status.BATTLES, loop_status.Battle(
+                model_a=m.name, model_b=parent, wins=int(g["wins"]), ties=int(g["ties"]), losses=int(g["losses"]),
+                judge="reward_model"))
 
     def _checkpoint(self, consumer: FeedbackConsumer) -> None:
         self.state.offsets = {**self.state.offsets, **consumer.positions()}
@@ -207,9 +236,18 @@ class RewardService:
         ends = consumer.consumer.end_offsets(assigned)
         lag = sum(max(0, ends[tp] - consumer.consumer.position(tp)) for tp in assigned)
         metrics.LAG.set(lag)
+        self.last_lag = lag
         if len(assigned) < len(consumer.consumer.partitions_for_topic(self.cfg.topic) or ()):
             return None
         return lag
+
+
+def _status_client(url: str):
+    if not url:
+        return None
+    import redis
+
+    return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
 
 
 def _progress(state: TrainerState):

@@ -1,0 +1,101 @@
+"""Statistics over verdicts between model versions: win rates with bootstrap confidence intervals and
+Bradley–Terry scores (ties count ½ to each side, as in Chatbot Arena's leaderboard)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from feedback.loop_status import Battle
+
+
+def win_rate(wins: float, ties: float, losses: float) -> float | None:
+    """(wins + ties/2) / n."""
+    n = wins + ties + losses
+    return (wins + 0.5 * ties) / n if n else None
+
+
+def bootstrap_win_rate(wins: int, ties: int, losses: int, rounds: int = 2000, level: float = 0.95,
+                       seed: int = 0) -> tuple[float | None, float | None, float | None]:
+    """Win rate and its percentile-bootstrap interval, resampling the n verdicts with replacement."""
+    n = wins + ties + losses
+    if n == 0:
+        return None, None, None
+    scores = np.repeat([1.0, 0.5, 0.0], [wins, ties, losses])
+    rng = np.random.default_rng(seed)
+    means = scores[rng.integers(0, n, size=(rounds, n))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(scores.mean()), float(lo), float(hi)
+
+
+def bradley_terry(outcomes: np.ndarray, a: np.ndarray, b: np.ndarray, players: int, iters: int = 200,
+                  prior: float = 0.5) -> np.ndarray:
+    """Log-strengths θ maximising Σ s·log σ(θ_a − θ_b) + (1 − s)·log σ(θ_b − θ_a) over verdicts
+    (s = 1 win, ½ tie, 0 loss for a), by Hunter's MM updates p_i ← W_i / Σ_j n_ij / (p_i + p_j).
+    `prior` adds that many virtual ties to every pair that met, so a version that never lost or never
+    won still gets a finite score. Returned centred (mean 0)."""
+    wins = np.zeros(players)
+    games = np.zeros((players, players))
+    np.add.at(wins, a, outcomes)
+    np.add.at(wins, b, 1.0 - outcomes)
+    np.add.at(games, (a, b), 1.0)
+    games = games + games.T
+    met = games > 0
+    games = games + prior * met
+    wins = wins + 0.5 * prior * met.sum(axis=1)
+    p = np.ones(players)
+    for _ in range(iters):
+        denom = (games / (p[:, None] + p[None, :])).sum(axis=1)
+        new = np.where(denom > 0, wins / np.maximum(denom, 1e-12), p)
+        new = new / np.exp(np.log(np.maximum(new, 1e-12)).mean())
+        if np.allclose(new, p, rtol=1e-9, atol=1e-12):
+            p = new
+            break
+        p = new
+    theta = np.log(np.maximum(p, 1e-12))
+    return theta - theta.mean()
+
+
+@dataclass
+class Rating:
+    model_version: str
+    score: float  # Elo-like: 1000 + 400·log10 of strength relative to the anchor
+    ci_low: float
+    ci_high: float
+    battles: int
+
+
+def leaderboard(battles: Iterable[Battle], anchor: str = "base", rounds: int = 300, level: float = 0.95,
+                seed: int = 0) -> list[Rating]:
+    """Bradley–Terry scores per version with percentile-bootstrap intervals (verdicts resampled)."""
+    names: dict[str, int] = {}
+    a_idx, b_idx, scores = [], [], []
+    for bt in battles:
+        ia, ib = (names.setdefault(m, len(names)) for m in (bt.model_a, bt.model_b))
+        for s, count in ((1.0, bt.wins), (0.5, bt.ties), (0.0, bt.losses)):
+            a_idx += [ia] * count
+            b_idx += [ib] * count
+            scores += [s] * count
+    if not scores:
+        return []
+    a, b, s = np.array(a_idx), np.array(b_idx), np.array(scores)
+    k = len(names)
+    ref = names.get(anchor)
+
+    def elo(theta: np.ndarray) -> np.ndarray:
+        shifted = theta - (theta[ref] if ref is not None else 0.0)
+        return 1000 + 400 * shifted / np.log(10)
+
+    point = elo(bradley_terry(s, a, b, k))
+    rng = np.random.default_rng(seed)
+    boots = np.stack([elo(bradley_terry(s[i], a[i], b[i], k)) for i in
+                      (rng.integers(0, len(s), size=len(s)) for _ in range(rounds))])
+    lo, hi = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2], axis=0)
+    count = defaultdict(int)
+    for i in np.concatenate([a, b]):
+        count[int(i)] += 1
+    ratings = [Rating(name, float(point[i]), float(lo[i]), float(hi[i]), count[i]) for name, i in names.items()]
+    return sorted(ratings, key=lambda r: -r.score)

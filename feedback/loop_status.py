@@ -1,0 +1,114 @@
+"""What the dashboard shows about the loop, written where both sides can reach it: Redis streams.
+
+The trainer writes reward-model evaluations, policy rounds and version-vs-parent battles; serving
+writes its swaps and counts votes per minute (inside the vote script, see feedback/outbox.py). The
+dashboard (serving) only reads. Streams are capped, so they are a recent history, not an archive:
+the registry manifests and the metrics are the durable record.
+
+Redis layout:
+    duet:loop:reward_model   STREAM  field `json`: RewardModelStatus
+    duet:loop:rounds         STREAM  field `json`: RoundStatus
+    duet:loop:swaps          STREAM  field `json`: SwapStatus
+    duet:loop:battles        STREAM  field `json`: Battle
+    duet:stats:votes:{day}   HASH    field "{unix minute}:{choice}" -> count; expires after 30 days
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Literal, TypeVar
+
+from pydantic import BaseModel, Field
+
+log = logging.getLogger(__name__)
+
+REWARD_MODEL = "duet:loop:reward_model"
+ROUNDS = "duet:loop:rounds"
+SWAPS = "duet:loop:swaps"
+BATTLES = "duet:loop:battles"
+MAXLEN = 10_000
+VOTE_STATS_TTL_S = 30 * 86400
+
+
+def vote_stats_key(ts: float) -> str:
+    return f"duet:stats:votes:{int(ts // 86400)}"
+
+
+def vote_stats_field(ts: float, choice: str) -> str:
+    return f"{int(ts // 60)}:{choice}"
+
+
+class RewardModelStatus(BaseModel):
+    ts: float = Field(default_factory=time.time)
+    step: int
+    votes_trained: int
+    votes_held_out: int
+    held_out_accuracy: float | None
+    loss: float | None
+    consumer_lag: int | None = None
+
+
+class RoundStatus(BaseModel):
+    ts: float = Field(default_factory=time.time)
+    result: Literal["published", "rejected", "failed"]
+    version: str | None = None  # set when published
+    parent_version: str | None = None
+    reward_mean: float | None = None
+    kl: float | None = None
+    win_rate: float | None = None
+    reasons: list[str] = []
+
+
+class SwapStatus(BaseModel):
+    ts: float = Field(default_factory=time.time)
+    version: str
+    previous: str
+    result: str  # ok | refused | rolled_back
+    reason: str = ""
+    seconds: float
+    pause_s: float
+    replica: str
+
+
+class Battle(BaseModel):
+    """Verdicts between two model versions, from model_a's side: how often a's answer won, tied, lost."""
+
+    ts: float = Field(default_factory=time.time)
+    model_a: str
+    model_b: str
+    wins: int = Field(ge=0)
+    ties: int = Field(ge=0)
+    losses: int = Field(ge=0)
+    judge: str = Field(min_length=1, max_length=64)  # "reward_model" (the gate), "simulated:<rule>", "human", ...
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def record(r, stream: str, item: BaseModel) -> None:
+    """Append with a sync client; the loop runs on without its status (a warning) if Redis is away."""
+    try:
+        r.xadd(stream, {"json": item.model_dump_json()}, maxlen=MAXLEN, approximate=True)
+    except Exception as e:
+        log.warning("loop status not written to %s: %s", stream, e)
+
+
+async def arecord(r, stream: str, item: BaseModel) -> None:
+    try:
+        await r.xadd(stream, {"json": item.model_dump_json()}, maxlen=MAXLEN, approximate=True)
+    except Exception as e:
+        log.warning("loop status not written to %s: %s", stream, e)
+
+
+async def aread(r, stream: str, cls: type[M], count: int = 1000) -> list[M]:
+    """The newest `count` entries, oldest first."""
+    entries = await r.xrevrange(stream, count=count)
+    out = []
+    for _, fields in reversed(entries):
+        raw = fields.get("json") or fields.get(b"json")
+        try:
+            out.append(cls.model_validate_json(raw))
+        except Exception:  # a newer writer's shape: skip, don't break the dashboard
+            continue
+    return out

@@ -1,0 +1,48 @@
+"""Win rates with bootstrap intervals and Bradley–Terry scores, checked against values worked by hand."""
+
+import math
+
+import numpy as np
+
+from feedback.arena import bootstrap_win_rate, bradley_terry, leaderboard, win_rate
+from feedback.loop_status import Battle
+
+
+def test_win_rate_counts_ties_half():
+    assert win_rate(3, 2, 5) == 0.4
+    assert win_rate(0, 0, 0) is None
+
+
+def test_bootstrap_interval_contains_the_rate_and_narrows_with_more_verdicts():
+    rate, lo, hi = bootstrap_win_rate(70, 0, 30)
+    assert rate == 0.7 and 0.5 < lo < 0.7 < hi < 0.85
+    _, lo_big, hi_big = bootstrap_win_rate(700, 0, 300)
+    assert hi_big - lo_big < (hi - lo) / 2
+    _, lo_even, hi_even = bootstrap_win_rate(5, 0, 5)
+    assert lo_even < 0.5 < hi_even
+
+
+def test_two_player_bradley_terry_matches_closed_form():
+    # With two players MM converges to p_a / p_b = W_a / W_b (prior: ½ virtual tie = ¼ win each).
+    s = np.array([1.0] * 750 + [0.0] * 250)
+    theta = bradley_terry(s, np.zeros(1000, int), np.ones(1000, int), 2)
+    assert math.isclose(theta[0] - theta[1], math.log(750.25 / 250.25), rel_tol=1e-6)
+
+
+def test_leaderboard_orders_a_chain_of_versions_and_anchors_base_at_1000():
+    battles = [Battle(model_a="v000001", model_b="base", wins=60, ties=10, losses=30, judge="rm"),
+               Battle(model_a="v000002", model_b="v000001", wins=55, ties=20, losses=25, judge="rm"),
+               Battle(model_a="v000003", model_b="v000002", wins=5, ties=90, losses=5, judge="rm")]
+    board = leaderboard(battles, rounds=100)
+    by = {r.model_version: r for r in board}
+    assert by["base"].score == 1000
+    assert by["v000002"].score > by["v000001"].score > by["base"].score
+    assert abs(by["v000003"].score - by["v000002"].score) < 5  # all ties: equal strength
+    for r in board:
+        assert r.ci_low <= r.score <= r.ci_high
+    assert by["v000001"].ci_low > 1000  # 65 % over 100 verdicts is clearly better than base
+    assert by["base"].battles == 100 and by["v000002"].battles == 200
+
+
+def test_empty_leaderboard():
+    assert leaderboard([]) == []

@@ -1,0 +1,125 @@
+"""The whole loop as a person meets it: `duet up` (supervised children, embedded broker), simulated
+users voting through the HTTP API by a rule, the trainer publishing, serving swapping — and the served
+policy beating the base model under that rule, with the lower bootstrap bound above 50 %."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import redis
+
+from duet.simulate import SimulateConfig, Simulator
+from tests.conftest import free_port, make_tiny_llama
+
+pytestmark = pytest.mark.slow
+
+LOOP_REDIS_DB = int(os.environ.get("DUET_TEST_LOOP_REDIS_DB", "12"))  # not the session server's database
+
+
+def likes_blue_model(out):
+    """A tiny random model that says " blue" in about one answer in seven (its embedding has a larger
+    component along a dimension every token shares), so the rule's signal shows up in samples and the
+    policy has something to learn."""
+    from transformers import AutoTokenizer
+
+    from duet.model_assets import gguf_path
+
+    src = gguf_path()
+    blue = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name).encode(" blue", add_special_tokens=False)[0]
+
+    def edit(model):
+        emb = model.model.embed_tokens.weight
+        emb[:, 0] = 0.5
+        emb[blue, 0] = 1.5
+
+    return make_tiny_llama(out, edit=edit)
+
+
+def children(pid: int, pattern: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid), "-f", pattern], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def restarts(port: int) -> float:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    lines = [ln for ln in text.splitlines() if ln.startswith('duet_child_restarts_total{child="trainer"}')]
+    return float(lines[0].split()[-1]) if lines else 0.0
+
+
+def test_duet_up_learns_from_simulated_users(tmp_path):
+    model = likes_blue_model(tmp_path / "model")
+    home, port, sup_port = tmp_path / "home", free_port(), free_port()
+    r = redis.Redis.from_url(f"redis://127.0.0.1:6379/{LOOP_REDIS_DB}")
+    r.flushdb()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "DUET_MODEL": str(model),
+           "DUET_HOME": str(home), "DUET_PORT": str(port), "DUET_REDIS_URL": f"redis://127.0.0.1:6379/{LOOP_REDIS_DB}",
+           "DUET_MAX_MODEL_LEN": "256", "DUET_TRAINER_METRICS_PORT": "0", "DUET_RELAY_METRICS_PORT": "0",
+           "DUET_SUPERVISOR_METRICS_PORT": str(sup_port), "DUET_RATE_LIMIT_RPM": "100000",
+           # a tiny model learns in a few rounds: small rounds, often, with a learning rate to match
+           "DUET_POLICY_EVERY_VOTES": "40", "DUET_POLICY_LR": "3e-4", "DUET_POLICY_BETA": "0.01",
+           "DUET_POLICY_PROMPTS": "16", "DUET_POLICY_K": "8", "DUET_POLICY_MAX_NEW_TOKENS": "16",
+           "DUET_GATE_PROMPTS": "16", "DUET_RM_LR": "1e-3", "DUET_RM_MAX_WAIT_S": "5", "DUET_HELD_OUT_PCT": "20"}
+    for k in ("DUET_KAFKA_BOOTSTRAP", "DUET_ADMIN_KEY", "DUET_DEV_KEY", "DUET_REGISTRY_DIR"):
+        env.pop(k, None)
+    log = open(tmp_path / "up.log", "w")
+    up = subprocess.Popen([sys.executable, "-m", "duet.cli", "up"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        cfg = SimulateConfig(base_url=f"http://127.0.0.1:{port}", rule="tests.sim_rules:likes_blue", noise=0.1,
+                             votes=300, rate=8, concurrency=4, max_tokens=16, eval_every=40, eval_prompts=32,
+                             eval_samples=4, settle_s=120, out_dir=tmp_path / "sim", progress=False)
+        deadline = time.time() + 120
+        while not (home / "admin_key").exists() or not (home / "dev_key").exists():
+            assert up.poll() is None and time.time() < deadline, (tmp_path / "up.log").read_text()[-3000:]
+            time.sleep(0.5)
+        cfg.api_key, cfg.admin_key = (home / "dev_key").read_text().strip(), (home / "admin_key").read_text().strip()
+        result = Simulator(cfg).run()
+
+        final = result.final
+        assert result.votes_cast == 300 and result.votes_failed == 0
+        assert final.model_version != "base", f"no version went live: {(tmp_path / 'up.log').read_text()[-2000:]}"
+        assert final.win_rate > 0.5 and final.ci_low > 0.5, final
+        assert result.curve[0].model_version == "base" and result.first_version_at_votes is not None
+        assert (tmp_path / "sim" / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert json.loads((tmp_path / "sim" / "result.json").read_text())["final"]["model_version"] == final.model_version
+
+        # What the dashboard shows is what happened.
+        auth = {"Authorization": f"Bearer {cfg.api_key}"}
+        dash = httpx.get(f"{cfg.base_url}/v1/dashboard", headers=auth, timeout=30).json()
+        assert sum(dash["votes_total"].values()) == 300
+        assert any(x["result"] == "published" for x in dash["rounds"])
+        assert any(s["result"] == "ok" and s["version"] == final.model_version for s in dash["swaps"])
+        assert any(s["held_out_accuracy"] is not None for s in dash["reward_model"]), dash["reward_model"][-3:]
+        judged = {(w["model_version"], w["judge"]) for w in dash["win_rates"]}
+        assert (final.model_version, "simulated:tests.sim_rules:likes_blue") in judged
+        board = httpx.get(f"{cfg.base_url}/v1/leaderboard", headers=auth, timeout=30).json()["data"]
+        scores = {e["model_version"]: e for e in board}
+        assert scores[final.model_version]["score"] > scores["base"]["score"]
+
+        # A crashed child is restarted, and counted.
+        [trainer] = children(up.pid, "duet.cli train")
+        before = restarts(sup_port)
+        os.kill(trainer, signal.SIGKILL)
+        deadline = time.time() + 30
+        while restarts(sup_port) < before + 1 or not children(up.pid, "duet.cli train"):
+            assert time.time() < deadline, "the trainer was not restarted"
+            time.sleep(0.5)
+        assert children(up.pid, "duet.cli train") != [trainer]
+    finally:
+        up.send_signal(signal.SIGTERM)  # what Ctrl-C does too
+        try:
+            up.wait(timeout=90)
+        finally:
+            if up.poll() is None:
+                up.kill()
+            log.close()
+            r.flushdb()
+            r.close()
+    assert up.returncode == 0
+    assert "duet: stopping" in (tmp_path / "up.log").read_text()
