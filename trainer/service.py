@@ -157,7 +157,8 @@ class RewardService:
                 loss=self.state.last_loss, consumer_lag=self.last_lag))
 
     def _maybe_evaluate(self, out: dict) -> None:
-        first = self.state.held_out_accuracy is None  # show an accuracy as soon as there is one
+        # show an accuracy as soon as there is one (cheap while the held-out set is small)
+        first = self.state.held_out_accuracy is None and len(self.held_out) <= 64
         if (first or self.state.step % self.cfg.eval_every == 0) and self.held_out:
             acc = self.trainer.accuracy(self.held_out[-500:])
             if acc is not None:
