@@ -144,10 +144,9 @@
 
   function thumbs(turn, duet) {
     const bar = el("div", "votes thumbs");
-    const buttons = [["up", "👍"], ["down", "👎"]].map(([rating, label]) => {
+    const buttons = [["up", "Good answer"], ["down", "Bad answer"]].map(([rating, label]) => {
       const b = el("button", "", label);
       b.type = "button";
-      b.title = rating === "up" ? "Good answer" : "Bad answer";
       b.addEventListener("click", () => vote(turn, {completion_id: duet.completion_id, vote_token: duet.vote_token, rating}, buttons));
       bar.appendChild(b);
       return b;

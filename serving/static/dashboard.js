@@ -56,7 +56,7 @@
         bars.push(node("rect", {x: x(b.t), y: base, width: Math.max(1, xw - 1), height: h, fill: COLORS[choice] || "#555"}));
       }
     }
-    target.replaceChildren(svg([...axes(max, (v) => v.toFixed(0), [[PAD.l + 20, hhmm(t0)], [W - PAD.r - 20, hhmm(t1)]]), ...bars]));
+    target.replaceChildren(svg([...axes(max, (v) => (Number.isInteger(v) ? `${v}` : v.toFixed(1)), [[PAD.l + 20, hhmm(t0)], [W - PAD.r - 20, hhmm(t1)]]), ...bars]));
     const legend = document.createElement("div");
     legend.className = "legend";
     for (const [choice, total] of Object.entries(data.votes_total)) {
