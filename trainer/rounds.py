@@ -82,6 +82,7 @@ def run_round(cfg: RoundConfig, prompts: list[list[ChatMessage]], eval_prompts: 
         for reason in result.reasons:
             metrics.GATE_REJECTIONS.labels(reason=reason).inc()
         metrics.POLICY_ROUNDS.labels(result="rejected").inc()
+        metrics.GATE_REJECTED_IN_A_ROW.inc()
         log.warning("gate refused the candidate: %s %s", result.reasons, result.metrics)
         return RoundResult(None, result, train_metrics)
     manifest, folder = registry.publish(
@@ -89,6 +90,7 @@ def run_round(cfg: RoundConfig, prompts: list[list[ChatMessage]], eval_prompts: 
         hyperparameters={k: v for k, v in asdict(cfg.policy).items()},
         train_metrics=train_metrics, eval={**result.metrics, "passed": True}, kafka_offsets=kafka_offsets or {})
     metrics.POLICY_ROUNDS.labels(result="published").inc()
+    metrics.GATE_REJECTED_IN_A_ROW.set(0)
     metrics.PUBLISHED_VERSION.set(manifest.version)
     if oldest_vote_ts:
         metrics.VOTE_TO_PUBLISH.observe(time.time() - oldest_vote_ts)
