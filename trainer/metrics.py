@@ -18,6 +18,8 @@ POLICY_ROUNDS = Counter("duet_policy_rounds_total", "Policy rounds, by result (p
 POLICY_REWARD_MEAN = Gauge("duet_policy_reward_mean", "Mean reward of the last round's samples")
 POLICY_REWARD_STD = Gauge("duet_policy_reward_std", "Std of the reward of the last round's samples")
 POLICY_KL = Gauge("duet_policy_kl", "Mean KL (nats per answer) of the last candidate to the reference")
+GATE_WIN_RATE = Gauge("duet_gate_win_rate", "Reward-model win rate of the last candidate against the live version "
+                      "on held-out prompts (ties count 1/2)")
 GATE_REJECTED_IN_A_ROW = Gauge("duet_gate_consecutive_rejections", "Policy rounds the gate refused since the "
                                "last publication")
 GATE_REJECTIONS = Counter("duet_gate_rejections_total", "Candidates the eval gate refused, by reason", ["reason"])

@@ -78,6 +78,8 @@ def run_round(cfg: RoundConfig, prompts: list[list[ChatMessage]], eval_prompts: 
     live_model = pt.ref if live is None else load_causal_lm(live_path, pt.device, trainable=False)
     result = evaluate(pt, live_model, eval_prompts, reward_fn, cfg.gate)
     metrics.POLICY_KL.set(result.metrics.get("kl") or 0.0)
+    if result.metrics.get("win_rate") is not None:
+        metrics.GATE_WIN_RATE.set(result.metrics["win_rate"])
     if not result.passed:
         for reason in result.reasons:
             metrics.GATE_REJECTIONS.labels(reason=reason).inc()
