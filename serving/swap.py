@@ -87,6 +87,7 @@ class WeightSwapper:
         self._lock = asyncio.Lock()
         self._base_shapes: dict[str, tuple[int, ...]] | None = None
         self._previous: list[str] = []  # versions to roll back to, newest last
+        self._verified: dict[str, str] = {}  # version -> manifest sha256 that passed every check
 
     def path_of(self, version: str) -> Path:
         return self.base_path if version == BASE_VERSION else self.registry.root / version
@@ -118,6 +119,22 @@ class WeightSwapper:
         name = _nonfinite(folder)
         return [f"non-finite values in {name}"] if name else []
 
+    def check_once(self, version: str, manifest_sha256: str | None = None) -> list[str]:
+        """`check`, remembered per version and manifest: rolling back or forth to a version verified
+        before only re-hashes its manifest (the files it lists were checked against it)."""
+        if version == BASE_VERSION:
+            return []
+        manifest = self.path_of(version) / MANIFEST
+        if not manifest.exists():
+            return self.check(version, manifest_sha256)
+        sha = sha256_file(manifest)
+        if self._verified.get(version) == sha and manifest_sha256 in (None, sha):
+            return []
+        problems = self.check(version, manifest_sha256)
+        if not problems:
+            self._verified[version] = sha
+        return problems
+
     # --- the swap ------------------------------------------------------------------------------
     async def activate(self, version: str, manifest_sha256: str | None = None, rollback_ok: bool = True) -> SwapRecord:
         previous = self.engine.model_version
@@ -131,7 +148,7 @@ class WeightSwapper:
     async def _activate(self, version: str, manifest_sha256: str | None, rollback_ok: bool) -> SwapRecord:
         async with self._lock:
             t0 = time.perf_counter()
-            problems = await asyncio.to_thread(self.check, version, manifest_sha256)
+            problems = await asyncio.to_thread(self.check_once, version, manifest_sha256)
             if problems:
                 return self._record(SwapRecord(version, "refused", "; ".join(problems), seconds=time.perf_counter() - t0))
             previous = self.engine.model_version
@@ -148,18 +165,20 @@ class WeightSwapper:
             return self._record(SwapRecord(version, "ok", seconds=time.perf_counter() - t0, pause_s=pause))
 
     async def probe(self) -> bool:
-        """A few fixed prompts must give non-empty answers in time."""
+        """A few fixed prompts must give non-empty answers in time (run together: one engine batch)."""
         sampling = SamplingSpec(temperature=0.0, top_p=1.0, max_tokens=8)
+
+        async def answer(i: int, text: str) -> str:
+            ids = self.prompts.token_ids([ChatMessage(role="user", content=text)])
+            out = []
+            async for step in self.engine.generate(ids, sampling, 1, f"probe-{time.time_ns()}-{i}"):
+                out += [d.text for d in step.deltas]
+            return "".join(out)
+
         try:
             async with asyncio.timeout(self.probe_timeout_s):
-                for i, text in enumerate(PROBE_PROMPTS):
-                    ids = self.prompts.token_ids([ChatMessage(role="user", content=text)])
-                    out = []
-                    async for step in self.engine.generate(ids, sampling, 1, f"probe-{time.time_ns()}-{i}"):
-                        out += [d.text for d in step.deltas]
-                    if not "".join(out).strip():
-                        return False
-            return True
+                answers = await asyncio.gather(*(answer(i, t) for i, t in enumerate(PROBE_PROMPTS)))
+            return all(a.strip() for a in answers)
         except TimeoutError:
             return False
 

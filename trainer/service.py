@@ -95,6 +95,8 @@ class RewardService:
                                         or time.time() - self.pending_since > self.cfg.max_wait_s)
                 if due:
                     self._step()
+                    if self.pending:  # stopped mid-backlog: no checkpoint may cover untrained events
+                        break
                 if (due or self.dirty and (once and caught_up or
                                            time.time() - self.last_checkpoint > self.cfg.idle_checkpoint_s)):
                     self._checkpoint(consumer)
@@ -138,6 +140,8 @@ class RewardService:
     def _step(self) -> None:
         """Train on everything pending, `step_groups` at a time (a checkpoint must not leave any behind)."""
         while self.pending:
+            if self.stop.is_set():  # stopping mid-backlog: the last checkpoint stays the truth
+                return
             chunk, self.pending = self.pending[:self.cfg.step_groups], self.pending[self.cfg.step_groups:]
             t0 = time.perf_counter()
             out = self.trainer.step(chunk)
