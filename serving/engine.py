@@ -44,43 +44,7 @@ class Engine(Protocol):
 
     async def abort(self, request_id: str) -> None: ...
 
-    async def stage_weights(self, path: str, timeout_s: float = 600.0) -> bool:
-        """Prepare `path`'s weights in kernel format inside the workers while generation goes on
-        (serving/worker_extension.py). False if staging failed: load_weights then reads from disk."""
-        try:
-            await self._llm.collective_rpc("duet_start_staging", args=(path,))
-            deadline = time.monotonic() + timeout_s
-            while time.monotonic() < deadline:
-                states = await self._llm.collective_rpc("duet_staging_status")
-                if all(st == "ready" for st in states):
-                    return True
-                if any(st not in ("running", "ready") for st in states):
-                    log.warning("staging %s failed (%s); the swap will reload from disk", path, states)
-                    return False
-                await asyncio.sleep(0.05)
-            log.warning("staging %s timed out; the swap will reload from disk", path)
-        except Exception as e:
-            log.warning("staging %s failed (%s); the swap will reload from disk", path, e)
-        return False
-
-    async def load_weights(self, path: str, version: str) -> float:
-        """Swap weights in place (requests in flight are frozen, not dropped). Returns the pause in s.
-        With the weights staged first, the pause is only the copy into the live parameters."""
-        async with self._swap_lock:
-            staged = await self.stage_weights(path)
-            t0 = time.perf_counter()
-            await self._llm.pause_generation(mode="keep", clear_cache=True)
-            try:
-                if staged:
-                    await self._llm.collective_rpc("duet_load_staged")
-                else:
-                    await self._llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
-                # KV computed by the old weights must never be reused by the new ones.
-                await self._llm.reset_prefix_cache()
-                self.model_version = version
-            finally:
-                await self._llm.resume_generation()
-            return time.perf_counter() - t0
+    async def load_weights(self, path: str, version: str) -> float: ...
 
     def num_unfinished(self) -> int: ...
 
@@ -171,19 +135,46 @@ class VLLMEngine:
     async def abort(self, request_id: str) -> None:
         await self._llm.abort(request_id)
 
+    async def stage_weights(self, path: str, timeout_s: float = 600.0) -> bool:
+        """Prepare `path`'s weights in kernel format inside the workers while generation goes on
+        (serving/worker_extension.py). False if staging failed: load_weights then reads from disk."""
+        try:
+            await self._llm.collective_rpc("duet_start_staging", args=(path,))
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                states = await self._llm.collective_rpc("duet_staging_status")
+                if all(st == "ready" for st in states):
+                    return True
+                if any(st not in ("running", "ready") for st in states):
+                    log.warning("staging %s failed (%s); the swap will reload from disk", path, states)
+                    return False
+                await asyncio.sleep(0.05)
+            log.warning("staging %s timed out; the swap will reload from disk", path)
+        except Exception as e:
+            log.warning("staging %s failed (%s); the swap will reload from disk", path, e)
+        return False
+
     async def load_weights(self, path: str, version: str) -> float:
-        """Swap weights in place (requests in flight are frozen, not dropped). Returns the pause in s."""
+        """Swap weights in place (requests in flight are frozen, not dropped). Returns the pause in s.
+        With the weights staged first, the pause is only the copy into the live parameters."""
         async with self._swap_lock:
+            staged = await self.stage_weights(path)
             t0 = time.perf_counter()
             await self._llm.pause_generation(mode="keep", clear_cache=True)
             try:
-                await self._llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
+                if staged:
+                    await self._llm.collective_rpc("duet_load_staged")
+                else:
+                    await self._llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
                 # KV computed by the old weights must never be reused by the new ones.
                 await self._llm.reset_prefix_cache()
                 self.model_version = version
             finally:
                 await self._llm.resume_generation()
-            return time.perf_counter() - t0
+            pause = time.perf_counter() - t0
+            log.info("weights of %s loaded (%s); generation paused %.3f s", version,
+                     "staged" if staged else "from disk", pause)
+            return pause
 
     def num_unfinished(self) -> int:
         return self._llm.get_num_unfinished_requests()
