@@ -1,16 +1,18 @@
 """Code that runs inside vLLM's worker processes (engine arg `worker_extension_cls`), reached through
-`collective_rpc`. It stages a new version's weights in the kernel format the live model uses — read,
-renamed, repacked into a shadow copy of the model while the engine keeps serving — so the pause
-only has to copy tensors into the live parameters (`reload_weights(..., is_checkpoint_format=False)`).
+`collective_rpc`. It stages a new version's weights — reads every tensor into memory in a thread —
+while the engine keeps serving, so the pause covers only vLLM's in-place load from that memory
+(`reload_weights(weights_iterator=...)`), not the disk read.
+
+Why not kernel format (`is_checkpoint_format=False`, a plain copy into the live parameters)? On CPU
+vLLM repacks linear weights after loading and the kernels use the packed copies, not the parameters:
+copying into the parameters left the served model unchanged (seen here: sampled outputs identical to
+the old weights). The checkpoint-format path re-runs that processing, which is what makes it correct.
 """
 
 from __future__ import annotations
 
-import copy
-import gc
 import threading
-
-SHADOW_PREFIX = "duet_shadow"
+from pathlib import Path
 
 
 class DuetWorkerExtension:
@@ -43,29 +45,16 @@ class DuetWorkerExtension:
         return "ready" if self._duet_staged else "idle"
 
     def duet_stage_weights(self, path: str) -> int:
-        """Build the new version's kernel-format tensors off to the side; returns how many."""
-        import torch
-        from vllm.config import set_current_vllm_config
-        from vllm.model_executor.model_loader import get_model_loader
+        """Read the new version's tensors into memory; returns how many."""
+        from safetensors.torch import load_file
 
-        live = self.model_runner.vllm_config
-        cfg = copy.copy(live)
-        cfg.model_config = copy.copy(live.model_config)
-        cfg.model_config.model = path
-        cfg.model_config.model_weights = ""
-        cfg.model_config.revision = None
-        forward_context = live.compilation_config.static_forward_context
-        before = set(forward_context)
-        try:
-            with set_current_vllm_config(cfg), torch.no_grad():
-                # a distinct prefix: the shadow's attention layers must not collide with the live ones
-                shadow = get_model_loader(cfg.load_config).load_model(cfg, cfg.model_config, prefix=SHADOW_PREFIX)
-            self._duet_staged = {name: p.detach() for name, p in shadow.named_parameters()}
-        finally:
-            for name in set(forward_context) - before:  # the shadow registered itself: forget it
-                del forward_context[name]
-            gc.collect()
-        return len(self._duet_staged)
+        tensors = {}
+        for f in sorted(Path(path).glob("*.safetensors")):
+            tensors.update(load_file(str(f), device="cpu"))
+        if not tensors:
+            raise FileNotFoundError(f"no *.safetensors in {path}")
+        self._duet_staged = tensors
+        return len(tensors)
 
     def duet_load_staged(self) -> int:
         """Copy the staged tensors into the live parameters (call while generation is paused)."""
@@ -75,7 +64,7 @@ class DuetWorkerExtension:
         import torch
 
         with torch.no_grad():  # the copy into live parameters must not be recorded by autograd
-            self.model_runner.reload_weights(weights_iterator=iter(staged.items()), is_checkpoint_format=False)
+            self.model_runner.reload_weights(weights_iterator=iter(staged.items()), is_checkpoint_format=True)
         return len(staged)
 
     def duet_drop_staged(self) -> None:

@@ -73,6 +73,30 @@ def make_tiny_llama(out: Path, seed: int = 0, hidden_size: int = 128, edit=None)
     return out
 
 
+def make_blue_llama(out: Path) -> Path:
+    """A tiny random Llama that says " blue" in about one answer in seven under full-distribution
+    sampling (its embedding has a larger component along a dimension every token shares): a
+    preference for "blue" shows up in samples, so a policy has something to learn from it."""
+    from transformers import AutoTokenizer
+
+    from duet.model_assets import gguf_path
+
+    src = gguf_path()
+    blue = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name).encode(" blue", add_special_tokens=False)[0]
+
+    def edit(model):
+        emb = model.model.embed_tokens.weight
+        emb[:, 0] = 0.5
+        emb[blue, 0] = 1.5
+
+    return make_tiny_llama(out, edit=edit)
+
+
+@pytest.fixture(scope="session")
+def blue_model(tmp_path_factory) -> Path:
+    return make_blue_llama(tmp_path_factory.mktemp("blue-llama"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))

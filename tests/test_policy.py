@@ -59,16 +59,20 @@ def mean_reward(pt, model, reward, n=4):
     return sum(float(reward(p, [s.text for s in pt.sample(model, p, n)]).mean()) for p in PROMPTS[:10]) / 10
 
 
-def test_rloo_shifts_the_policy_toward_the_reward(tiny_model):
-    cfg = PolicyConfig(algorithm="rloo", lr=2e-3, beta=0.01, k=4, max_new_tokens=12, grad_accum=2, seed=0)
-    pt = PolicyTrainer(cfg, str(tiny_model), str(tiny_model))
-    reward = low_id_reward(pt.tokenizer)
-    before = mean_reward(pt, pt.ref, reward)
-    for _ in range(6):
-        out = pt.rloo_round(PROMPTS[:8], reward)
-    after = mean_reward(pt, pt.policy, reward)
-    # random tiny model: ~0.1 of its tokens are low ids; the policy must move clearly toward them
-    assert after > before + 0.1 and after > 1.5 * before, (before, after)
+def blue_reward(messages, answers):
+    """How often the answer says "blue"."""
+    return torch.tensor([float(a.lower().count("blue")) for a in answers])
+
+
+def test_rloo_shifts_the_policy_toward_the_reward(blue_model):
+    cfg = PolicyConfig(algorithm="rloo", lr=3e-4, beta=0.01, k=8, max_new_tokens=16, grad_accum=4, seed=0)
+    pt = PolicyTrainer(cfg, str(blue_model), str(blue_model))
+    before = mean_reward(pt, pt.ref, blue_reward)
+    for _ in range(2):
+        out = pt.rloo_round(PROMPTS[:8], blue_reward)
+    after = mean_reward(pt, pt.policy, blue_reward)
+    # it samples the full distribution, as vLLM serves it: "blue" is rare at first, then common
+    assert before < 2.0 and after > before + 2.0, (before, after)
     assert out["kl"] > 0 and math.isfinite(out["reward_mean"])
 
 

@@ -173,3 +173,22 @@ def test_announcements_are_followed_unless_paused(client, admin, duet_server, br
         time.sleep(0.3)
     assert current() == name and greedy(client)[1] == name
     producer.close()
+
+
+def test_a_version_changing_only_linear_layers_is_served(client, admin, duet_server, tmp_path):
+    """Same embeddings as the base, different linear layers: on CPU vLLM serves repacked copies of
+    linear weights, so a swap that only copied parameters would leave the output unchanged."""
+    base_text, _ = greedy(client)
+
+    def edit(m):
+        for layer in m.model.layers:
+            layer.mlp.down_proj.weight.mul_(-25.0)
+            layer.self_attn.o_proj.weight.mul_(-25.0)
+
+    name = publish(duet_server.registry, make_tiny_llama(tmp_path / "linear-only", seed=0, edit=edit))
+    try:
+        assert admin.post(f"/admin/models/{name}/activate").status_code == 200
+        assert greedy(client)[0] != base_text
+    finally:
+        assert admin.post("/admin/models/base/activate").status_code == 200
+        assert admin.post("/admin/updates/resume").status_code == 200

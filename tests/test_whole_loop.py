@@ -16,30 +16,11 @@ import pytest
 import redis
 
 from duet.simulate import SimulateConfig, Simulator
-from tests.conftest import free_port, make_tiny_llama
+from tests.conftest import free_port, make_blue_llama
 
 pytestmark = pytest.mark.slow
 
 LOOP_REDIS_DB = int(os.environ.get("DUET_TEST_LOOP_REDIS_DB", "12"))  # not the session server's database
-
-
-def likes_blue_model(out):
-    """A tiny random model that says " blue" in about one answer in seven (its embedding has a larger
-    component along a dimension every token shares), so the rule's signal shows up in samples and the
-    policy has something to learn."""
-    from transformers import AutoTokenizer
-
-    from duet.model_assets import gguf_path
-
-    src = gguf_path()
-    blue = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name).encode(" blue", add_special_tokens=False)[0]
-
-    def edit(model):
-        emb = model.model.embed_tokens.weight
-        emb[:, 0] = 0.5
-        emb[blue, 0] = 1.5
-
-    return make_tiny_llama(out, edit=edit)
 
 
 def children(pid: int, pattern: str) -> list[int]:
@@ -54,7 +35,7 @@ def restarts(port: int) -> float:
 
 
 def test_duet_up_learns_from_simulated_users(tmp_path):
-    model = likes_blue_model(tmp_path / "model")
+    model = make_blue_llama(tmp_path / "model")
     home, port, sup_port = tmp_path / "home", free_port(), free_port()
     r = redis.Redis.from_url(f"redis://127.0.0.1:6379/{LOOP_REDIS_DB}")
     r.flushdb()
@@ -63,9 +44,9 @@ def test_duet_up_learns_from_simulated_users(tmp_path):
            "DUET_MAX_MODEL_LEN": "256", "DUET_TRAINER_METRICS_PORT": "0", "DUET_RELAY_METRICS_PORT": "0",
            "DUET_SUPERVISOR_METRICS_PORT": str(sup_port), "DUET_RATE_LIMIT_RPM": "100000",
            # a tiny model learns in a few rounds: small rounds, often, with a learning rate to match
-           "DUET_POLICY_EVERY_VOTES": "40", "DUET_POLICY_LR": "3e-4", "DUET_POLICY_BETA": "0.01",
+           "DUET_POLICY_EVERY_VOTES": "80", "DUET_POLICY_LR": "5e-4", "DUET_POLICY_BETA": "0.01",
            "DUET_POLICY_PROMPTS": "16", "DUET_POLICY_K": "8", "DUET_POLICY_MAX_NEW_TOKENS": "16",
-           "DUET_GATE_PROMPTS": "16", "DUET_RM_LR": "1e-3", "DUET_RM_MAX_WAIT_S": "5", "DUET_HELD_OUT_PCT": "20"}
+           "DUET_GATE_PROMPTS": "32", "DUET_RM_LR": "1e-3", "DUET_RM_MAX_WAIT_S": "5", "DUET_HELD_OUT_PCT": "20"}
     for k in ("DUET_KAFKA_BOOTSTRAP", "DUET_ADMIN_KEY", "DUET_DEV_KEY", "DUET_REGISTRY_DIR"):
         env.pop(k, None)
     log = open(tmp_path / "up.log", "w")
@@ -73,7 +54,7 @@ def test_duet_up_learns_from_simulated_users(tmp_path):
     try:
         cfg = SimulateConfig(base_url=f"http://127.0.0.1:{port}", rule="tests.sim_rules:likes_blue", noise=0.1,
                              votes=300, rate=8, concurrency=4, max_tokens=16, eval_every=40, eval_prompts=32,
-                             eval_samples=4, settle_s=120, out_dir=tmp_path / "sim", progress=False)
+                             eval_samples=4, settle_s=240, out_dir=tmp_path / "sim", progress=False)
         deadline = time.time() + 120
         while not (home / "admin_key").exists() or not (home / "dev_key").exists():
             assert up.poll() is None and time.time() < deadline, (tmp_path / "up.log").read_text()[-3000:]
