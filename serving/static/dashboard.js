@@ -115,7 +115,8 @@
     $("live").textContent = data.model_version || "loading";
     $("votes-total").textContent = Object.values(data.votes_total).reduce((a, c) => a + c, 0);
     const rm = data.reward_model.filter((s) => s.held_out_accuracy !== null);
-    $("rm-acc").textContent = rm.length ? pct(rm[rm.length - 1].held_out_accuracy) : "–";
+    // small held-out sets make early accuracies jumpy: say how many votes it is measured on
+    $("rm-acc").textContent = rm.length ? `${pct(rm[rm.length - 1].held_out_accuracy)} (of ${rm[rm.length - 1].votes_held_out} held out)` : "–";
     $("lag").textContent = data.consumer_lag ?? "–";
     $("outbox").textContent = data.outbox_depth;
     votesChart(data);
