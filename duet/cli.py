@@ -29,14 +29,22 @@ def _settings(**overrides):
         raise CLIError(f"bad setting DUET_{str(err['loc'][0]).upper()}: {err['msg']}") from None
 
 
-def _check_redis(url: str) -> None:
+def _redis_error(url: str, timeout_s: float = 2.0) -> str | None:
+    """None if Redis at `url` answers a ping, else the kind of error."""
     import redis
 
     try:
-        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
+        redis.Redis.from_url(url, socket_connect_timeout=timeout_s).ping()
+        return None
     except Exception as e:
-        raise CLIError(f"Redis at {url} does not answer ({type(e).__name__}); start one "
-                       f"(e.g. `redis-server --daemonize yes`) or set DUET_REDIS_URL") from None
+        return type(e).__name__
+
+
+def _check_redis(url: str) -> None:
+    err = _redis_error(url)
+    if err:
+        raise CLIError(f"Redis at {url} does not answer ({err}); start one "
+                       f"(e.g. `redis-server --daemonize yes`) or set DUET_REDIS_URL")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -133,13 +141,9 @@ def _redis_for_up(s, sup, run_dir) -> str:
     folder, so votes survive a restart) supervised like the other children."""
     import shutil
 
-    import redis
-
-    try:
-        redis.Redis.from_url(s.redis_url, socket_connect_timeout=2).ping()
+    err = _redis_error(s.redis_url)
+    if err is None:
         return s.redis_url
-    except Exception as e:
-        err = type(e).__name__
     binary = shutil.which("redis-server")
     if binary is None:
         raise CLIError(f"Redis at {s.redis_url} does not answer ({err}) and no redis-server is on PATH: install "
@@ -155,14 +159,10 @@ def _redis_for_up(s, sup, run_dir) -> str:
     sup.add(Child("redis", lambda: spawn(argv, dict(os.environ), run_dir / "redis.log"), stop_timeout_s=10))
     url = f"redis://127.0.0.1:{port}/0"
     deadline = time.time() + 15
-    while True:
-        try:
-            redis.Redis.from_url(url, socket_connect_timeout=1).ping()
-            break
-        except Exception:
-            if time.time() > deadline:
-                raise CLIError(f"the private redis-server did not start; see {run_dir / 'redis.log'}") from None
-            time.sleep(0.2)
+    while _redis_error(url, timeout_s=1.0):
+        if time.time() > deadline:
+            raise CLIError(f"the private redis-server did not start; see {run_dir / 'redis.log'}")
+        time.sleep(0.2)
     print(f"duet: redis     {url} (private; {s.redis_url} did not answer)")
     return url
 

@@ -32,7 +32,11 @@ VOTE_STATS_TTL_S = 30 * 86400
 
 
 def vote_stats_key(ts: float) -> str:
-    return f"duet:stats:votes:{int(ts // 86400)}"
+    return vote_stats_day_key(int(ts // 86400))
+
+
+def vote_stats_day_key(day: int) -> str:
+    return f"duet:stats:votes:{day}"
 
 
 def vote_stats_field(ts: float, choice: str) -> str:

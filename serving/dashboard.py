@@ -66,7 +66,7 @@ async def vote_buckets(redis, hours: float, bucket_s: int) -> tuple[list[VoteBuc
     now = time.time()
     since = now - hours * 3600
     days = range(int(since // 86400), int(now // 86400) + 1)
-    hashes = await asyncio.gather(*(redis.hgetall(f"duet:stats:votes:{d}") for d in days))
+    hashes = await asyncio.gather(*(redis.hgetall(ls.vote_stats_day_key(d)) for d in days))
     buckets: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     totals: dict[str, int] = defaultdict(int)
     for h in hashes:

@@ -136,7 +136,7 @@ class VLLMEngine:
         await self._llm.abort(request_id)
 
     async def stage_weights(self, path: str, timeout_s: float = 600.0) -> bool:
-        """Prepare `path`'s weights in kernel format inside the workers while generation goes on
+        """Read `path`'s weights into memory inside the workers while generation goes on
         (serving/worker_extension.py). False if staging failed: load_weights then reads from disk."""
         try:
             await self._llm.collective_rpc("duet_start_staging", args=(path,))
@@ -156,7 +156,7 @@ class VLLMEngine:
 
     async def load_weights(self, path: str, version: str) -> float:
         """Swap weights in place (requests in flight are frozen, not dropped). Returns the pause in s.
-        With the weights staged first, the pause is only the copy into the live parameters."""
+        With the weights staged first, the pause covers the in-place load from memory, not the disk read."""
         async with self._swap_lock:
             staged = await self.stage_weights(path)
             t0 = time.perf_counter()

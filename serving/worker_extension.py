@@ -57,15 +57,13 @@ class DuetWorkerExtension:
         return len(tensors)
 
     def duet_load_staged(self) -> int:
-        """Copy the staged tensors into the live parameters (call while generation is paused)."""
+        """Load the staged tensors into the live model in place, with vLLM's own processing (call while
+        generation is paused)."""
         staged, self._duet_staged = self._duet_staged, None
         if not staged:
             raise RuntimeError("no weights staged")
         import torch
 
-        with torch.no_grad():  # the copy into live parameters must not be recorded by autograd
+        with torch.no_grad():  # in-place writes into live parameters must not be recorded by autograd
             self.model_runner.reload_weights(weights_iterator=iter(staged.items()), is_checkpoint_format=True)
         return len(staged)
-
-    def duet_drop_staged(self) -> None:
-        self._duet_staged = None
