@@ -166,6 +166,7 @@ class VLLMEngine:
                     await self._llm.collective_rpc("duet_load_staged")
                 else:
                     await self._llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
+                    await self._llm.collective_rpc("duet_reprocess_tied")
                 # KV computed by the old weights must never be reused by the new ones.
                 await self._llm.reset_prefix_cache()
                 self.model_version = version

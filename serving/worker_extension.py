@@ -7,6 +7,12 @@ Why not kernel format (`is_checkpoint_format=False`, a plain copy into the live 
 vLLM repacks linear weights after loading and the kernels use the packed copies, not the parameters:
 copying into the parameters left the served model unchanged (seen here: sampled outputs identical to
 the old weights). The checkpoint-format path re-runs that processing, which is what makes it correct.
+
+Tied weights (SmolLM2's lm_head is its input embedding): vLLM's in-place reload processes a shared
+parameter once, in the layer that loads it, and leaves the other layer's processed state alone. On
+CPU that state is a packed copy, so the logits kept coming from the OLD embedding after every swap
+(measured: max |logit difference| 16 after doubling the embedding). `_reprocess_tied` re-runs vLLM's
+own processing for those layers.
 """
 
 from __future__ import annotations
@@ -66,4 +72,29 @@ class DuetWorkerExtension:
 
         with torch.no_grad():  # in-place writes into live parameters must not be recorded by autograd
             self.model_runner.reload_weights(weights_iterator=iter(staged.items()), is_checkpoint_format=True)
+            _reprocess_tied(self.model_runner.get_model())
         return len(staged)
+
+    def duet_reprocess_tied(self) -> list[str]:
+        """After `reload_weights` from disk (the fallback path): the same repair as for staged loads."""
+        import torch
+
+        with torch.no_grad():
+            return _reprocess_tied(self.model_runner.get_model())
+
+
+def _reprocess_tied(model) -> list[str]:
+    """Re-run weight processing for layers whose parameter is shared with a layer that came earlier
+    (the reload loads and processes a shared parameter under its first name only). Returns their names."""
+    first_owner: dict[int, str] = {}
+    redone = []
+    for name, module in model.named_modules():
+        for _, param in module.named_parameters(recurse=False):
+            if id(param) not in first_owner:
+                first_owner[id(param)] = name
+                continue
+            method = getattr(module, "quant_method", None)
+            if method is not None and name not in redone:
+                method.process_weights_after_loading(module)
+                redone.append(name)
+    return redone

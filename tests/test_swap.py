@@ -43,7 +43,12 @@ def admin(duet_server):
 
 @pytest.fixture(scope="module")
 def other_weights(tmp_path_factory) -> Path:
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny-b"), seed=1)
+    """The base with its MLP outputs ×25: another answer, still words (tiny random Llamas of other seeds
+    answer only newlines, which the health probe rightly refuses)."""
+    def edit(m):
+        for layer in m.model.layers:
+            layer.mlp.down_proj.weight.mul_(25.0)
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-b"), seed=0, edit=edit)
 
 
 def greedy(client: httpx.Client) -> tuple[str, str]:
@@ -178,7 +183,9 @@ def test_announcements_are_followed_unless_paused(client, admin, duet_server, br
 def test_a_version_changing_only_linear_layers_is_served(client, admin, duet_server, tmp_path):
     """Same embeddings as the base, different linear layers: on CPU vLLM serves repacked copies of
     linear weights, so a swap that only copied parameters would leave the output unchanged."""
-    base_text, _ = greedy(client)
+    assert admin.post("/admin/models/base/activate").status_code == 200  # the previous test left another live
+    base_text, version = greedy(client)
+    assert version == "base"
 
     def edit(m):
         for layer in m.model.layers:
@@ -189,6 +196,35 @@ def test_a_version_changing_only_linear_layers_is_served(client, admin, duet_ser
     try:
         assert admin.post(f"/admin/models/{name}/activate").status_code == 200
         assert greedy(client)[0] != base_text
+    finally:
+        assert admin.post("/admin/models/base/activate").status_code == 200
+        assert admin.post("/admin/updates/resume").status_code == 200
+    assert greedy(client) == (base_text, "base")  # and back, exactly
+
+
+def test_a_tied_output_layer_follows_the_embedding(client, admin, duet_server, tmp_path):
+    """The tiny model ties lm_head to the input embedding. The final norm is zeroed but for dimension 0
+    and two tokens get embedding ±1000 there, so the next token is one of them — if and only if the
+    logits come from the new embedding (on CPU vLLM keeps a packed copy per layer; a reload that only
+    refreshed the embedding layer left the logits on the old one)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(duet_server.env["DUET_MODEL"])
+    loud = [tok.encode(w, add_special_tokens=False)[0] for w in (" blue", " red")]
+
+    def edit(m):
+        m.model.norm.weight.zero_()
+        m.model.norm.weight[0] = 1.0
+        emb = m.model.embed_tokens.weight
+        emb[loud[0], 0], emb[loud[1], 0] = 1000.0, -1000.0
+
+    name = publish(duet_server.registry, make_tiny_llama(tmp_path / "loud", seed=0, edit=edit))
+    try:
+        assert admin.post(f"/admin/models/{name}/activate").status_code == 200
+        body = client.post("/v1/chat/completions", json={"model": "duet", "messages": HELLO, "max_tokens": 1,
+                                                         "temperature": 0}).json()
+        assert body["duet"]["model_version"] == name
+        assert body["choices"][0]["message"]["content"] in (" blue", " red", "blue", "red")
     finally:
         assert admin.post("/admin/models/base/activate").status_code == 200
         assert admin.post("/admin/updates/resume").status_code == 200
