@@ -138,12 +138,14 @@ class VLLMEngine:
     async def stage_weights(self, path: str, timeout_s: float = 600.0) -> bool:
         """Read `path`'s weights into memory inside the workers while generation goes on
         (serving/worker_extension.py). False if staging failed: load_weights then reads from disk."""
+        t0 = time.perf_counter()
         try:
             await self._llm.collective_rpc("duet_start_staging", args=(path,))
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline:
                 states = await self._llm.collective_rpc("duet_staging_status")
                 if all(st == "ready" for st in states):
+                    log.info("staged %s in %.3f s", path, time.perf_counter() - t0)
                     return True
                 if any(st not in ("running", "ready") for st in states):
                     log.warning("staging %s failed (%s); the swap will reload from disk", path, states)
@@ -162,8 +164,9 @@ class VLLMEngine:
             t0 = time.perf_counter()
             await self._llm.pause_generation(mode="keep", clear_cache=True)
             try:
+                reload_s = []
                 if staged:
-                    await self._llm.collective_rpc("duet_load_staged")
+                    reload_s = await self._llm.collective_rpc("duet_load_staged")
                 else:
                     await self._llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
                     await self._llm.collective_rpc("duet_reprocess_tied")
@@ -173,8 +176,8 @@ class VLLMEngine:
             finally:
                 await self._llm.resume_generation()
             pause = time.perf_counter() - t0
-            log.info("weights of %s loaded (%s); generation paused %.3f s", version,
-                     "staged" if staged else "from disk", pause)
+            log.info("weights of %s loaded (%s); generation paused %.3f s (in-place load %s s)", version,
+                     "staged" if staged else "from disk", pause, ", ".join(f"{x:.3f}" for x in reload_s) or "?")
             return pause
 
     def num_unfinished(self) -> int:

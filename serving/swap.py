@@ -155,7 +155,10 @@ class WeightSwapper:
             pause = await self.engine.load_weights(str(self.path_of(version)), version)
             PAUSE_SECONDS.observe(pause)
             metrics.set_model_version(version)
-            if rollback_ok and not await self.probe():
+            t_probe = time.perf_counter()
+            healthy = not rollback_ok or await self.probe()
+            log.info("probe of %s: %s in %.3f s", version, "ok" if healthy else "FAILED", time.perf_counter() - t_probe)
+            if not healthy:
                 back = await self.engine.load_weights(str(self.path_of(previous)), previous)
                 PAUSE_SECONDS.observe(back)
                 metrics.set_model_version(previous)

@@ -62,18 +62,21 @@ class DuetWorkerExtension:
         self._duet_staged = tensors
         return len(tensors)
 
-    def duet_load_staged(self) -> int:
+    def duet_load_staged(self) -> float:
         """Load the staged tensors into the live model in place, with vLLM's own processing (call while
-        generation is paused)."""
+        generation is paused). Returns the seconds it took."""
         staged, self._duet_staged = self._duet_staged, None
         if not staged:
             raise RuntimeError("no weights staged")
+        import time
+
         import torch
 
+        t0 = time.perf_counter()
         with torch.no_grad():  # in-place writes into live parameters must not be recorded by autograd
             self.model_runner.reload_weights(weights_iterator=iter(staged.items()), is_checkpoint_format=True)
             _reprocess_tied(self.model_runner.get_model())
-        return len(staged)
+        return time.perf_counter() - t0
 
     def duet_reprocess_tied(self) -> list[str]:
         """After `reload_weights` from disk (the fallback path): the same repair as for staged loads."""
