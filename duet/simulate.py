@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from duet.preferences import judge, load_rule
 from duet.prompts import prompt_sets
-from feedback.arena import bootstrap_win_rate
+from feedback.arena import bootstrap_win_rate_by_prompt
 from feedback.registry import BASE_VERSION
 
 
@@ -172,12 +172,12 @@ class Simulator:
 
     def evaluate(self, base: list[list[str]], votes: int) -> CurvePoint:
         policy, version = self.sample_held_out()
-        w = t = l = 0
-        for prompt, mine, theirs in zip(self.held_out, policy, base):
-            for a, b in zip(mine, theirs):
-                v = judge(self.rule, prompt, a, b)  # no noise: the rule itself decides
-                w, t, l = w + (v == "a"), t + (v == "tie"), l + (v == "b")
-        rate, lo, hi = bootstrap_win_rate(w, t, l, seed=self.cfg.seed)
+        by_prompt = [[{"a": 1.0, "tie": 0.5, "b": 0.0}[judge(self.rule, prompt, a, b)]  # no noise: the rule decides
+                      for a, b in zip(mine, theirs)]
+                     for prompt, mine, theirs in zip(self.held_out, policy, base)]
+        verdicts = [v for group in by_prompt for v in group]
+        w, t, l = verdicts.count(1.0), verdicts.count(0.5), verdicts.count(0.0)
+        rate, lo, hi = bootstrap_win_rate_by_prompt(by_prompt, seed=self.cfg.seed)
         return CurvePoint(votes=votes, seconds=time.time() - self.t0, model_version=version, win_rate=rate,
                           ci_low=lo, ci_high=hi, wins=w, ties=t, losses=l, rm_accuracy=self.rm_accuracy())
 
@@ -247,7 +247,7 @@ def plot_curve(result: SimulationResult, path: Path) -> None:
     x = [p.votes for p in pts]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     ax.fill_between(x, [p.ci_low for p in pts], [p.ci_high for p in pts], step="post", alpha=0.2, color="C0",
-                    label="95 % bootstrap CI")
+                    label="95 % bootstrap CI (resampling prompts)")
     ax.step(x, [p.win_rate for p in pts], where="post", color="C0", label="win rate vs base (held-out prompts)")
     rm = [(p.votes, p.rm_accuracy) for p in result.curve if p.rm_accuracy is not None]
     if rm:

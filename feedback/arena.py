@@ -31,6 +31,24 @@ def bootstrap_win_rate(wins: int, ties: int, losses: int, rounds: int = 2000, le
     return float(scores.mean()), float(lo), float(hi)
 
 
+def bootstrap_win_rate_by_prompt(scores: list[list[float]], rounds: int = 2000, level: float = 0.95,
+                                 seed: int = 0) -> tuple[float | None, float | None, float | None]:
+    """Win rate and a cluster-bootstrap interval: `scores[i]` are prompt i's verdicts (1 win, ½ tie,
+    0 loss) and whole prompts are resampled. Verdicts on one prompt move together (a policy that is
+    shorter on a prompt tends to be shorter on every sample of it), so resampling single verdicts
+    would claim more certainty about unseen prompts than a few dozen prompts give."""
+    groups = [g for g in scores if g]
+    if not groups:
+        return None, None, None
+    sums = np.array([sum(g) for g in groups], dtype=float)
+    sizes = np.array([len(g) for g in groups], dtype=float)
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, len(groups), size=(rounds, len(groups)))
+    means = sums[pick].sum(axis=1) / sizes[pick].sum(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(sums.sum() / sizes.sum()), float(lo), float(hi)
+
+
 def bradley_terry(outcomes: np.ndarray, a: np.ndarray, b: np.ndarray, players: int, iters: int = 200,
                   prior: float = 0.5) -> np.ndarray:
     """Log-strengths θ maximising Σ s·log σ(θ_a − θ_b) + (1 − s)·log σ(θ_b − θ_a) over verdicts

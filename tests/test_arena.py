@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 
-from feedback.arena import bootstrap_win_rate, bradley_terry, leaderboard, win_rate
+from feedback.arena import bootstrap_win_rate, bootstrap_win_rate_by_prompt, bradley_terry, leaderboard, win_rate
 from feedback.loop_status import Battle
 
 
@@ -20,6 +20,20 @@ def test_bootstrap_interval_contains_the_rate_and_narrows_with_more_verdicts():
     assert hi_big - lo_big < (hi - lo) / 2
     _, lo_even, hi_even = bootstrap_win_rate(5, 0, 5)
     assert lo_even < 0.5 < hi_even
+
+
+def test_prompt_bootstrap_counts_prompts_not_verdicts():
+    """Three identical verdicts on each of 10 prompts carry no more evidence than one per prompt: the
+    interval is exactly that of 10 single verdicts, and wider than resampling the 30 verdicts."""
+    grouped = bootstrap_win_rate_by_prompt([[1.0] * 3] * 7 + [[0.0] * 3] * 3)
+    single = bootstrap_win_rate_by_prompt([[1.0]] * 7 + [[0.0]] * 3)
+    assert grouped == single and grouped[0] == 0.7
+    _, lo, hi = bootstrap_win_rate(21, 0, 9)
+    assert grouped[2] - grouped[1] > hi - lo
+    # unequal groups: the rate is over verdicts (ties ½), prompts without verdicts are skipped
+    rate, lo, hi = bootstrap_win_rate_by_prompt([[1.0, 0.5], [0.0], []])
+    assert rate == 0.5 and lo <= rate <= hi
+    assert bootstrap_win_rate_by_prompt([[], []]) == (None, None, None)
 
 
 def test_two_player_bradley_terry_matches_closed_form():
