@@ -89,6 +89,15 @@ class Registry:
             return None
         return self.show(pointer.read_text().strip())
 
+    def _highest_issued(self) -> int:
+        """Numbers are never reused, even when the newest folder was deleted by hand: serving replicas
+        and votes name versions, so one name must always mean one set of weights. The `latest` pointer
+        remembers the newest number issued."""
+        pointer = self.root / LATEST
+        named = pointer.read_text().strip() if pointer.exists() else ""
+        pointed = int(named.lstrip("v")) if named.lstrip("v").isdigit() else 0
+        return max([m.version for m in self.versions()] + [pointed])
+
     def show(self, name_or_version: str | int) -> Manifest | None:
         name = version_name(int(name_or_version)) if str(name_or_version).isdigit() else str(name_or_version)
         path = self.root / name / MANIFEST
@@ -102,7 +111,7 @@ class Registry:
         """`write_weights(folder)` saves the model and tokenizer into a folder; the registry does the rest."""
         self.root.mkdir(parents=True, exist_ok=True)
         current = self.latest()
-        version = max([m.version for m in self.versions()] + [0]) + 1
+        version = self._highest_issued() + 1
         name = version_name(version)
         tmp = self.root / f".tmp-{name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)

@@ -34,6 +34,10 @@ class GenerationStep:
     model_version: str  # version active when this step came out of the engine
 
 
+class WeightsUnavailable(RuntimeError):
+    """A version's weights could not be read; nothing was changed in the running engine."""
+
+
 class Engine(Protocol):
     model_version: str
     max_model_len: int
@@ -44,7 +48,9 @@ class Engine(Protocol):
 
     async def abort(self, request_id: str) -> None: ...
 
-    async def load_weights(self, path: str, version: str) -> float: ...
+    async def load_weights(self, path: str, version: str) -> float:
+        """Load `path` in place, return the generation pause in s; WeightsUnavailable if unreadable."""
+        ...
 
     def num_unfinished(self) -> int: ...
 
@@ -135,49 +141,41 @@ class VLLMEngine:
     async def abort(self, request_id: str) -> None:
         await self._llm.abort(request_id)
 
-    async def stage_weights(self, path: str, timeout_s: float = 600.0) -> bool:
+    async def stage_weights(self, path: str, timeout_s: float = 600.0) -> None:
         """Read `path`'s weights into memory inside the workers while generation goes on
-        (serving/worker_extension.py). False if staging failed: load_weights then reads from disk."""
+        (serving/worker_extension.py). Raises WeightsUnavailable if they cannot be read."""
         t0 = time.perf_counter()
-        try:
-            await self._llm.collective_rpc("duet_start_staging", args=(path,))
-            deadline = time.monotonic() + timeout_s
-            while time.monotonic() < deadline:
-                states = await self._llm.collective_rpc("duet_staging_status")
-                if all(st == "ready" for st in states):
-                    log.info("staged %s in %.3f s", path, time.perf_counter() - t0)
-                    return True
-                if any(st not in ("running", "ready") for st in states):
-                    log.warning("staging %s failed (%s); the swap will reload from disk", path, states)
-                    return False
-                await asyncio.sleep(0.05)
-            log.warning("staging %s timed out; the swap will reload from disk", path)
-        except Exception as e:
-            log.warning("staging %s failed (%s); the swap will reload from disk", path, e)
-        return False
+        await self._llm.collective_rpc("duet_start_staging", args=(path,))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            states = await self._llm.collective_rpc("duet_staging_status")
+            if all(st == "ready" for st in states):
+                log.info("staged %s in %.3f s", path, time.perf_counter() - t0)
+                return
+            if any(st not in ("running", "ready") for st in states):
+                raise WeightsUnavailable(f"could not read the weights in {path}: {states[0]}")
+            await asyncio.sleep(0.05)
+        raise WeightsUnavailable(f"reading the weights in {path} took over {timeout_s:.0f} s")
 
     async def load_weights(self, path: str, version: str) -> float:
         """Swap weights in place (requests in flight are frozen, not dropped). Returns the pause in s.
-        With the weights staged first, the pause covers the in-place load from memory, not the disk read."""
+        The weights are staged in memory first, so the pause covers the in-place load, not the disk read,
+        and a version whose files cannot be read is refused before anything is paused: vLLM's in-place
+        reload stops the engine for good when it fails half-way (its layers are left on the meta device)."""
         async with self._swap_lock:
-            staged = await self.stage_weights(path)
+            await self.stage_weights(path)
             t0 = time.perf_counter()
             await self._llm.pause_generation(mode="keep", clear_cache=True)
             try:
-                reload_s = []
-                if staged:
-                    reload_s = await self._llm.collective_rpc("duet_load_staged")
-                else:
-                    await self._llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
-                    await self._llm.collective_rpc("duet_reprocess_tied")
+                reload_s = await self._llm.collective_rpc("duet_load_staged")
                 # KV computed by the old weights must never be reused by the new ones.
                 await self._llm.reset_prefix_cache()
                 self.model_version = version
             finally:
                 await self._llm.resume_generation()
             pause = time.perf_counter() - t0
-            log.info("weights of %s loaded (%s); generation paused %.3f s (in-place load %s s)", version,
-                     "staged" if staged else "from disk", pause, ", ".join(f"{x:.3f}" for x in reload_s) or "?")
+            log.info("weights of %s loaded; generation paused %.3f s (in-place load %s s)", version, pause,
+                     ", ".join(f"{x:.3f}" for x in reload_s))
             return pause
 
     def num_unfinished(self) -> int:

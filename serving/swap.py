@@ -22,7 +22,7 @@ from feedback import loop_status
 from feedback.comparisons import ChatMessage, SamplingSpec
 from feedback.registry import MANIFEST, Registry, sha256_file, verify
 from serving import metrics
-from serving.engine import BASE_VERSION, Engine
+from serving.engine import BASE_VERSION, Engine, WeightsUnavailable
 from serving.prompting import PromptBuilder
 
 log = logging.getLogger(__name__)
@@ -152,20 +152,35 @@ class WeightSwapper:
             if problems:
                 return self._record(SwapRecord(version, "refused", "; ".join(problems), seconds=time.perf_counter() - t0))
             previous = self.engine.model_version
-            pause = await self.engine.load_weights(str(self.path_of(version)), version)
+            try:
+                pause = await self.engine.load_weights(str(self.path_of(version)), version)
+            except WeightsUnavailable as e:  # e.g. deleted since it was checked: nothing was changed
+                return self._record(SwapRecord(version, "refused", str(e), seconds=time.perf_counter() - t0))
             PAUSE_SECONDS.observe(pause)
             metrics.set_model_version(version)
             t_probe = time.perf_counter()
             healthy = not rollback_ok or await self.probe()
             log.info("probe of %s: %s in %.3f s", version, "ok" if healthy else "FAILED", time.perf_counter() - t_probe)
             if not healthy:
-                back = await self.engine.load_weights(str(self.path_of(previous)), previous)
-                PAUSE_SECONDS.observe(back)
-                metrics.set_model_version(previous)
-                return self._record(SwapRecord(version, "rolled_back", "health probe failed",
+                back_to, back = await self._roll_back(previous)
+                return self._record(SwapRecord(version, "rolled_back", f"health probe failed; serving {back_to}",
                                                seconds=time.perf_counter() - t0, pause_s=pause + back))
             self._previous.append(previous)
             return self._record(SwapRecord(version, "ok", seconds=time.perf_counter() - t0, pause_s=pause))
+
+    async def _roll_back(self, previous: str) -> tuple[str, float]:
+        """Back to `previous`; to base if its files are gone (the registry keeps only the newest
+        versions, so a long-lived replica's previous version may have been pruned)."""
+        for target in dict.fromkeys((previous, BASE_VERSION)):
+            try:
+                back = await self.engine.load_weights(str(self.path_of(target)), target)
+            except WeightsUnavailable as e:
+                log.error("cannot roll back to %s: %s", target, e)
+                continue
+            PAUSE_SECONDS.observe(back)
+            metrics.set_model_version(target)
+            return target, back
+        raise WeightsUnavailable(f"neither {previous} nor base can be read; still serving the failed candidate")
 
     async def probe(self) -> bool:
         """A few fixed prompts must give non-empty answers in time (run together: one engine batch)."""

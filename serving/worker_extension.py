@@ -36,7 +36,7 @@ class DuetWorkerExtension:
         def work() -> None:
             try:
                 self.duet_stage_weights(path)
-            except Exception as e:  # reported to serving, which falls back to a reload from disk
+            except Exception as e:  # reported to serving, which refuses the swap before pausing anything
                 self._duet_staging_error = f"{type(e).__name__}: {e}"
 
         self._duet_staging = threading.Thread(target=work, name="duet-stage", daemon=True)
@@ -77,13 +77,6 @@ class DuetWorkerExtension:
             self.model_runner.reload_weights(weights_iterator=iter(staged.items()), is_checkpoint_format=True)
             _reprocess_tied(self.model_runner.get_model())
         return time.perf_counter() - t0
-
-    def duet_reprocess_tied(self) -> list[str]:
-        """After `reload_weights` from disk (the fallback path): the same repair as for staged loads."""
-        import torch
-
-        with torch.no_grad():
-            return _reprocess_tied(self.model_runner.get_model())
 
 
 def _reprocess_tied(model) -> list[str]:

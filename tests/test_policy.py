@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 
 import pytest
 import torch
@@ -145,3 +146,14 @@ def test_crash_mid_publish_leaves_nothing_visible(tmp_path):
     assert second.version == 2 and second.parent_version == 1
     assert not [p for p in (tmp_path / "registry").iterdir() if p.name.startswith(".tmp-")]
     assert json.loads((tmp_path / "registry" / "v000002" / "manifest.json").read_text())["version"] == 2
+
+
+def test_version_numbers_are_never_reused(tmp_path):
+    """Deleting the newest version by hand must not hand its name to different weights."""
+    reg = Registry(tmp_path / "registry")
+    common = dict(base_model="b", algorithm="rloo", hyperparameters={}, train_metrics={}, eval={}, kafka_offsets={})
+    for _ in range(2):
+        reg.publish(lambda folder: (folder / "model.safetensors").write_bytes(b"x"), **common)
+    shutil.rmtree(tmp_path / "registry" / "v000002")
+    third, _ = reg.publish(lambda folder: (folder / "model.safetensors").write_bytes(b"y"), **common)
+    assert third.name == "v000003" and [m.version for m in reg.versions()] == [1, 3]

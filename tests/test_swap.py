@@ -228,3 +228,30 @@ def test_a_tied_output_layer_follows_the_embedding(client, admin, duet_server, t
     finally:
         assert admin.post("/admin/models/base/activate").status_code == 200
         assert admin.post("/admin/updates/resume").status_code == 200
+
+
+def test_vanished_weights_are_refused_and_rollback_falls_back_to_base(client, admin, duet_server, other_weights,
+                                                                     tmp_path):
+    """The registry prunes old versions while replicas run. A version whose files vanished after it
+    was verified is refused before anything is paused (a failed in-place reload would stop vLLM for
+    good), and a rollback whose target vanished goes to base."""
+    assert admin.post("/admin/models/base/activate").status_code == 200
+    gone = publish(duet_server.registry, other_weights)
+    assert admin.post(f"/admin/models/{gone}/activate").status_code == 200
+    assert admin.post("/admin/models/base/activate").status_code == 200
+    for f in (duet_server.registry / gone).glob("*.safetensors"):
+        f.unlink()  # the manifest stays, so the remembered verification still matches
+    r = admin.post(f"/admin/models/{gone}/activate")
+    assert r.status_code == 422 and "could not read the weights" in r.json()["error"]["message"], r.text
+    assert greedy(client)[1] == "base"
+
+    live = publish(duet_server.registry, other_weights)
+    assert admin.post(f"/admin/models/{live}/activate").status_code == 200
+    shutil.rmtree(duet_server.registry / live)  # pruned while live
+    mute = publish(duet_server.registry, make_tiny_llama(
+        tmp_path / "mute", seed=3, edit=lambda m: m.model.norm.weight.zero_()))
+    assert admin.post(f"/admin/models/{mute}/activate").status_code == 409
+    last = admin.get("/admin/models").json()["history"][-1]
+    assert last["result"] == "rolled_back" and last["reason"].endswith("serving base"), last
+    text, version = greedy(client)
+    assert version == "base" and text.strip()
