@@ -2,8 +2,8 @@
 
 8 concurrent streaming clients run for --seconds without swaps, then for --seconds while the admin
 API alternates the live weights between `base` and a published copy every --every seconds. Reports
-swap time end to end (verify + pause + reload + probe; target <= 1 s), the pause inside it
-(target <= 100 ms), p99 request latency with and without swaps (added p99 target <= 100 ms) and
+swap time end to end (verify + stage + pause + probe; target <= 1 s), how long until the new weights
+answer requests (the same without the probe), the pause inside it (target <= 100 ms), p99 request latency with and without swaps (added p99 target <= 100 ms) and
 failed requests (target 0).
 Usage: python bench/swap.py [--seconds 30] [--every 3]
 """
@@ -119,6 +119,7 @@ def main() -> None:
         "model": base, "clients": 8, "seconds_each": args.seconds, "swaps": len(swaps), "swaps_ok": len(ok),
         "swap_seconds_median": round(statistics.median(r["seconds"] for r in ok), 3) if ok else None,
         "swap_seconds_max": round(max(r["seconds"] for r in ok), 3) if ok else None,
+        "live_seconds_median": round(statistics.median(r["live_s"] for r in ok), 3) if ok else None,
         "first_swap_seconds_with_full_verification": round(history[0]["seconds"], 3) if history else None,
         "pause_seconds_median": round(statistics.median(r["pause_s"] for r in ok), 3) if ok else None,
         "pause_seconds_max": round(max(r["pause_s"] for r in ok), 3) if ok else None,

@@ -44,8 +44,9 @@ class SwapRecord:
     result: str  # ok | refused | rolled_back
     reason: str = ""
     at: float = field(default_factory=time.time)
-    seconds: float = 0.0
+    seconds: float = 0.0  # verify + stage + pause + probe
     pause_s: float = 0.0
+    live_s: float = 0.0  # from the start until the new weights answered requests (before the probe)
 
 
 def _tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
@@ -159,14 +160,16 @@ class WeightSwapper:
             PAUSE_SECONDS.observe(pause)
             metrics.set_model_version(version)
             t_probe = time.perf_counter()
+            live = t_probe - t0
             healthy = not rollback_ok or await self.probe()
             log.info("probe of %s: %s in %.3f s", version, "ok" if healthy else "FAILED", time.perf_counter() - t_probe)
             if not healthy:
                 back_to, back = await self._roll_back(previous)
                 return self._record(SwapRecord(version, "rolled_back", f"health probe failed; serving {back_to}",
-                                               seconds=time.perf_counter() - t0, pause_s=pause + back))
+                                               seconds=time.perf_counter() - t0, pause_s=pause + back, live_s=live))
             self._previous.append(previous)
-            return self._record(SwapRecord(version, "ok", seconds=time.perf_counter() - t0, pause_s=pause))
+            return self._record(SwapRecord(version, "ok", seconds=time.perf_counter() - t0, pause_s=pause,
+                                           live_s=live))
 
     async def _roll_back(self, previous: str) -> tuple[str, float]:
         """Back to `previous`; to base if its files are gone (the registry keeps only the newest
