@@ -12,7 +12,8 @@ Tied weights (SmolLM2's lm_head is its input embedding): vLLM's in-place reload 
 parameter once, in the layer that loads it, and leaves the other layer's processed state alone. On
 CPU that state is a packed copy, so the logits kept coming from the OLD embedding after every swap
 (measured: max |logit difference| 16 after doubling the embedding). `_reprocess_tied` re-runs vLLM's
-own processing for those layers.
+own processing for those layers, on CPU only: on GPU an unquantized layer's processing is a no-op,
+and a quantized one must not be processed twice.
 """
 
 from __future__ import annotations
@@ -71,11 +72,13 @@ class DuetWorkerExtension:
         import time
 
         import torch
+        from vllm.platforms import current_platform
 
         t0 = time.perf_counter()
         with torch.no_grad():  # in-place writes into live parameters must not be recorded by autograd
             self.model_runner.reload_weights(weights_iterator=iter(staged.items()), is_checkpoint_format=True)
-            _reprocess_tied(self.model_runner.get_model())
+            if current_platform.is_cpu():  # elsewhere processing a layer twice may not be idempotent
+                _reprocess_tied(self.model_runner.get_model())
         return time.perf_counter() - t0
 
 
