@@ -157,3 +157,21 @@ def test_version_numbers_are_never_reused(tmp_path):
     shutil.rmtree(tmp_path / "registry" / "v000002")
     third, _ = reg.publish(lambda folder: (folder / "model.safetensors").write_bytes(b"y"), **common)
     assert third.name == "v000003" and [m.version for m in reg.versions()] == [1, 3]
+
+
+def test_gate_kl_estimates_the_true_kl(tiny_model):
+    """One-token answers make KL(π‖π_ref) exact (a sum over the vocabulary). The gate's sampled
+    estimate must match it; sampling at 0.7 instead of the policy's own temperature doubled it here."""
+    pt = PolicyTrainer(PolicyConfig(max_new_tokens=1), str(tiny_model), str(tiny_model))
+    with torch.no_grad():
+        pt.policy.model.norm.weight.mul_(3.0)  # a sharper candidate
+    messages = PROMPTS[0]
+    ids = torch.tensor([pt.prompt_ids(messages)])
+    with torch.no_grad():
+        lp = torch.log_softmax(pt.policy(ids).logits[0, -1].float(), -1)
+        lr = torch.log_softmax(pt.ref(ids).logits[0, -1].float(), -1)
+    exact = (lp.exp() * (lp - lr)).sum().item()
+    torch.manual_seed(0)
+    gate = evaluate(pt, pt.ref, [messages], lambda m, texts: torch.zeros(len(texts)),
+                    GateConfig(min_win_rate=0.0, max_kl=1e9, samples_per_prompt=400))
+    assert exact > 0.01 and gate.metrics["kl"] == pytest.approx(exact, rel=0.3)
