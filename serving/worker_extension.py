@@ -19,6 +19,7 @@ and a quantized one must not be processed twice.
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 
@@ -69,8 +70,6 @@ class DuetWorkerExtension:
         staged, self._duet_staged = self._duet_staged, None
         if not staged:
             raise RuntimeError("no weights staged")
-        import time
-
         import torch
         from vllm.platforms import current_platform
 
@@ -85,12 +84,12 @@ class DuetWorkerExtension:
 def _reprocess_tied(model) -> list[str]:
     """Re-run weight processing for layers whose parameter is shared with a layer that came earlier
     (the reload loads and processes a shared parameter under its first name only). Returns their names."""
-    first_owner: dict[int, str] = {}
+    seen: set[int] = set()
     redone = []
     for name, module in model.named_modules():
         for _, param in module.named_parameters(recurse=False):
-            if id(param) not in first_owner:
-                first_owner[id(param)] = name
+            if id(param) not in seen:
+                seen.add(id(param))
                 continue
             method = getattr(module, "quant_method", None)
             if method is not None and name not in redone:
