@@ -48,6 +48,12 @@ def version_name(version: int) -> str:
     return f"v{version:06d}"
 
 
+def version_number(name: str) -> int | None:
+    """The inverse of `version_name`; None for anything else (e.g. "base")."""
+    digits = name[1:] if name.startswith("v") else ""
+    return int(digits) if digits.isdigit() else None
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -94,9 +100,8 @@ class Registry:
         and votes name versions, so one name must always mean one set of weights. The `latest` pointer
         remembers the newest number issued."""
         pointer = self.root / LATEST
-        named = pointer.read_text().strip() if pointer.exists() else ""
-        pointed = int(named.lstrip("v")) if named.lstrip("v").isdigit() else 0
-        return max([m.version for m in self.versions()] + [pointed])
+        pointed = version_number(pointer.read_text().strip()) if pointer.exists() else None
+        return max([m.version for m in self.versions()] + [pointed or 0])
 
     def show(self, name_or_version: str | int) -> Manifest | None:
         name = version_name(int(name_or_version)) if str(name_or_version).isdigit() else str(name_or_version)

@@ -51,6 +51,12 @@ def other_weights(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-b"), seed=0, edit=edit)
 
 
+def make_mute_llama(out: Path) -> Path:
+    """Final norm zeroed: every logit is 0, greedy picks token 0 (a special token): empty answers,
+    so the health probe fails."""
+    return make_tiny_llama(out, seed=3, edit=lambda m: m.model.norm.weight.zero_())
+
+
 def greedy(client: httpx.Client) -> tuple[str, str]:
     body = client.post("/v1/chat/completions", json={"model": "duet", "messages": HELLO, "max_tokens": 8,
                                                      "temperature": 0}).json()
@@ -140,9 +146,7 @@ def test_refusals_keep_the_old_version(admin, duet_server, other_weights, tmp_pa
 
 def test_failed_probe_rolls_back(client, admin, duet_server, tmp_path):
     admin.post("/admin/models/base/activate")
-    # final norm zeroed: every logit is 0, greedy picks token 0 (a special token): empty answers
-    mute = publish(duet_server.registry, make_tiny_llama(
-        tmp_path / "mute", seed=3, edit=lambda m: m.model.norm.weight.zero_()))
+    mute = publish(duet_server.registry, make_mute_llama(tmp_path / "mute"))
     r = admin.post(f"/admin/models/{mute}/activate")
     assert_openai_error(r, 409, "version")
     assert greedy(client)[1] == "base"
@@ -248,8 +252,7 @@ def test_vanished_weights_are_refused_and_rollback_falls_back_to_base(client, ad
     live = publish(duet_server.registry, other_weights)
     assert admin.post(f"/admin/models/{live}/activate").status_code == 200
     shutil.rmtree(duet_server.registry / live)  # pruned while live
-    mute = publish(duet_server.registry, make_tiny_llama(
-        tmp_path / "mute", seed=3, edit=lambda m: m.model.norm.weight.zero_()))
+    mute = publish(duet_server.registry, make_mute_llama(tmp_path / "mute"))
     assert admin.post(f"/admin/models/{mute}/activate").status_code == 409
     last = admin.get("/admin/models").json()["history"][-1]
     assert last["result"] == "rolled_back" and last["reason"].endswith("serving base"), last
