@@ -210,26 +210,31 @@ def cmd_relay(args: argparse.Namespace) -> None:
                 replication=s.kafka_replication, min_insync=s.kafka_min_insync).run_forever()
 
 
-def _reward_service(s):
+def _section(s, prefix: str, config_cls, **extra):
+    """A component's config from the settings fields named `prefix` + its field names, unchanged."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    values = {n: getattr(s, prefix + n) for n in names if hasattr(s, prefix + n)}
+    return config_cls(**{**values, **extra})
+
+
+def _trainer_service(s):
     from duet.model_assets import resolve_model
     from trainer.gate import GateConfig
     from trainer.policy import PolicyConfig
     from trainer.reward_model import minilm_path
     from trainer.reward_trainer import RewardTrainerConfig
     from trainer.rounds import RoundConfig
-    from trainer.service import RewardService, ServiceConfig
+    from trainer.service import ServiceConfig, TrainerService
 
     base = resolve_model(s.model, s.home)
-    backbone = minilm_path() if s.rm_backbone == "minilm" else resolve_model(s.rm_backbone or s.model, s.home)
-    rm = RewardTrainerConfig(backbone=backbone, loss=s.rm_loss, lr=s.rm_lr, replay_ratio=s.rm_replay_ratio,
-                             replay_capacity=s.rm_replay_capacity, utility_eps=s.rm_utility_eps,
-                             max_tokens=s.rm_max_tokens, seed=s.seed)
+    backbone = {"minilm": minilm_path(), "base": base, "": base}.get(s.rm_backbone) or resolve_model(s.rm_backbone, s.home)
+    rm = _section(s, "rm_", RewardTrainerConfig, backbone=backbone, seed=s.seed)
     round_cfg = RoundConfig(
         base_model=base, registry_root=s.registry_root(), keep_versions=s.keep_versions, bootstrap=s.kafka_bootstrap,
-        policy=PolicyConfig(algorithm=s.policy_algorithm, beta=s.policy_beta, lr=s.policy_lr, k=s.policy_k,
-                            max_new_tokens=s.policy_max_new_tokens, seed=s.seed),
-        gate=GateConfig(min_win_rate=s.gate_min_win_rate, max_kl=s.gate_max_kl))
-    return RewardService(ServiceConfig(
+        policy=_section(s, "policy_", PolicyConfig, seed=s.seed), gate=_section(s, "gate_", GateConfig))
+    return TrainerService(ServiceConfig(
         bootstrap=s.kafka_bootstrap, checkpoint_dir=s.home / "trainer" / "checkpoints", group_id=s.trainer_group_id,
         step_groups=s.rm_step_groups, max_wait_s=s.rm_max_wait_s, held_out_pct=s.held_out_pct,
         keep_checkpoints=s.keep_checkpoints, fresh_broker=s.trainer_fresh_broker, round=round_cfg,
@@ -242,7 +247,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     s = _settings()
     if not s.kafka_bootstrap:
         raise CLIError("DUET_KAFKA_BOOTSTRAP is not set: the trainer reads votes from Kafka")
-    svc = _reward_service(s)
+    svc = _trainer_service(s)
     if args.round:
         result = svc.policy_round()
         if result is None:

@@ -60,9 +60,11 @@ class Settings(BaseSettings):
     supervisor_metrics_port: int = 9103  # `duet up` serves child restarts here (0: off)
 
     # --- trainer --------------------------------------------------------------------------
-    rm_backbone: str = ""  # "" = the served base model; "minilm" = all-MiniLM-L6-v2; or an HF folder
+    # The reward model: all-MiniLM-L6-v2 (22M) by default; on 2 cores a step of 16 comparisons takes seconds,
+    # so it keeps up with the votes a CPU can serve (the 135M base model took ~2 min a step while serving).
+    rm_backbone: str = "minilm"  # "minilm"; "base" = the served base model (InstructGPT's choice); or an HF folder
     rm_loss: Literal["bradley_terry", "prompt_aware"] = "bradley_terry"
-    rm_lr: float = 1e-5
+    rm_lr: float = 5e-5
     rm_max_tokens: int = 384
     rm_step_groups: int = 8  # new comparisons per step
     rm_max_wait_s: float = 30.0  # a step runs with fewer once the oldest has waited this long
@@ -76,17 +78,25 @@ class Settings(BaseSettings):
     trainer_fresh_broker: bool = False  # set by `duet up` with the in-memory embedded broker
 
     # --- policy rounds, gate and registry -----------------------------------------------------------
+    # The policy is trained as LoRA adapters on the frozen base (which is also the KL reference); the trainer
+    # keeps them and their AdamW moments in fp32 across rounds; each export merges them into bf16 weights.
     policy_algorithm: Literal["rloo", "dpo"] = "rloo"
-    policy_beta: float = 0.05
-    policy_lr: float = 1e-6
+    policy_beta: float = 0.05  # KL weight, folded into the reward
+    policy_lr: float = 2e-4  # adapters' learning rate
+    policy_lora_rank: int = 16
+    policy_lora_alpha: float = 32.0
     policy_k: int = 4  # RLOO samples per prompt
     policy_max_new_tokens: int = 64
-    policy_prompts: int = 8  # recent user prompts per round
-    policy_every_votes: int = 64  # a round after this many new trained votes...
+    policy_prompts_per_step: int = 4  # prompts per optimizer step
+    policy_prompts: int = 16  # recent user prompts per round
+    policy_every_votes: int = 32  # a round after this many new trained votes...
     policy_every_s: float = 1800.0  # ...or this long after the last round if any vote came in
     gate_min_win_rate: float = 0.5
+    gate_require: Literal["not_worse", "better"] = "not_worse"  # which end of the judges' interval must clear it
     gate_max_kl: float = 20.0
-    gate_prompts: int = 8  # held-out prompts the gate samples
+    gate_max_length_ratio: float = 3.0
+    gate_samples_per_prompt: int = 2
+    gate_prompts: int = 16  # held-out prompts the gate samples
     keep_versions: int = 5
     registry_dir: Path | None = None  # where versions are published; default <home>/registry
     swap_probe_timeout_s: float = 30.0

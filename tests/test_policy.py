@@ -16,11 +16,15 @@ from feedback.events import WeightsAnnouncement
 from feedback.topics import WEIGHTS, ensure_topics
 from tests.kafka_helpers import read_topic
 from trainer.examples import to_prompt_group
+from trainer import checkpoint
+from trainer.checkpoint import Snapshot, TrainerState
 from trainer.gate import GateConfig, evaluate
-from trainer.losses import dpo_loss, rloo_advantages, rloo_loss
+from trainer.judge import JudgeEnsemble, SentenceEncoder
+from trainer.losses import dpo_loss, kl_penalized_rewards, rloo_advantages, rloo_loss
 from trainer.policy import PolicyConfig, PolicyTrainer, load_causal_lm
+from trainer.reward_model import minilm_path
 from feedback.registry import Registry, verify
-from trainer.rounds import RoundConfig, run_round
+from trainer.rounds import PolicyRounds, RoundConfig
 from trainer.synthetic import TOPICS, marker_event
 
 PROMPTS = [[ChatMessage(role="user", content=f"Tell me about {t}.")] for t in TOPICS]
@@ -38,10 +42,50 @@ def test_dpo_loss_by_hand():
 def test_rloo_advantages_and_loss_by_hand():
     adv = rloo_advantages(t(1.0, 2.0, 3.0, 6.0).unsqueeze(0))
     assert adv.squeeze(0).tolist() == pytest.approx([1 - 11 / 3, 2 - 10 / 3, 3 - 3, 6 - 2])
-    logp, ref = t(-1.0, -2.0).unsqueeze(0), t(-1.5, -2.5).unsqueeze(0)
+    # r − β·kl
+    assert kl_penalized_rewards(t(1.0, 2.0), t(0.5, -1.0), 0.1).tolist() == pytest.approx([0.95, 2.1])
+    logp = t(-1.0, -2.0).unsqueeze(0)
     mask = t(1.0, 0.0).unsqueeze(0)  # second token is padding
-    # −A·(−1) + β·(−1 − −1.5)
-    assert rloo_loss(logp, ref, mask, t(2.0), 0.1).item() == pytest.approx(2.0 + 0.05)
+    assert rloo_loss(logp, mask, t(2.0)).item() == pytest.approx(2.0)  # −A·Σ log π = −2·(−1)
+
+
+def _kl_after_updates(kl_in_reward: bool, seed: int, steps: int = 300, beta: float = 1.0, k: int = 8) -> tuple[float, float]:
+    """A categorical policy over 8 one-token answers (so KL(π‖π_ref) is exact), started away from the
+    reference, trained by SGD with zero reward: the only force is the KL anchor."""
+    g = torch.Generator().manual_seed(seed)
+    ref = torch.randn(8, generator=g)
+    theta = (ref + 2.0 * torch.randn(8, generator=g)).requires_grad_()
+    opt = torch.optim.SGD([theta], lr=0.1)
+
+    def exact_kl() -> float:
+        lp, lr = torch.log_softmax(theta.detach(), -1), torch.log_softmax(ref, -1)
+        return float((lp.exp() * (lp - lr)).sum())
+
+    start = exact_kl()
+    for _ in range(steps):
+        y = torch.multinomial(torch.softmax(theta.detach(), -1), k, replacement=True, generator=g)
+        logp = torch.log_softmax(theta, -1)[y].unsqueeze(1)
+        ref_logp = torch.log_softmax(ref, -1)[y].unsqueeze(1)
+        mask = torch.ones_like(logp)
+        kl = ((logp - ref_logp) * mask).sum(-1)
+        if kl_in_reward:  # what the trainer does
+            adv = rloo_advantages(kl_penalized_rewards(torch.zeros(k), kl, beta).view(1, k)).flatten()
+            loss = rloo_loss(logp, mask, adv)
+        else:  # the old loss: β Σ_t (log π − log π_ref) added as a loss term (zero advantages)
+            loss = (beta * kl).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return start, exact_kl()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_kl_anchor_pulls_the_policy_back_to_the_reference(seed):
+    start, end = _kl_after_updates(True, seed)
+    assert end < 0.5 * start, (start, end)
+    # the old loss term has zero expected gradient: the KL barely moves (deterministic for these seeds)
+    old_start, old_end = _kl_after_updates(False, seed)
+    assert old_end > 0.8 * old_start, (old_start, old_end)
 
 
 def low_id_reward(tokenizer):
@@ -55,9 +99,15 @@ def low_id_reward(tokenizer):
     return score
 
 
-def mean_reward(pt, model, reward, n=4):
+def mean_reward(pt, reward, n=4, reference=False):
     torch.manual_seed(123)
-    return sum(float(reward(p, [s.text for s in pt.sample(model, p, n)]).mean()) for p in PROMPTS[:10]) / 10
+    prompts = PROMPTS[:10]
+    if reference:
+        with pt.reference():
+            groups = pt.sample(pt.model, prompts, n)
+    else:
+        groups = pt.sample(pt.model, prompts, n)
+    return sum(float(reward(p, [s.text for s in g]).mean()) for p, g in zip(prompts, groups)) / len(prompts)
 
 
 def blue_reward(messages, answers):
@@ -65,51 +115,126 @@ def blue_reward(messages, answers):
     return torch.tensor([float(a.lower().count("blue")) for a in answers])
 
 
-def test_rloo_shifts_the_policy_toward_the_reward(blue_model):
-    cfg = PolicyConfig(algorithm="rloo", lr=3e-4, beta=0.01, k=8, max_new_tokens=16, grad_accum=4, seed=0)
-    pt = PolicyTrainer(cfg, str(blue_model), str(blue_model))
-    before = mean_reward(pt, pt.ref, blue_reward)
-    for _ in range(2):
-        out = pt.rloo_round(PROMPTS[:8], blue_reward)
-    after = mean_reward(pt, pt.policy, blue_reward)
+def test_rloo_at_default_settings_shifts_the_policy_toward_the_reward(blue_model):
+    """Default learning rate, β, k, rank: only the answer length is cut to keep the test short."""
+    pt = PolicyTrainer(PolicyConfig(max_new_tokens=16), str(blue_model))
+    before = mean_reward(pt, blue_reward, reference=True)
+    for _ in range(3):
+        out = pt.rloo_round(PROMPTS[:16], blue_reward)
+    after = mean_reward(pt, blue_reward)
     # it samples the full distribution, as vLLM serves it: "blue" is rare at first, then common
-    assert before < 2.0 and after > before + 2.0, (before, after)
-    assert out["kl"] > 0 and math.isfinite(out["reward_mean"])
+    assert before < 2.0 and after > before + 1.0, (before, after)
+    assert out["kl"] > 0 and math.isfinite(out["reward_mean"]) and out["updates"] == 12
 
 
 def test_dpo_raises_the_margin_of_preferred_answers(tiny_model):
     rng = random.Random(0)
     groups = [to_prompt_group(marker_event(rng)) for _ in range(24)]
-    pt = PolicyTrainer(PolicyConfig(algorithm="dpo", lr=1e-3, beta=0.1, grad_accum=4), str(tiny_model),
-                       str(tiny_model))
+    pt = PolicyTrainer(PolicyConfig(algorithm="dpo", lr=1e-3, beta=0.1), str(tiny_model))
     first = pt.dpo_round(groups)
     second = pt.dpo_round(groups)
     assert second["margin"] > first["margin"] and second["loss"] < first["loss"]
 
 
-def test_gate_refuses_nan_weights_and_too_much_kl(tiny_model):
-    pt = PolicyTrainer(PolicyConfig(max_new_tokens=8), str(tiny_model), str(tiny_model))
-    reward = low_id_reward(pt.tokenizer)
-    live = load_causal_lm(str(tiny_model), pt.device, trainable=False)
-    ok = evaluate(pt, live, PROMPTS[:3], reward, GateConfig(min_win_rate=0.0, max_kl=1e9))
+@pytest.fixture(scope="module")
+def judges():
+    """The gate's judges fitted on synthetic votes (the answer with "banana" wins)."""
+    rng = random.Random(0)
+    j = JudgeEnsemble(SentenceEncoder(minilm_path()), n_judges=4)
+    assert j.fit([to_prompt_group(marker_event(rng)) for _ in range(40)]) == 40
+    return j
+
+
+def test_judges_learn_the_voters_taste(judges):
+    messages = [ChatMessage(role="user", content="Tell me something about tea.")]
+    verdict = judges.prefer(messages, ["About tea: warm banana slow calm.", "About tea: banana green soft."],
+                            ["About tea: warm slow calm.", "About tea: green soft."])
+    assert verdict.shape == (4, 2) and verdict.mean() > 0.9
+
+
+def test_gate_refuses_nan_weights_and_too_much_kl(tiny_model, judges):
+    pt = PolicyTrainer(PolicyConfig(max_new_tokens=8), str(tiny_model))
+    live = load_causal_lm(str(tiny_model), pt.device)
+    candidate = load_causal_lm(str(tiny_model), pt.device)
+    lenient = GateConfig(min_win_rate=0.0, max_kl=1e9, max_length_ratio=1e9, max_empty_share=1.0)
+    ok = evaluate(pt, candidate, live, PROMPTS[:3], judges, lenient)
     assert ok.passed, ok.reasons
-    strict = evaluate(pt, live, PROMPTS[:3], reward, GateConfig(min_win_rate=0.0, max_kl=-1.0))
+    assert 0.0 <= ok.metrics["win_rate_low"] <= ok.metrics["win_rate"] <= ok.metrics["win_rate_high"] <= 1.0
+    strict = evaluate(pt, candidate, live, PROMPTS[:3], judges, GateConfig(min_win_rate=0.0, max_kl=-1.0,
+                                                                            max_length_ratio=1e9, max_empty_share=1.0))
     assert not strict.passed and "kl_too_high" in strict.reasons
     with torch.no_grad():
-        next(pt.policy.parameters()).view(-1)[0] = float("nan")
-    broken = evaluate(pt, live, PROMPTS[:3], reward, GateConfig(min_win_rate=0.0, max_kl=1e9))
+        next(candidate.parameters()).view(-1)[0] = float("nan")
+    broken = evaluate(pt, candidate, live, PROMPTS[:3], judges, lenient)
     assert not broken.passed and broken.reasons == ["nonfinite_weights"]
+
+
+def _synthetic_votes(n=40):
+    rng = random.Random(1)
+    return [to_prompt_group(marker_event(rng)) for _ in range(n)]
+
+
+def test_a_round_at_default_settings_publishes_what_was_learned(blue_model, tmp_path):
+    """Every policy and gate setting at its default: the export differs from its parent (not rounded away in
+    bf16), the KL to the reference stays bounded, and the state carries into the next round."""
+    rounds = PolicyRounds(RoundConfig(base_model=str(blue_model), registry_root=tmp_path / "registry",
+                                      policy=PolicyConfig(max_new_tokens=16), gate=GateConfig(min_win_rate=0.0)))
+    votes = _synthetic_votes()
+    first = rounds.run(PROMPTS[:16], PROMPTS[16:20], blue_reward, recent=votes, judge_votes=votes)
+    assert first.published is not None, (first.gate.reasons, first.gate.metrics)
+    assert first.train_metrics["changed_fraction"] > 0.5  # most weights of the adapted layers moved
+    assert 0.0 < first.gate.metrics["kl"] < GateConfig().max_kl
+    updates = rounds.pt.updates
+    moments = rounds.pt.optimizer.state_dict()["state"]
+    assert updates == 4 and moments and all(s["step"] == updates for s in moments.values())  # AdamW kept its state
+    second = rounds.run(PROMPTS[:16], PROMPTS[16:20], blue_reward, recent=votes, judge_votes=votes)
+    assert second.published.version == 2 and second.published.parent_version == 1
+    assert second.train_metrics["changed_fraction"] > 0.1  # relative to v1, not to base
+    assert rounds.pt.updates == 8
+
+
+def test_a_refused_candidate_leaves_the_policy_where_it_was(blue_model, tmp_path):
+    rounds = PolicyRounds(RoundConfig(base_model=str(blue_model), registry_root=tmp_path / "registry",
+                                      policy=PolicyConfig(max_new_tokens=8), gate=GateConfig(max_kl=-1.0)))
+    before = rounds.pt.state_dict()
+    votes = _synthetic_votes(10)
+    result = rounds.run(PROMPTS[:4], PROMPTS[4:6], blue_reward, recent=votes, judge_votes=votes)
+    assert result.published is None and "kl_too_high" in result.gate.reasons
+    after = rounds.pt.state_dict()
+    assert all(torch.equal(before["adapters"][k], after["adapters"][k]) for k in before["adapters"])
+    assert Registry(tmp_path / "registry").latest() is None
+
+
+def test_policy_state_round_trips_through_a_checkpoint(blue_model, tmp_path):
+    """fp32 adapters and AdamW moments are saved with the trainer's checkpoint and restored exactly."""
+    pt = PolicyTrainer(PolicyConfig(max_new_tokens=8), str(blue_model))
+    pt.rloo_round(PROMPTS[:4], blue_reward)
+    rm = torch.nn.Linear(2, 1)
+    opt = torch.optim.AdamW(rm.parameters())
+    path = checkpoint.save(tmp_path, Snapshot(TrainerState(), policy=pt.state_dict()), rm, opt)
+    fresh = PolicyTrainer(PolicyConfig(max_new_tokens=8), str(blue_model))
+    fresh.load_state_dict(checkpoint.load(path, rm, opt).policy)
+    a, b = pt.state_dict(), fresh.state_dict()
+    assert a["updates"] == b["updates"] == 1
+    assert all(torch.equal(a["adapters"][k], b["adapters"][k]) for k in a["adapters"])
+    for pid, s in a["optimizer"]["state"].items():
+        assert torch.equal(s["exp_avg"], b["optimizer"]["state"][pid]["exp_avg"])
+        assert torch.equal(s["exp_avg_sq"], b["optimizer"]["state"][pid]["exp_avg_sq"])
 
 
 def test_round_publishes_verifiable_versions_and_announces(tiny_model, tmp_path, broker):
     ensure_topics(broker.bootstrap)
     cfg = RoundConfig(base_model=str(tiny_model), registry_root=tmp_path / "registry", bootstrap=broker.bootstrap,
-                      policy=PolicyConfig(lr=2e-3, beta=0.01, max_new_tokens=8, grad_accum=2),
-                      gate=GateConfig(min_win_rate=0.0, max_kl=1e9), keep_versions=2)
+                      policy=PolicyConfig(lr=2e-3, max_new_tokens=8, prompts_per_step=2),
+                      gate=GateConfig(min_win_rate=0.0, max_kl=1e9, max_length_ratio=1e9, max_empty_share=1.0),
+                      keep_versions=2)
     from transformers import AutoTokenizer
 
     reward = low_id_reward(AutoTokenizer.from_pretrained(str(tiny_model)))
-    results = [run_round(cfg, PROMPTS[:4], PROMPTS[4:6], reward, kafka_offsets={0: 5}) for _ in range(3)]
+    rounds = PolicyRounds(cfg)
+    votes = _synthetic_votes(10)
+    results = [rounds.run(PROMPTS[:4], PROMPTS[4:6], reward, recent=votes, judge_votes=votes, kafka_offsets={0: 5})
+               for _ in range(3)]
     versions = [r.published.version for r in results]
     assert versions == [1, 2, 3]
     reg = Registry(tmp_path / "registry")
@@ -159,19 +284,21 @@ def test_version_numbers_are_never_reused(tmp_path):
     assert third.name == "v000003" and [m.version for m in reg.versions()] == [1, 3]
 
 
-def test_gate_kl_estimates_the_true_kl(tiny_model):
+def test_gate_kl_estimates_the_true_kl(tiny_model, judges):
     """One-token answers make KL(π‖π_ref) exact (a sum over the vocabulary). The gate's sampled
     estimate must match it; sampling at 0.7 instead of the policy's own temperature doubled it here."""
-    pt = PolicyTrainer(PolicyConfig(max_new_tokens=1), str(tiny_model), str(tiny_model))
+    pt = PolicyTrainer(PolicyConfig(max_new_tokens=1), str(tiny_model))
+    candidate = load_causal_lm(str(tiny_model), pt.device)
     with torch.no_grad():
-        pt.policy.model.norm.weight.mul_(3.0)  # a sharper candidate
+        candidate.model.norm.weight.mul_(3.0)  # a sharper candidate
     messages = PROMPTS[0]
-    ids = torch.tensor([pt.prompt_ids(messages)])
-    with torch.no_grad():
-        lp = torch.log_softmax(pt.policy(ids).logits[0, -1].float(), -1)
-        lr = torch.log_softmax(pt.ref(ids).logits[0, -1].float(), -1)
+    ids = torch.tensor([pt.prompt_ids(messages)], device=pt.device)
+    with torch.no_grad(), pt.reference():
+        lp = torch.log_softmax(candidate(ids).logits[0, -1].float(), -1)
+        lr = torch.log_softmax(pt.model(ids).logits[0, -1].float(), -1)
     exact = (lp.exp() * (lp - lr)).sum().item()
     torch.manual_seed(0)
-    gate = evaluate(pt, pt.ref, [messages], lambda m, texts: torch.zeros(len(texts)),
-                    GateConfig(min_win_rate=0.0, max_kl=1e9, samples_per_prompt=400))
+    gate = evaluate(pt, candidate, pt.model, [messages], judges,
+                    GateConfig(min_win_rate=0.0, max_kl=1e9, samples_per_prompt=400, max_length_ratio=1e9,
+                               max_empty_share=1.0))
     assert exact > 0.01 and gate.metrics["kl"] == pytest.approx(exact, rel=0.3)

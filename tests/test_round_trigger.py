@@ -5,21 +5,21 @@ import time
 
 from trainer.reward_trainer import RewardTrainerConfig
 from trainer.rounds import RoundConfig
-from trainer.service import RewardService, ServiceConfig
+from trainer.service import ServiceConfig, TrainerService
 
 
 def test_round_trigger(tiny_model, tmp_path):
-    svc = RewardService(ServiceConfig(bootstrap="unused:9092", checkpoint_dir=tmp_path / "ckpt",
+    svc = TrainerService(ServiceConfig(bootstrap="unused:9092", checkpoint_dir=tmp_path / "ckpt",
                                       round=RoundConfig(base_model=str(tiny_model), registry_root=tmp_path / "reg"),
                                       round_every_votes=64, round_every_s=600),
                         RewardTrainerConfig(backbone=str(tiny_model)))
-    assert not svc._round_due()  # no votes
+    assert not svc.round_due()  # no votes
     svc.state.votes_since_round = 10
-    assert not svc._round_due()  # few votes, and the service just started
+    assert not svc.round_due()  # few votes, and the service just started
     svc.state.votes_since_round = 64
-    assert svc._round_due()
+    assert svc.round_due()
     svc.state.votes_since_round = 10
     svc.state.last_round_at = time.time() - 601
-    assert svc._round_due()
+    assert svc.round_due()
     svc.cfg.round = None
-    assert not svc._round_due()  # reward model only
+    assert not svc.round_due()  # reward model only

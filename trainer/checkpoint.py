@@ -5,6 +5,8 @@
         optimizer.pt               AdamW state
         state.json                 `TrainerState`: counts, Kafka offsets, event ids already seen
         replay.jsonl, heldout.jsonl  the replay buffer and the held-out set (PromptGroup per line)
+        pending.jsonl              consumed votes not yet trained (so a checkpoint may be written at any time)
+        policy.pt                  the policy's state: fp32 adapters, AdamW moments (absent without rounds)
 
 Written into a temporary folder, fsynced, then renamed into place: a crash leaves either the old
 checkpoint or the new one, never half of one. The newest `keep` are kept.
@@ -17,6 +19,8 @@ import shutil
 from pathlib import Path
 
 import torch
+from dataclasses import dataclass, field
+
 from pydantic import BaseModel, Field
 from safetensors.torch import load_file, save_file
 
@@ -31,6 +35,7 @@ class TrainerState(BaseModel):
     events_trained: int = 0  # comparison events whose pairs went into a training step
     events_held_out: int = 0
     events_untrainable: int = 0  # both_bad and thumbs: counted, nothing to order
+    rounds: int = 0  # policy rounds run (published or refused)
     counts: dict[str, int] = Field(default_factory=dict)  # by choice / rating
     offsets: dict[int, int] = Field(default_factory=dict)  # partition -> next offset to read
     seen_ids: list[str] = Field(default_factory=list)
@@ -49,20 +54,36 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save(root: Path, state: TrainerState, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         replay: list[PromptGroup], held_out: list[PromptGroup], keep: int = 3) -> Path:
+@dataclass
+class Snapshot:
+    """What a checkpoint holds besides the reward model's weights and optimizer."""
+    state: TrainerState
+    replay: list[PromptGroup] = field(default_factory=list)
+    held_out: list[PromptGroup] = field(default_factory=list)
+    pending: list[PromptGroup] = field(default_factory=list)
+    policy: dict | None = None
+
+
+def _jsonl(groups: list[PromptGroup]) -> str:
+    return "".join(g.model_dump_json() + "\n" for g in groups)
+
+
+def save(root: Path, snap: Snapshot, model: torch.nn.Module, optimizer: torch.optim.Optimizer, keep: int = 3) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    state.seq += 1
-    final = root / f"{PREFIX}{state.seq:08d}"
+    snap.state.seq += 1
+    final = root / f"{PREFIX}{snap.state.seq:08d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
               tmp / "reward_model.safetensors")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "replay.jsonl").write_text("".join(g.model_dump_json() + "\n" for g in replay))
-    (tmp / "heldout.jsonl").write_text("".join(g.model_dump_json() + "\n" for g in held_out))
-    (tmp / "state.json").write_text(state.model_dump_json())
+    if snap.policy is not None:
+        torch.save(snap.policy, tmp / "policy.pt")
+    (tmp / "replay.jsonl").write_text(_jsonl(snap.replay))
+    (tmp / "heldout.jsonl").write_text(_jsonl(snap.held_out))
+    (tmp / "pending.jsonl").write_text(_jsonl(snap.pending))
+    (tmp / "state.json").write_text(snap.state.model_dump_json())
     for f in tmp.iterdir():
         _fsync(f)
     _fsync(tmp)
@@ -86,12 +107,15 @@ def _groups(path: Path) -> list[PromptGroup]:
     return [PromptGroup.model_validate_json(line) for line in path.read_text().splitlines() if line]
 
 
-def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
-         ) -> tuple[TrainerState, list[PromptGroup], list[PromptGroup]]:
+def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Snapshot:
     model.load_state_dict(load_file(path / "reward_model.safetensors"))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    state = TrainerState.model_validate_json((path / "state.json").read_text())
-    return state, _groups(path / "replay.jsonl"), _groups(path / "heldout.jsonl")
+    policy = path / "policy.pt"
+    pending = path / "pending.jsonl"
+    return Snapshot(state=TrainerState.model_validate_json((path / "state.json").read_text()),
+                    replay=_groups(path / "replay.jsonl"), held_out=_groups(path / "heldout.jsonl"),
+                    pending=_groups(pending) if pending.exists() else [],
+                    policy=torch.load(policy, weights_only=True) if policy.exists() else None)
 
 
 def read_state(path: Path) -> TrainerState:

@@ -1,25 +1,35 @@
-"""The eval gate: a candidate policy is published only if, on held-out prompts, it
-- has finite weights and finite logits,
-- gives non-empty answers,
-- wins against the live version under the reward model at least `min_win_rate` of the time (ties ½),
-- stays within `max_kl` of the reference (mean Σ_t log π − log π_ref over its own samples).
+"""The eval gate. It judges the *exported* weights (bf16, what serving will load) against the live version
+on held-out prompts, and publishes only if the candidate
+- has finite weights and finite log-probs, and at most `max_empty_share` of its answers are empty;
+- is not judged worse than the live version: with the judges of `trainer/judge.py` (fitted on votes, never
+  optimised against), the upper end of the win rate's interval (bootstrap over prompts and judges) is at
+  least `min_win_rate` — or, with `require="better"`, its lower end is;
+- stays within `max_kl` nats of the reference (mean Σ_t log π − log π_ref over its own samples);
+- did not change its answers' length by more than `max_length_ratio` either way in one round (a taste
+  for length must not be the only thing learned in a jump; gradual change over rounds is allowed).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
 from feedback.comparisons import ChatMessage
-from trainer.policy import PolicyTrainer, RewardFn
+from trainer.judge import JudgeEnsemble, bounded_win_rate
+from trainer.policy import PolicyTrainer
 
 
 @dataclass
 class GateConfig:
     min_win_rate: float = 0.5
+    require: Literal["not_worse", "better"] = "not_worse"
+    level: float = 0.9  # two-sided: each end is a 95 % one-sided bound
     max_kl: float = 20.0  # nats per answer
-    samples_per_prompt: int = 1
+    max_length_ratio: float = 3.0
+    max_empty_share: float = 0.1
+    samples_per_prompt: int = 2
     # 1.0: Σ log π − log π_ref estimates KL(π‖π_ref) only over samples drawn from π itself; at 0.7 the
     # estimate went negative (−2.1 and −0.9 nats were published). It is also the API's default.
     temperature: float = 1.0
@@ -28,7 +38,7 @@ class GateConfig:
 @dataclass
 class GateResult:
     passed: bool
-    reasons: list[str] = field(default_factory=list)  # why it failed (short codes first)
+    reasons: list[str] = field(default_factory=list)  # why it failed (short codes)
     metrics: dict[str, float | None] = field(default_factory=dict)
 
 
@@ -37,38 +47,37 @@ def weights_finite(model: torch.nn.Module) -> bool:
 
 
 @torch.no_grad()
-def evaluate(pt: PolicyTrainer, live, prompts: list[list[ChatMessage]], reward_fn: RewardFn,
+def evaluate(pt: PolicyTrainer, candidate, live, prompts: list[list[ChatMessage]], judges: JudgeEnsemble,
              cfg: GateConfig) -> GateResult:
-    """`pt.policy` is the candidate, `live` the model serving now, `pt.ref` the reference."""
-    if not weights_finite(pt.policy):
+    """`candidate`: the exported weights; `live`: the model serving now; `pt.reference()`: the reference."""
+    if not weights_finite(candidate):
         return GateResult(False, ["nonfinite_weights"])
-    pt.policy.eval()
-    wins = ties = 0
-    kls, empty, total = [], 0, 0
-    for messages in prompts:
-        cand = pt.sample(pt.policy, messages, cfg.samples_per_prompt, cfg.temperature)
-        base = pt.sample(live, messages, cfg.samples_per_prompt, cfg.temperature)
-        logp, mask = pt.token_logprobs(pt.policy, cand)
-        if not torch.isfinite(logp).all():
-            return GateResult(False, ["nonfinite_logits"])
-        ref_logp, _ = pt.token_logprobs(pt.ref, cand)
-        kls += ((logp - ref_logp) * mask).sum(-1).tolist()
-        empty += sum(not s.text.strip() for s in cand)
-        total += len(cand)
-        r = reward_fn(messages, [s.text for s in cand] + [s.text for s in base]).float()
-        rc, rb = r[:len(cand)], r[len(cand):]
-        wins += int((rc > rb).sum())
-        ties += int((rc == rb).sum())
-    win_rate = (wins + 0.5 * ties) / total if total else 0.0
-    kl = sum(kls) / len(kls) if kls else 0.0
-    # wins/ties/losses: the verdicts themselves, so the dashboard can put a confidence interval on the rate
-    metrics = {"win_rate": win_rate, "kl": kl, "empty_answers": empty, "samples": total, "wins": wins,
-               "ties": ties, "losses": total - wins - ties}
+    n = cfg.samples_per_prompt
+    cand = pt.sample(candidate, prompts, n, cfg.temperature)
+    base = pt.sample(live, prompts, n, cfg.temperature)
+    flat = [s for g in cand for s in g]
+    kl = pt.sequence_kl(candidate, flat, estimator="k3")
+    if not torch.isfinite(kl).all():
+        return GateResult(False, ["nonfinite_logits"])
+    verdicts = [judges.prefer(m, [s.text for s in c], [s.text for s in b]) for m, c, b in zip(prompts, cand, base)]
+    win_rate, low, high = bounded_win_rate(verdicts, cfg.level)
+    majority = torch.cat([v.mean(0) for v in verdicts])  # the judges' average verdict per answer pair
+    wins, ties = int((majority > 0.5).sum()), int((majority == 0.5).sum())
+    cand_len = sum(len(s.completion_ids) for s in flat) / len(flat)
+    live_len = sum(len(s.completion_ids) for g in base for s in g) / max(1, len(flat))
+    length_ratio = cand_len / max(live_len, 1.0)
+    empty = sum(not s.text.strip() for s in flat)
+    metrics = {"win_rate": win_rate, "win_rate_low": low, "win_rate_high": high, "kl": float(kl.mean()),
+               "length_ratio": length_ratio, "empty_answers": empty, "samples": len(flat), "wins": wins,
+               "ties": ties, "losses": len(flat) - wins - ties, "judges": judges.n_judges}
     reasons = []
-    if empty:
+    if empty > cfg.max_empty_share * len(flat):
         reasons.append("empty_answers")
-    if kl > cfg.max_kl:
+    if metrics["kl"] > cfg.max_kl:
         reasons.append("kl_too_high")
-    if win_rate < cfg.min_win_rate:
+    bound = low if cfg.require == "better" else high
+    if bound < cfg.min_win_rate:
         reasons.append("win_rate_too_low")
+    if not 1 / cfg.max_length_ratio <= length_ratio <= cfg.max_length_ratio:
+        reasons.append("length_drift")
     return GateResult(not reasons, reasons, metrics)

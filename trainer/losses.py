@@ -66,6 +66,17 @@ def dpo_loss(pi_w: torch.Tensor, pi_l: torch.Tensor, ref_w: torch.Tensor, ref_l:
     return -F.logsigmoid(beta * ((pi_w - ref_w) - (pi_l - ref_l))).mean()
 
 
+def kl_penalized_rewards(rewards: torch.Tensor, kl: torch.Tensor, beta: float) -> torch.Tensor:
+    """The reward RLOO maximises, with the KL anchor folded in (TRL's RLOO; Ahmadian et al. 2024), per sample:
+    r̃_i = r_i − β · kl_i,  kl_i = Σ_t (log π(y_t) − log π_ref(y_t)),  treated as a constant (detached).
+
+    Why in the reward and not as a loss term: for y ~ π, the score-function gradient E[r̃ ∇ log π(y)]
+    (differentiating log π inside r̃ adds β E[∇ log π] = 0) equals ∇(E[r] − β KL(π‖π_ref)). A loss term
+    β Σ_t (log π(y_t) − log π_ref(y_t)) on π's own samples instead has gradient β ∇ log π(y), zero in
+    expectation: it does not pull the policy back at all."""
+    return (rewards - beta * kl).detach()
+
+
 def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
     """REINFORCE leave-one-out baseline over the k samples of each prompt (rewards: [prompts, k]):
     A_i = r_i − 1/(k−1) Σ_{j≠i} r_j."""
@@ -73,11 +84,7 @@ def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
     return rewards - (rewards.sum(dim=-1, keepdim=True) - rewards) / (k - 1)
 
 
-def rloo_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor,
-              beta: float) -> torch.Tensor:
-    """RLOO policy loss with a per-token KL penalty against the frozen reference, per sample i
-    (logp, ref_logp, mask: [samples, tokens]; advantages: [samples]):
-    L_i = −A_i · Σ_t log π(y_t) + β · Σ_t (log π(y_t) − log π_ref(y_t)), averaged over samples."""
-    seq_logp = (logp * mask).sum(-1)
-    kl = ((logp - ref_logp) * mask).sum(-1)
-    return (-advantages.detach() * seq_logp + beta * kl).mean()
+def rloo_loss(logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """RLOO policy-gradient loss (logp, mask: [samples, tokens]; advantages: [samples], from
+    `kl_penalized_rewards` then `rloo_advantages`): L = −mean_i A_i · Σ_t log π(y_t)."""
+    return (-advantages.detach() * (logp * mask).sum(-1)).mean()

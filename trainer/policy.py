@@ -1,31 +1,43 @@
-"""Policy updates anchored to the reference (base) model: RLOO with a reward function (the reward
-model), or DPO directly on vote pairs. Read top to bottom: config, sampling, log-probs, the two rounds."""
+"""The policy and its update, read top to bottom: config, the model (frozen base + fp32 adapters, the base
+doubling as the reference), batched sampling, per-token log-probs, an RLOO round, a DPO round, state and export.
+
+The trainer owns its policy state across rounds: adapter weights and AdamW moments in fp32 (bf16 only as
+autocast on CUDA, never for optimizer steps), saved in every checkpoint. The registry only receives exports.
+"""
 
 from __future__ import annotations
 
 import random
+from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from feedback.comparisons import ChatMessage
 from trainer.examples import PromptGroup
-from trainer.losses import dpo_loss, rloo_advantages, rloo_loss
+from trainer.lora import (adapter_parameters, adapter_state_dict, adapters_off, add_adapters,
+                          load_adapter_state_dict, lora_layers, merged_state_dict)
+from trainer.losses import dpo_loss, kl_penalized_rewards, rloo_advantages, rloo_loss
 from trainer.reward_model import pick_device
 
 RewardFn = Callable[[list[ChatMessage], list[str]], torch.Tensor]  # (prompt, k answers) -> k rewards
+EXPORT_DTYPE = torch.bfloat16  # what serving loads (the base model's own dtype)
 
 
 @dataclass
 class PolicyConfig:
     algorithm: str = "rloo"  # or "dpo"
     beta: float = 0.05  # KL weight (RLOO) / inverse temperature (DPO)
-    lr: float = 1e-6
+    lr: float = 2e-4  # of the adapters (full fine-tuning would want ~100× less)
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
     k: int = 4  # RLOO samples per prompt
     max_new_tokens: int = 64
-    temperature: float = 1.0
-    grad_accum: int = 4  # prompts (RLOO) or pairs (DPO) per optimizer step
+    temperature: float = 1.0  # the full distribution, as served at the API's default
+    prompts_per_step: int = 4  # prompts (RLOO) or pairs (DPO) per optimizer step
+    micro_batch: int = 8  # sequences per forward/backward
     max_tokens: int = 512  # prompt + answer, truncated from the left
     seed: int = 0
 
@@ -37,52 +49,77 @@ class Sample:
     text: str
 
 
-def load_causal_lm(path: str, device: torch.device, trainable: bool):
+def load_causal_lm(path: str, device: torch.device):
+    """A frozen fp32 model (the exported bf16 weights upcast exactly: what serving computes with)."""
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-    model.train(trainable)
-    model.requires_grad_(trainable)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    model.eval()
+    model.requires_grad_(False)
     return model
 
 
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
 class PolicyTrainer:
-    def __init__(self, cfg: PolicyConfig, policy_path: str, ref_path: str) -> None:
+    def __init__(self, cfg: PolicyConfig, base_path: str) -> None:
         from transformers import AutoTokenizer
 
         self.cfg = cfg
         self.device = pick_device()
         torch.manual_seed(cfg.seed)
         self.rng = random.Random(cfg.seed)
-        self.tokenizer = AutoTokenizer.from_pretrained(policy_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(base_path)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.policy = load_causal_lm(policy_path, self.device, trainable=True)
-        self.ref = load_causal_lm(ref_path, self.device, trainable=False)
-        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr)
+        self.tokenizer.padding_side = "left"  # generation continues every row from its last real token
+        self.model = load_causal_lm(base_path, self.device)
+        add_adapters(self.model, cfg.lora_rank, cfg.lora_alpha)
+        self.model.to(self.device)
+        self.optimizer = torch.optim.AdamW(adapter_parameters(self.model), lr=cfg.lr, weight_decay=0.0)
+        self.updates = 0  # optimizer steps over the trainer's life
 
-    # --- helpers ----------------------------------------------------------------------------
+    def reference(self):
+        """Context manager: `self.model` as the reference (base) model."""
+        return adapters_off(self.model)
+
+    # --- sampling and log-probs --------------------------------------------------------------------------
     def prompt_ids(self, messages: list[ChatMessage]) -> list[int]:
         text = self.tokenizer.apply_chat_template([m.model_dump() for m in messages], add_generation_prompt=True,
                                                   tokenize=False)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"][-(self.cfg.max_tokens // 2):]
 
     @torch.no_grad()
-    def sample(self, model, messages: list[ChatMessage], n: int, temperature: float | None = None) -> list[Sample]:
-        ids = self.prompt_ids(messages)
+    def sample(self, model, prompts: list[list[ChatMessage]], n: int, temperature: float | None = None,
+               batch_prompts: int = 16) -> list[list[Sample]]:
+        """n samples for each prompt, many prompts per `generate` call (left-padded)."""
         t = self.cfg.temperature if temperature is None else temperature
-        out = model.generate(torch.tensor([ids], device=self.device), do_sample=t > 0, temperature=t if t > 0 else None,
-                             top_p=1.0, top_k=0,  # the full distribution, as vLLM serves it (HF defaults to 50)
-                             max_new_tokens=self.cfg.max_new_tokens, num_return_sequences=n,
-                             pad_token_id=self.tokenizer.pad_token_id)
-        samples = []
-        for row in out[:, len(ids):].tolist():
-            # cut at (and keep) the first end-of-sequence; drop padding after it
-            if self.tokenizer.eos_token_id in row:
-                row = row[:row.index(self.tokenizer.eos_token_id) + 1]
-            samples.append(Sample(ids, row, self.tokenizer.decode(row, skip_special_tokens=True)))
-        return samples
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        was_training = model.training
+        model.eval()
+        out: list[list[Sample]] = []
+        for i in range(0, len(prompts), batch_prompts):
+            ids = [self.prompt_ids(m) for m in prompts[i:i + batch_prompts]]
+            width = max(map(len, ids))
+            input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.device)
+            attn = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)
+            with _autocast(self.device):
+                gen = model.generate(input_ids=input_ids, attention_mask=attn, do_sample=t > 0,
+                                     temperature=t if t > 0 else None, top_p=1.0, top_k=0,  # as vLLM serves
+                                     max_new_tokens=self.cfg.max_new_tokens, num_return_sequences=n,
+                                     pad_token_id=pad)
+            rows = gen[:, width:].tolist()
+            for p, prompt in enumerate(ids):
+                group = []
+                for row in rows[p * n:(p + 1) * n]:
+                    if eos in row:  # cut at (and keep) the first end-of-sequence
+                        row = row[:row.index(eos) + 1]
+                    group.append(Sample(prompt, row, self.tokenizer.decode(row, skip_special_tokens=True)))
+                out.append(group)
+        model.train(was_training)
+        return out
 
     def token_logprobs(self, model, samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token log π(y_t | x, y_<t) of each completion, right-padded, and its mask."""
@@ -91,68 +128,132 @@ class PolicyTrainer:
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in seqs], device=self.device)
         attn = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in seqs], device=self.device)
-        logits = model(input_ids=input_ids, attention_mask=attn).logits[:, :-1].float()
-        logp_all = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        with _autocast(self.device):
+            logits = model(input_ids=input_ids, attention_mask=attn).logits[:, :-1]
+        logp_all = torch.log_softmax(logits.float(), dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
         mask = torch.zeros_like(logp_all)
         for i, s in enumerate(samples):
             start = len(s.prompt_ids) - 1  # position predicting the first completion token
             mask[i, start:start + len(s.completion_ids)] = 1.0
         return logp_all, mask
 
-    # --- RLOO -----------------------------------------------------------------------------------
-    def rloo_round(self, prompts: list[list[ChatMessage]], reward_fn: RewardFn) -> dict[str, float]:
-        rewards_all, kls, losses = [], [], []
-        self.optimizer.zero_grad(set_to_none=True)
-        for i, messages in enumerate(prompts):
-            self.policy.eval()
-            samples = self.sample(self.policy, messages, self.cfg.k)
-            rewards = reward_fn(messages, [s.text for s in samples]).to(self.device).float()
-            self.policy.train()
-            logp, mask = self.token_logprobs(self.policy, samples)
-            with torch.no_grad():
-                ref_logp, _ = self.token_logprobs(self.ref, samples)
-            loss = rloo_loss(logp, ref_logp, mask, rloo_advantages(rewards), self.cfg.beta)
-            (loss / self.cfg.grad_accum).backward()
-            if (i + 1) % self.cfg.grad_accum == 0 or i == len(prompts) - 1:
-                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), 1.0)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-            rewards_all.append(rewards)
-            kls.append(float((((logp - ref_logp) * mask).sum(-1)).mean().detach()))
-            losses.append(float(loss.detach()))
-        r = torch.cat(rewards_all)
-        return {"loss": sum(losses) / len(losses), "reward_mean": float(r.mean()), "reward_std": float(r.std()),
-                "kl": sum(kls) / len(kls), "prompts": len(prompts)}
+    @torch.no_grad()
+    def sequence_kl(self, model, samples: list[Sample], estimator: str = "k1") -> torch.Tensor:
+        """Per sample, an unbiased estimate of KL(π‖π_ref) when y ~ π, summed over its tokens:
+        "k1": Σ_t log π(y_t) − log π_ref(y_t) (what the RLOO reward is penalised with);
+        "k3": Σ_t (ρ_t − 1) − log ρ_t with ρ_t = π_ref(y_t)/π(y_t), never negative, lower variance
+        (Schulman, "Approximating KL divergence"; what the gate reports)."""
+        out = []
+        for i in range(0, len(samples), self.cfg.micro_batch):
+            mb = samples[i:i + self.cfg.micro_batch]
+            logp, mask = self.token_logprobs(model, mb)
+            with self.reference():
+                ref, _ = self.token_logprobs(self.model, mb)
+            log_ratio = logp - ref
+            per_token = log_ratio if estimator == "k1" else torch.expm1(-log_ratio) + log_ratio
+            out.append((per_token * mask).sum(-1))
+        return torch.cat(out)
 
-    # --- DPO ------------------------------------------------------------------------------------
+    # --- RLOO ---------------------------------------------------------------------------------------------
+    def rloo_round(self, prompts: list[list[ChatMessage]], reward_fn: RewardFn) -> dict[str, float]:
+        """For each step of `prompts_per_step` prompts: k samples each (one batched generate), rewards,
+        KL-penalised rewards, leave-one-out advantages, one AdamW step on the adapters."""
+        cfg = self.cfg
+        rewards_all, kls, losses = [], [], []
+        for i in range(0, len(prompts), cfg.prompts_per_step):
+            step_prompts = prompts[i:i + cfg.prompts_per_step]
+            groups = self.sample(self.model, step_prompts, cfg.k)
+            rewards = torch.stack([reward_fn(m, [s.text for s in g]).float().cpu()
+                                   for m, g in zip(step_prompts, groups)]).to(self.device)  # [P, k]
+            flat = [s for g in groups for s in g]
+            kl = self.sequence_kl(self.model, flat)
+            shaped = kl_penalized_rewards(rewards.flatten(), kl, cfg.beta)
+            adv = rloo_advantages(shaped.view(len(groups), cfg.k)).flatten()
+            self.model.train()
+            self.optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for j in range(0, len(flat), cfg.micro_batch):
+                mb = flat[j:j + cfg.micro_batch]
+                logp, mask = self.token_logprobs(self.model, mb)
+                loss = rloo_loss(logp, mask, adv[j:j + len(mb)]) * len(mb) / len(flat)
+                loss.backward()
+                step_loss += float(loss.detach())
+            torch.nn.utils.clip_grad_norm_(adapter_parameters(self.model), 1.0)
+            self.optimizer.step()
+            self.updates += 1
+            self.model.eval()
+            rewards_all.append(rewards.flatten())
+            kls.append(kl)
+            losses.append(step_loss)
+        r, kl = torch.cat(rewards_all), torch.cat(kls)
+        return {"loss": sum(losses) / len(losses), "reward_mean": float(r.mean()), "reward_std": float(r.std()),
+                "kl": float(kl.mean()), "prompts": len(prompts), "updates": self.updates}
+
+    # --- DPO ----------------------------------------------------------------------------------------------
     def dpo_round(self, groups: list[PromptGroup]) -> dict[str, float]:
         pairs = [(g, w, l) for g in groups for w, l in g.pairs]
         self.rng.shuffle(pairs)
         losses, margins = [], []
-        self.policy.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        for i, (g, w, l) in enumerate(pairs):
-            ids = self.prompt_ids(g.messages)
-            eos = [self.tokenizer.eos_token_id]
-            samples = [Sample(ids, self.tokenizer(g.answers[j], add_special_tokens=False)["input_ids"] + eos, "")
-                       for j in (w, l)]
-            logp, mask = self.token_logprobs(self.policy, samples)
-            with torch.no_grad():
-                ref_logp, _ = self.token_logprobs(self.ref, samples)
-            seq, ref_seq = (logp * mask).sum(-1), (ref_logp * mask).sum(-1)
-            loss = dpo_loss(seq[0], seq[1], ref_seq[0], ref_seq[1], self.cfg.beta)
-            (loss / self.cfg.grad_accum).backward()
-            if (i + 1) % self.cfg.grad_accum == 0 or i == len(pairs) - 1:
-                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), 1.0)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+        eos = [self.tokenizer.eos_token_id]
+        for i in range(0, len(pairs), self.cfg.prompts_per_step):
+            step = pairs[i:i + self.cfg.prompts_per_step]
+            samples = []
+            for g, w, l in step:
+                ids = self.prompt_ids(g.messages)
+                samples += [Sample(ids, self.tokenizer(g.answers[j], add_special_tokens=False)["input_ids"] + eos, "")
+                            for j in (w, l)]
+            with torch.no_grad(), self.reference():
+                ref_logp, mask = self.token_logprobs(self.model, samples)
+            ref_seq = (ref_logp * mask).sum(-1)
+            self.model.train()
+            self.optimizer.zero_grad(set_to_none=True)
+            logp, _ = self.token_logprobs(self.model, samples)
+            seq = (logp * mask).sum(-1)
+            loss = dpo_loss(seq[0::2], seq[1::2], ref_seq[0::2], ref_seq[1::2], self.cfg.beta)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(adapter_parameters(self.model), 1.0)
+            self.optimizer.step()
+            self.updates += 1
+            self.model.eval()
             losses.append(float(loss.detach()))
-            margins.append(float(((seq[0] - ref_seq[0]) - (seq[1] - ref_seq[1])).detach()))
+            margins.append(float(((seq[0::2] - ref_seq[0::2]) - (seq[1::2] - ref_seq[1::2])).mean().detach()))
         n = max(1, len(losses))
-        return {"loss": sum(losses) / n, "margin": sum(margins) / n, "pairs": len(pairs)}
+        return {"loss": sum(losses) / n, "margin": sum(margins) / n, "pairs": len(pairs), "updates": self.updates}
 
-    def save(self, folder) -> None:
-        """The layout vLLM loads: model.safetensors + config + tokenizer (bf16 like the base)."""
-        self.policy.to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
-        self.policy.to(torch.float32 if self.device.type == "cpu" else torch.bfloat16)
+    # --- state and export ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything needed to continue exactly: fp32 adapters, AdamW moments, the update count."""
+        return {"adapters": adapter_state_dict(self.model), "optimizer": self.optimizer.state_dict(),
+                "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        load_adapter_state_dict(self.model, state["adapters"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.updates = int(state["updates"])
+
+    def trained_weights(self) -> set[str]:
+        """Names of the exported weights the adapters change."""
+        return {f"{name}.weight" for name in lora_layers(self.model)}
+
+    def export(self, folder: Path) -> None:
+        """The layout vLLM loads: model.safetensors (adapters merged in fp32, then cast to bf16 like the
+        base) + config + tokenizer."""
+        state = merged_state_dict(self.model, EXPORT_DTYPE)
+        self.model.config.save_pretrained(folder)
+        self.model.generation_config.save_pretrained(folder)
+        from safetensors.torch import save_file
+
+        if getattr(self.model.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)  # tied: stored once, as the embedding
+        save_file(state, str(Path(folder) / "model.safetensors"), metadata={"format": "pt"})
         self.tokenizer.save_pretrained(folder)
+
+
+def changed_fraction(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], keys: set[str] | None = None) -> float:
+    """Share of weights whose value differs between two state dicts (same names and shapes), over `keys`."""
+    changed = total = 0
+    for k, v in a.items():
+        if k in b and (keys is None or k in keys):
+            changed += int((v != b[k]).sum())
+            total += v.numel()
+    return changed / total if total else 0.0

@@ -1,23 +1,33 @@
-"""One policy round: update the live policy (RLOO with the reward model, or DPO on vote pairs),
-gate the candidate, publish it to the registry and announce it on the `weights` topic."""
+"""Policy rounds: the trainer's policy (kept across rounds) is updated with the reward model (RLOO) or on vote
+pairs (DPO), exported as bf16 full weights, gated on that export, published to the registry and announced
+on the `weights` topic. A refused candidate is dropped and the policy continues from the live state.
+
+    update → export → gate (exported weights vs live, judged by models it never trained against) →
+    publish → announce
+"""
 
 from __future__ import annotations
 
+import copy
 import logging
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from feedback.comparisons import ChatMessage
 from feedback.events import WeightsAnnouncement
+from feedback.registry import Manifest, Registry, manifest_checksum
 from feedback.topics import WEIGHTS
 from trainer import metrics
 from trainer.examples import PromptGroup
 from trainer.gate import GateConfig, GateResult, evaluate
-from trainer.policy import PolicyConfig, PolicyTrainer, RewardFn, load_causal_lm
-from feedback.registry import Manifest, Registry, manifest_checksum
+from trainer.judge import JudgeEnsemble, SentenceEncoder
+from trainer.policy import PolicyConfig, PolicyTrainer, RewardFn, changed_fraction, load_causal_lm
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +36,7 @@ log = logging.getLogger(__name__)
 class RoundConfig:
     base_model: str  # the reference policy (HF folder)
     registry_root: Path
+    judge_encoder: str = ""  # HF folder of the gate judges' frozen encoder; "" = all-MiniLM-L6-v2
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     keep_versions: int = 5
@@ -61,42 +72,86 @@ def announce(bootstrap: str, manifest: Manifest, folder: Path) -> WeightsAnnounc
     return event
 
 
-def run_round(cfg: RoundConfig, prompts: list[list[ChatMessage]], eval_prompts: list[list[ChatMessage]],
-              reward_fn: RewardFn, pairs: list[PromptGroup] = (), kafka_offsets: dict[int, int] | None = None,
-              oldest_vote_ts: float | None = None) -> RoundResult:
-    registry = Registry(cfg.registry_root, keep=cfg.keep_versions)
-    live = registry.latest()
-    live_path = str(registry.path(live)) if live else cfg.base_model
-    pt = PolicyTrainer(cfg.policy, live_path, cfg.base_model)
-    if cfg.policy.algorithm == "dpo":
-        train_metrics = pt.dpo_round(list(pairs))
-    else:
-        train_metrics = pt.rloo_round(prompts, reward_fn)
-        metrics.POLICY_REWARD_MEAN.set(train_metrics["reward_mean"])
-        metrics.POLICY_REWARD_STD.set(train_metrics["reward_std"])
-    # before the first publication the live model is the reference itself: don't load it twice
-    live_model = pt.ref if live is None else load_causal_lm(live_path, pt.device, trainable=False)
-    result = evaluate(pt, live_model, eval_prompts, reward_fn, cfg.gate)
-    metrics.POLICY_KL.set(result.metrics.get("kl") or 0.0)
-    if result.metrics.get("win_rate") is not None:
-        metrics.GATE_WIN_RATE.set(result.metrics["win_rate"])
-    if not result.passed:
+class PolicyRounds:
+    """Owns the policy state (fp32 adapters + optimizer) and the gate's judges."""
+
+    def __init__(self, cfg: RoundConfig) -> None:
+        from trainer.reward_model import minilm_path
+
+        self.cfg = cfg
+        self.registry = Registry(cfg.registry_root, keep=cfg.keep_versions)
+        self.pt = PolicyTrainer(cfg.policy, cfg.base_model)
+        self.judges = JudgeEnsemble(SentenceEncoder(cfg.judge_encoder or minilm_path()), seed=cfg.policy.seed)
+
+    def state_dict(self) -> dict:
+        return self.pt.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pt.load_state_dict(state)
+
+    def run(self, prompts: list[list[ChatMessage]], eval_prompts: list[list[ChatMessage]], reward_fn: RewardFn,
+            recent: list[PromptGroup], judge_votes: list[PromptGroup], kafka_offsets: dict[int, int] | None = None,
+            oldest_vote_ts: float | None = None) -> RoundResult:
+        cfg = self.cfg
+        before = copy.deepcopy(self.pt.state_dict())
+        train_metrics = self.update(prompts, reward_fn, recent)
+        live = self.registry.latest()
+        live_path = self.registry.path(live) if live else Path(cfg.base_model)
+        with tempfile.TemporaryDirectory(prefix="duet-candidate-") as tmp:
+            self.pt.export(Path(tmp))
+            train_metrics["changed_fraction"] = changed_fraction(load_file(str(Path(tmp) / "model.safetensors")),
+                                                                 load_file(str(live_path / "model.safetensors")),
+                                                                 self.pt.trained_weights())
+            self.judges.fit(judge_votes)
+            candidate = load_causal_lm(tmp, self.pt.device)
+            live_model = load_causal_lm(str(live_path), self.pt.device)
+            result = evaluate(self.pt, candidate, live_model, eval_prompts, self.judges, cfg.gate)
+            del candidate, live_model
+            if train_metrics["changed_fraction"] == 0.0:  # every update rounded away in bf16
+                result.passed, result.reasons = False, result.reasons + ["unchanged"]
+            self._record_gate(result)
+            if not result.passed:
+                self.pt.load_state_dict(before)  # continue from the live version's state
+                log.warning("gate refused the candidate: %s %s", result.reasons, result.metrics)
+                return RoundResult(None, result, train_metrics)
+            manifest, folder = self.registry.publish(
+                lambda dst: _copy_files(Path(tmp), dst), base_model=cfg.base_model,
+                algorithm=cfg.policy.algorithm, hyperparameters=asdict(cfg.policy), train_metrics=train_metrics,
+                eval={**result.metrics, "passed": True}, kafka_offsets=kafka_offsets or {})
+        metrics.PUBLISHED_VERSION.set(manifest.version)
+        if oldest_vote_ts:
+            metrics.VOTE_TO_PUBLISH.observe(time.time() - oldest_vote_ts)
+        if cfg.bootstrap:
+            announce(cfg.bootstrap, manifest, folder)
+        log.info("published %s (judged win rate %.2f [%.2f, %.2f], KL %.2f, %.1f %% of weights changed)",
+                 manifest.name, result.metrics["win_rate"], result.metrics["win_rate_low"],
+                 result.metrics["win_rate_high"], result.metrics["kl"], 100 * train_metrics["changed_fraction"])
+        return RoundResult(manifest, result, train_metrics)
+
+    def update(self, prompts: list[list[ChatMessage]], reward_fn: RewardFn, recent: list[PromptGroup]) -> dict:
+        """RLOO on `prompts` with the reward model, or DPO on the `recent` votes' pairs."""
+        if self.cfg.policy.algorithm == "dpo":
+            return self.pt.dpo_round(recent)
+        out = self.pt.rloo_round(prompts, reward_fn)
+        metrics.POLICY_REWARD_MEAN.set(out["reward_mean"])
+        metrics.POLICY_REWARD_STD.set(out["reward_std"])
+        return out
+
+    @staticmethod
+    def _record_gate(result: GateResult) -> None:
+        metrics.POLICY_KL.set(result.metrics.get("kl") or 0.0)
+        if result.metrics.get("win_rate") is not None:
+            metrics.GATE_WIN_RATE.set(result.metrics["win_rate"])
+        if result.passed:
+            metrics.POLICY_ROUNDS.labels(result="published").inc()
+            metrics.GATE_REJECTED_IN_A_ROW.set(0)
+            return
         for reason in result.reasons:
             metrics.GATE_REJECTIONS.labels(reason=reason).inc()
         metrics.POLICY_ROUNDS.labels(result="rejected").inc()
         metrics.GATE_REJECTED_IN_A_ROW.inc()
-        log.warning("gate refused the candidate: %s %s", result.reasons, result.metrics)
-        return RoundResult(None, result, train_metrics)
-    manifest, folder = registry.publish(
-        pt.save, base_model=cfg.base_model, algorithm=cfg.policy.algorithm,
-        hyperparameters={k: v for k, v in asdict(cfg.policy).items()},
-        train_metrics=train_metrics, eval={**result.metrics, "passed": True}, kafka_offsets=kafka_offsets or {})
-    metrics.POLICY_ROUNDS.labels(result="published").inc()
-    metrics.GATE_REJECTED_IN_A_ROW.set(0)
-    metrics.PUBLISHED_VERSION.set(manifest.version)
-    if oldest_vote_ts:
-        metrics.VOTE_TO_PUBLISH.observe(time.time() - oldest_vote_ts)
-    if cfg.bootstrap:
-        announce(cfg.bootstrap, manifest, folder)
-    log.info("published %s (win rate %.2f, KL %.2f)", manifest.name, result.metrics["win_rate"], result.metrics["kl"])
-    return RoundResult(manifest, result, train_metrics)
+
+
+def _copy_files(src: Path, dst: Path) -> None:
+    for f in src.iterdir():
+        shutil.copy2(f, dst / f.name)
