@@ -45,6 +45,7 @@ class SimulateConfig:
     eval_samples: int = 2  # answers per held-out prompt and side
     settle_s: float = 0.0  # after the last vote, wait up to this long for a new version
     rate: float = 0.0  # votes per second at most (0: as fast as the server answers)
+    max_minutes: float = 0.0  # stop voting after this long (0: when `votes` are cast)
     out_dir: Path = field(default_factory=lambda: Path("simulation"))
     seed: int = 0
     progress: bool = True
@@ -197,8 +198,9 @@ class Simulator:
         bar = _bar(cfg.votes, cfg.progress)
         seeds = iter(range(cfg.seed * 1_000_003, cfg.seed * 1_000_003 + cfg.votes))
         done = 0
+        voting_until = time.time() + cfg.max_minutes * 60 if cfg.max_minutes > 0 else float("inf")
         with ThreadPoolExecutor(cfg.concurrency) as pool:
-            while done < cfg.votes:
+            while done < cfg.votes and time.time() < voting_until:
                 batch = min(cfg.eval_every, cfg.votes - done)
                 t_batch = time.time()
                 list(pool.map(self.vote_once, [next(seeds) for _ in range(batch)]))

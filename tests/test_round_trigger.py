@@ -21,5 +21,5 @@ def test_round_trigger(tiny_model, tmp_path):
     svc.state.votes_since_round = 10
     svc.state.last_round_at = time.time() - 601
     assert svc.round_due()
-    svc.cfg.round = None
+    svc.rounds = None
     assert not svc.round_due()  # reward model only

@@ -1,0 +1,124 @@
+"""Does the served model get better from votes at the defaults a user gets? (prints JSON, draws a plot)
+
+Starts `duet up` with no settings but a fresh home, port and Redis database, then runs `duet simulate`:
+simulated users chat with pairs forced and vote by a built-in rule (`shorter`, `keyword`, `polite`) with
+10 % random votes, until --votes are cast or --minutes have passed. Reported per run:
+- votes, minutes (voting; and the whole run including start-up and evaluations);
+- the blind win rate of the live version against base on held-out topics, judged by the same rule without
+  noise, with the prompt-clustered bootstrap 95 % interval;
+- the A/A run: base against base (two independent samplings, same evaluation) at the start; its interval
+  should contain 0.5;
+- the reward model's held-out accuracy; policy rounds published / refused (from the dashboard API).
+Targets (issue 14): win rate >= 0.80 with lower bound >= 0.60 within 30 minutes and 500 votes.
+
+Usage: python bench/learning.py --rule shorter --seed 0 [--minutes 30] [--votes 500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)  # keep bench/ from shadowing packages
+
+import httpx  # noqa: E402
+import redis  # noqa: E402
+
+from bench.benchlib import start_server  # noqa: E402
+
+REDIS_DB = 11  # not the tests' databases
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dashboard(url: str, key: str) -> dict:
+    return httpx.get(f"{url}/v1/dashboard?hours=720", headers={"Authorization": f"Bearer {key}"}, timeout=30).json()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rule", default="shorter")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--minutes", type=float, default=30.0)
+    ap.add_argument("--votes", type=int, default=500)
+    ap.add_argument("--noise", type=float, default=0.1)
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args()
+
+    home = Path(tempfile.mkdtemp(prefix="duet-learning-"))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    redis_url = f"redis://127.0.0.1:6379/{REDIS_DB}"
+    redis.Redis.from_url(redis_url).flushdb()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DUET_")}  # defaults, nothing tuned
+    env.update({"DUET_HOME": str(home), "DUET_PORT": str(port), "DUET_REDIS_URL": redis_url, "HF_HUB_OFFLINE": "1",
+                "DUET_TRAINER_METRICS_PORT": "0", "DUET_RELAY_METRICS_PORT": "0", "DUET_SUPERVISOR_METRICS_PORT": "0"})
+    # share the converted default model instead of converting it again into the fresh home
+    models = Path.home() / ".cache" / "duet" / "models"
+    if models.exists():
+        (home / "models").symlink_to(models)
+    me = [sys.executable, "-m", "duet.cli"]
+    t0 = time.time()
+    up = start_server(me + ["up"], env, url, home / "up.log", timeout_s=900)
+    try:
+        sim_dir = home / "simulation"
+        sim = subprocess.run(me + ["simulate", "--rule", args.rule, "--seed", str(args.seed), "--noise", str(args.noise),
+                                   "--votes", str(args.votes), "--minutes", str(args.minutes), "--eval-every", "16",
+                                   "--url", url, "--out", str(sim_dir)], env=env)
+        if sim.returncode != 0:
+            raise SystemExit(f"duet simulate failed; logs under {home}")
+        res = json.loads((sim_dir / "result.json").read_text())
+        dev_key = (home / "dev_key").read_text().strip() if (home / "dev_key").exists() else ""
+        board = dashboard(url, dev_key)
+    finally:
+        up.send_signal(signal.SIGTERM)
+        try:
+            up.wait(120)
+        except subprocess.TimeoutExpired:
+            up.kill()
+    rounds = board.get("rounds", [])
+    final, aa = res["final"], res["curve"][0]
+    voting = [p for p in res["curve"] if p["votes"] > 0]
+    result = {
+        "rule": args.rule, "seed": args.seed, "noise": args.noise, "settings": "defaults",
+        "votes": res["votes_cast"], "votes_failed": res["votes_failed"],
+        "voting_minutes": round((voting[-1]["seconds"] - aa["seconds"]) / 60, 1) if voting else 0.0,
+        "run_minutes": round((time.time() - t0) / 60, 1),
+        "live_version": final["model_version"], "versions_seen": res["versions_seen"],
+        "win_rate": final["win_rate"], "ci": [final["ci_low"], final["ci_high"]],
+        "aa_win_rate": aa["win_rate"], "aa_ci": [aa["ci_low"], aa["ci_high"]],
+        "aa_contains_half": aa["ci_low"] <= 0.5 <= aa["ci_high"],
+        "rm_held_out_accuracy": final["rm_accuracy"],
+        "rounds_published": sum(r.get("result") == "published" for r in rounds),
+        "rounds_refused": sum(r.get("result") == "rejected" for r in rounds),
+        "round_reasons": [r.get("reasons") for r in rounds if r.get("result") != "published"],
+        "target_met": final["win_rate"] is not None and final["win_rate"] >= 0.8 and final["ci_low"] >= 0.6,
+        "curve": [{k: p[k] for k in ("votes", "seconds", "model_version", "win_rate", "ci_low", "ci_high")}
+                  for p in res["curve"]],
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"learning-{args.rule}-seed{args.seed}"
+    shutil.copy(res["plot"], out / f"{stem}.png")
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    shutil.copytree(home / "runs", out / f"{stem}-logs", dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.aof*"))
+    print(json.dumps({k: v for k, v in result.items() if k != "curve"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
