@@ -2,7 +2,7 @@
 
 Starts `duet up` with no settings but a fresh home, port and Redis database, then runs `duet simulate`:
 simulated users chat with pairs forced and vote by a built-in rule (`shorter`, `keyword`, `polite`) with
-10 % random votes, until --votes are cast or --minutes have passed. Reported per run:
+10 % random votes, paced to spread --votes over --minutes. Reported per run:
 - votes, minutes (voting; and the whole run including start-up and evaluations);
 - the blind win rate of the live version against base on held-out topics, judged by the same rule without
   noise, with the prompt-clustered bootstrap 95 % interval;
@@ -33,7 +33,10 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 import httpx  # noqa: E402
 import redis  # noqa: E402
 
-from bench.benchlib import start_server  # noqa: E402
+import feedback  # noqa: E402,F401  (the package, before bench/ joins the path: bench/feedback.py shares its name)
+
+sys.path.append(str(Path(__file__).resolve().parent))
+from benchlib import start_server  # noqa: E402
 
 REDIS_DB = 11  # not the tests' databases
 
@@ -79,6 +82,9 @@ def main() -> None:
         sim_dir = home / "simulation"
         sim = subprocess.run(me + ["simulate", "--rule", args.rule, "--seed", str(args.seed), "--noise", str(args.noise),
                                    "--votes", str(args.votes), "--minutes", str(args.minutes), "--eval-every", "16",
+                                   # paced so the votes span the run, as users' votes would (unpaced, a CPU
+                                   # serves 500 pairs in a few minutes, before any training could happen)
+                                   "--rate", str(args.votes / (args.minutes * 60)),
                                    "--url", url, "--out", str(sim_dir)], env=env)
         if sim.returncode != 0:
             raise SystemExit(f"duet simulate failed; logs under {home}")

@@ -12,13 +12,14 @@ on held-out prompts, and publishes only if the candidate
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
 
 from feedback.comparisons import ChatMessage
 from trainer.judge import JudgeEnsemble, bounded_win_rate
-from trainer.policy import PolicyTrainer
+from trainer.policy import PolicyTrainer, load_causal_lm
 
 
 @dataclass
@@ -46,17 +47,26 @@ def weights_finite(model: torch.nn.Module) -> bool:
     return all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def _model(pt: PolicyTrainer, model_or_path):
+    return load_causal_lm(str(model_or_path), pt.device) if isinstance(model_or_path, (str, Path)) else model_or_path
+
+
 @torch.no_grad()
 def evaluate(pt: PolicyTrainer, candidate, live, prompts: list[list[ChatMessage]], judges: JudgeEnsemble,
              cfg: GateConfig) -> GateResult:
-    """`candidate`: the exported weights; `live`: the model serving now; `pt.reference()`: the reference."""
+    """`candidate`: the exported weights; `live`: the model serving now (each a model, or a folder loaded only
+    while it is needed, so at most one full copy sits beside the trainer's own); `pt.reference()`: the reference."""
+    n = cfg.samples_per_prompt
+    live = _model(pt, live)
+    base = pt.sample(live, prompts, n, cfg.temperature)
+    del live
+    candidate = _model(pt, candidate)
     if not weights_finite(candidate):
         return GateResult(False, ["nonfinite_weights"])
-    n = cfg.samples_per_prompt
     cand = pt.sample(candidate, prompts, n, cfg.temperature)
-    base = pt.sample(live, prompts, n, cfg.temperature)
     flat = [s for g in cand for s in g]
     kl = pt.sequence_kl(candidate, flat, estimator="k3")
+    del candidate
     if not torch.isfinite(kl).all():
         return GateResult(False, ["nonfinite_logits"])
     verdicts = [judges.prefer(m, [s.text for s in c], [s.text for s in b]) for m, c, b in zip(prompts, cand, base)]

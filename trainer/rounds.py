@@ -27,7 +27,7 @@ from trainer import metrics
 from trainer.examples import PromptGroup
 from trainer.gate import GateConfig, GateResult, evaluate
 from trainer.judge import JudgeEnsemble, SentenceEncoder
-from trainer.policy import PolicyConfig, PolicyTrainer, RewardFn, changed_fraction, load_causal_lm
+from trainer.policy import PolicyConfig, PolicyTrainer, RewardFn, changed_fraction
 
 log = logging.getLogger(__name__)
 
@@ -98,15 +98,16 @@ class PolicyRounds:
         live = self.registry.latest()
         live_path = self.registry.path(live) if live else Path(cfg.base_model)
         with tempfile.TemporaryDirectory(prefix="duet-candidate-") as tmp:
+            t = time.perf_counter()
             self.pt.export(Path(tmp))
+            train_metrics["export_s"] = round(time.perf_counter() - t, 2)
             train_metrics["changed_fraction"] = changed_fraction(load_file(str(Path(tmp) / "model.safetensors")),
                                                                  load_file(str(live_path / "model.safetensors")),
                                                                  self.pt.trained_weights())
+            t = time.perf_counter()
             self.judges.fit(judge_votes)
-            candidate = load_causal_lm(tmp, self.pt.device)
-            live_model = load_causal_lm(str(live_path), self.pt.device)
-            result = evaluate(self.pt, candidate, live_model, eval_prompts, self.judges, cfg.gate)
-            del candidate, live_model
+            result = evaluate(self.pt, Path(tmp), live_path, eval_prompts, self.judges, cfg.gate)
+            train_metrics["gate_s"] = round(time.perf_counter() - t, 2)
             if train_metrics["changed_fraction"] == 0.0:  # every update rounded away in bf16
                 result.passed, result.reasons = False, result.reasons + ["unchanged"]
             self._record_gate(result)

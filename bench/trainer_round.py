@@ -1,0 +1,113 @@
+"""One policy round at the defaults, timed and weighed (prints JSON): where a round's time and the trainer's
+memory go, on this machine (CPU) or a GPU when torch sees one.
+
+Builds what `duet train` builds from default settings (SmolLM2-135M-Instruct policy as fp32 LoRA adapters on
+the frozen base, all-MiniLM-L6-v2 reward model and gate judges), trains the reward model on --votes
+synthetic votes (the answer with a marker word wins), then runs --rounds policy rounds of the default size
+(16 prompts × k=4, gate on 16 held-out prompts × 2 samples a side). Peak RSS is read from the kernel
+(VmHWM, reset before each phase through /proc/self/clear_refs).
+
+Usage: python bench/trainer_round.py [--rounds 2] [--prompts 16] [--gate-prompts 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)  # keep bench/ from shadowing packages
+
+import torch  # noqa: E402
+
+from duet.settings import Settings  # noqa: E402
+from trainer.examples import to_prompt_group  # noqa: E402
+from trainer.synthetic import marker_event  # noqa: E402
+
+
+def rss_mb(field: str = "VmRSS") -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--votes", type=int, default=64)
+    ap.add_argument("--prompts", type=int, default=Settings().policy_prompts)
+    ap.add_argument("--gate-prompts", type=int, default=Settings().gate_prompts)
+    ap.add_argument("--out", default="bench/results/trainer_round.json")
+    args = ap.parse_args()
+
+    from duet.cli import _trainer_service
+
+    home = Path(tempfile.mkdtemp(prefix="duet-round-"))
+    models = Settings().home / "models"
+    if models.exists():  # the converted default model, not converted again
+        (home / "models").symlink_to(models)
+    s = Settings(kafka_bootstrap="unused:9092", home=home)
+    rss0 = rss_mb()
+    t = time.perf_counter()
+    svc = _trainer_service(s)
+    load_s = time.perf_counter() - t
+    rss_loaded = rss_mb()
+    rng = random.Random(0)
+    groups = [to_prompt_group(marker_event(rng)) for _ in range(args.votes)]
+    svc.held_out = groups[: max(args.gate_prompts, 1)]
+    reset_peak()
+    t = time.perf_counter()
+    for i in range(0, len(groups), 8):
+        svc.reward.step(groups[i:i + 8])
+    rm_s = (time.perf_counter() - t) / max(1, len(groups) // 8)
+    rm_peak = rss_mb("VmHWM")
+    svc.cfg.round_prompts, svc.cfg.gate_prompts = args.prompts, args.gate_prompts
+    rounds = []
+    for r in range(args.rounds):
+        reset_peak()
+        t = time.perf_counter()
+        result = svc.policy_round()
+        total = time.perf_counter() - t
+        rounds.append({"seconds": round(total, 1), "published": result.published is not None,
+                       "reasons": result.gate.reasons, "peak_rss_mb": round(rss_mb("VmHWM")),
+                       **{k: v for k, v in result.train_metrics.items() if k.endswith("_s") or k in
+                          ("kl", "changed_fraction", "answer_tokens", "updates")},
+                       "gate_kl": result.gate.metrics.get("kl"), "judged_win_rate": result.gate.metrics.get("win_rate")})
+        print(json.dumps(rounds[-1]), file=sys.stderr)
+
+    def mb(module) -> float:
+        return round(sum(p.numel() * p.element_size() for p in module.parameters()) / 2**20)
+
+    pt = svc.rounds.pt
+    adapters = [p for p in pt.model.parameters() if p.requires_grad]
+    result = {
+        "device": str(pt.device), "torch_threads": torch.get_num_threads(),
+        "policy_prompts": args.prompts, "k": pt.cfg.k, "max_new_tokens": pt.cfg.max_new_tokens,
+        "gate_prompts": args.gate_prompts, "load_s": round(load_s, 1), "rm_step_s": round(rm_s, 2),
+        "rss_mb": {"python+torch": round(rss0), "all loaded": round(rss_loaded), "peak during RM steps": round(rm_peak)},
+        "weights_mb": {"policy base fp32 (also the reference)": mb(pt.model) - round(sum(p.numel() * 4 for p in adapters) / 2**20),
+                       "adapters fp32": round(sum(p.numel() * 4 for p in adapters) / 2**20),
+                       "adam moments": round(sum(p.numel() * 8 for p in adapters) / 2**20),
+                       "reward model": mb(svc.reward.model), "judge encoder": mb(svc.rounds.judges.encoder.model)},
+        "rounds": rounds,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
