@@ -92,6 +92,7 @@ def cmd_up(args: argparse.Namespace) -> None:
             raise CLIError(f"Kafka at {bootstrap} does not answer ({type(e).__name__}): check DUET_KAFKA_BOOTSTRAP") from None
         host, port = args.host or s.host, args.port or s.port
         me = [sys.executable, "-m", "duet.cli"]
+        env.setdefault("DUET_TRAINER_ROLLOUT_URL", f"http://{host}:{port}")  # serving samples for the trainer
         # The trainer is its own process: its steps must not share the API's GIL.
         sup.add(Child("trainer", lambda: spawn(me + ["train"], env, run_dir / "trainer.log")))
         sup.add(Child("serving", lambda: spawn(me + ["serve", "--host", host, "--port", str(port)], env,
@@ -233,7 +234,7 @@ def _trainer_service(s):
     rm = _section(s, "rm_", RewardTrainerConfig, backbone=backbone, seed=s.seed)
     round_cfg = RoundConfig(
         base_model=base, registry_root=s.registry_root(), keep_versions=s.keep_versions, bootstrap=s.kafka_bootstrap,
-        policy=_section(s, "policy_", PolicyConfig, seed=s.seed), gate=_section(s, "gate_", GateConfig))
+        rollout_url=s.trainer_rollout_url, rollout_key=s.admin_key, policy=_section(s, "policy_", PolicyConfig, seed=s.seed), gate=_section(s, "gate_", GateConfig))
     return TrainerService(ServiceConfig(
         bootstrap=s.kafka_bootstrap, checkpoint_dir=s.home / "trainer" / "checkpoints", group_id=s.trainer_group_id,
         step_groups=s.rm_step_groups, max_wait_s=s.rm_max_wait_s, held_out_pct=s.held_out_pct,

@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     trainer_metrics_port: int = 9101  # `duet train` serves /metrics here (0: off)
     keep_checkpoints: int = 3
     trainer_fresh_broker: bool = False  # set by `duet up` with the in-memory embedded broker
+    # Serving's base URL: the trainer asks its live vLLM engine for RLOO samples (POST /admin/rollouts, with
+    # DUET_ADMIN_KEY) and samples with HF `generate` itself only when that fails. `duet up` sets it.
+    trainer_rollout_url: str = ""
 
     # --- policy rounds, gate and registry -----------------------------------------------------------
     # The policy is trained as LoRA adapters on the frozen base (which is also the KL reference); the trainer

@@ -36,7 +36,7 @@ class Manifest(BaseModel):
     files: dict[str, str]  # relative path -> sha256
     algorithm: str
     hyperparameters: dict[str, float | int | str | bool | None] = Field(default_factory=dict)
-    train_metrics: dict[str, float | int | None] = Field(default_factory=dict)
+    train_metrics: dict[str, float | int | str | None] = Field(default_factory=dict)
     eval: dict[str, float | int | bool | str | None] = Field(default_factory=dict)
     kafka_offsets: dict[int, int] = Field(default_factory=dict)
 

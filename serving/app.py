@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
@@ -27,6 +27,7 @@ from feedback import loop_status
 from feedback import metrics as feedback_metrics
 from feedback.events import WeightsAnnouncement
 from feedback.outbox import Outbox, async_outbox_stats
+from feedback.rollouts import RolloutRequest, RolloutResponse
 from feedback.registry import version_name
 from serving import metrics
 from serving.auth import ApiKeyRecord, KeyStore
@@ -37,6 +38,7 @@ from serving.errors import APIError, install_error_handlers
 from serving.middleware import LimitsAndMetrics
 from serving.pairing import PAIRS_HEADER, ComparisonStore
 from serving.prompting import PromptBuilder
+from serving.rollouts import rollouts
 from serving.protocol import ChatCompletionRequest, ModelCard, ModelList
 from serving.rate_limit import RateLimiter
 from serving.relay_child import RelayChild
@@ -268,6 +270,18 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
             raise APIError(status, f"{version} not activated ({rec.result}): {rec.reason}", param="version",
                            code=f"swap_{rec.result}")
         return JSONResponse({"current": swapper.engine.model_version, "swap": asdict(rec)})
+
+    @app.post("/admin/rollouts")
+    async def admin_rollouts(body: RolloutRequest, request: Request,
+                             _: ApiKeyRecord = Depends(admin_key)) -> RolloutResponse:  # noqa: B008 (a closure:
+        # an Annotated alias could not name it under `from __future__ import annotations`)
+        """The live engine samples for the trainer's policy rounds (token ids in, token ids out).
+        The key is checked (a dependency) before the body is validated."""
+        rt = rt_of(request)
+        if rt.engine is None:
+            raise APIError(503, "Not ready: the engine is loading.", code="engine_not_ready",
+                           headers={"Retry-After": "5"})
+        return await rollouts(rt.engine, body)
 
     @app.post("/admin/updates/{action}")
     async def admin_updates(action: str, request: Request) -> dict:

@@ -26,6 +26,7 @@ class ChoiceDelta:
     text: str
     new_tokens: int
     finish_reason: str | None  # "stop" | "length" | "abort" | None while running
+    token_ids: tuple[int, ...] = ()  # the new tokens themselves
 
 
 @dataclass
@@ -133,6 +134,7 @@ class VLLMEngine:
                     text=c.text,
                     new_tokens=len(c.token_ids),
                     finish_reason=c.finish_reason,
+                    token_ids=tuple(c.token_ids),
                 )
                 for c in out.outputs
             ]

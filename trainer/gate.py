@@ -19,7 +19,7 @@ import torch
 
 from feedback.comparisons import ChatMessage
 from trainer.judge import JudgeEnsemble, bounded_win_rate
-from trainer.policy import PolicyTrainer, load_causal_lm
+from trainer.policy import PolicyTrainer, Rollouts, load_causal_lm
 
 
 @dataclass
@@ -53,13 +53,19 @@ def _model(pt: PolicyTrainer, model_or_path):
 
 @torch.no_grad()
 def evaluate(pt: PolicyTrainer, candidate, live, prompts: list[list[ChatMessage]], judges: JudgeEnsemble,
-             cfg: GateConfig) -> GateResult:
+             cfg: GateConfig, live_rollouts: Rollouts | None = None) -> GateResult:
     """`candidate`: the exported weights; `live`: the model serving now (each a model, or a folder loaded only
-    while it is needed, so at most one full copy sits beside the trainer's own); `pt.reference()`: the reference."""
+    while it is needed, so at most one full copy sits beside the trainer's own); `pt.reference()`: the
+    reference. `live_rollouts`: the live engine itself, asked first for the live version's answers."""
     n = cfg.samples_per_prompt
-    live = _model(pt, live)
-    base = pt.sample(live, prompts, n, cfg.temperature)
-    del live
+    ids = [pt.prompt_ids(m) for m in prompts]
+    drawn = live_rollouts(ids, n) if live_rollouts is not None else None
+    if drawn is not None:
+        base = pt.samples_from(ids, drawn)
+    else:
+        live = _model(pt, live)
+        base = pt.sample(live, prompts, n, cfg.temperature)
+        del live
     candidate = _model(pt, candidate)
     if not weights_finite(candidate):
         return GateResult(False, ["nonfinite_weights"])
@@ -79,7 +85,8 @@ def evaluate(pt: PolicyTrainer, candidate, live, prompts: list[list[ChatMessage]
     empty = sum(not s.text.strip() for s in flat)
     metrics = {"win_rate": win_rate, "win_rate_low": low, "win_rate_high": high, "kl": float(kl.mean()),
                "length_ratio": length_ratio, "empty_answers": empty, "samples": len(flat), "wins": wins,
-               "ties": ties, "losses": len(flat) - wins - ties, "judges": judges.n_judges}
+               "ties": ties, "losses": len(flat) - wins - ties, "judges": judges.n_judges,
+               "live_sampled_by": "serving" if drawn is not None else "trainer"}
     reasons = []
     if empty > cfg.max_empty_share * len(flat):
         reasons.append("empty_answers")

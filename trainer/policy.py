@@ -24,6 +24,8 @@ from trainer.losses import dpo_loss, kl_penalized_rewards, rloo_advantages, rloo
 from trainer.reward_model import pick_device
 
 RewardFn = Callable[[list[ChatMessage], list[str]], torch.Tensor]  # (prompt, k answers) -> k rewards
+# (prompt token ids, n) -> n completions' token ids per prompt, drawn by the live engine; None: sample locally
+Rollouts = Callable[[list[list[int]], int], list[list[list[int]]] | None]
 EXPORT_DTYPE = torch.bfloat16  # what serving loads (the base model's own dtype)
 
 
@@ -122,6 +124,10 @@ class PolicyTrainer:
         model.train(was_training)
         return out
 
+    def samples_from(self, prompt_ids: list[list[int]], completions: list[list[list[int]]]) -> list[list[Sample]]:
+        return [[Sample(ids, list(c), self.tokenizer.decode(c, skip_special_tokens=True)) for c in group]
+                for ids, group in zip(prompt_ids, completions)]
+
     def token_logprobs(self, model, samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token log π(y_t | x, y_<t) of each completion, right-padded, and its mask."""
         seqs = [s.prompt_ids + s.completion_ids for s in samples]
@@ -156,16 +162,24 @@ class PolicyTrainer:
         return torch.cat(out)
 
     # --- RLOO ---------------------------------------------------------------------------------------------
-    def rloo_round(self, prompts: list[list[ChatMessage]], reward_fn: RewardFn) -> dict[str, float]:
-        """For each step of `prompts_per_step` prompts: k samples each (one batched generate), rewards,
-        KL-penalised rewards, leave-one-out advantages, one AdamW step on the adapters."""
+    def rloo_round(self, prompts: list[list[ChatMessage]], reward_fn: RewardFn,
+                   rollouts: Rollouts | None = None) -> dict[str, float]:
+        """For each step of `prompts_per_step` prompts: k samples each, rewards, KL-penalised rewards,
+        leave-one-out advantages, one AdamW step on the adapters. Samples come from `rollouts` (the live
+        engine, which is this policy at the start of the round: all of the round's samples are drawn then,
+        at once) or else from one batched `generate` per step."""
         cfg = self.cfg
         rewards_all, kls, losses = [], [], []
         clock = {"sample_s": 0.0, "reward_s": 0.0, "kl_s": 0.0, "update_s": 0.0}  # where a round's time goes
+        t = time.perf_counter()
+        ids = [self.prompt_ids(m) for m in prompts]
+        drawn = rollouts(ids, cfg.k) if rollouts is not None else None
+        served = self.samples_from(ids, drawn) if drawn is not None else None
+        clock["sample_s"] += time.perf_counter() - t
         for i in range(0, len(prompts), cfg.prompts_per_step):
             step_prompts = prompts[i:i + cfg.prompts_per_step]
             t = time.perf_counter()
-            groups = self.sample(self.model, step_prompts, cfg.k)
+            groups = served[i:i + cfg.prompts_per_step] if served else self.sample(self.model, step_prompts, cfg.k)
             clock["sample_s"] += time.perf_counter() - t
             t = time.perf_counter()
             rewards = torch.stack([reward_fn(m, [s.text for s in g]).float().cpu()
@@ -198,6 +212,7 @@ class PolicyTrainer:
         r, kl = torch.cat(rewards_all), torch.cat(kls)
         return {"loss": sum(losses) / len(losses), "reward_mean": float(r.mean()), "reward_std": float(r.std()),
                 "kl": float(kl.mean()), "prompts": len(prompts), "updates": self.updates,
+                "sampled_by": "serving" if served else "trainer",
                 "answer_tokens": sum(len(s.completion_ids) for s in flat) / len(flat),
                 **{k: round(v, 2) for k, v in clock.items()}}
 

@@ -21,13 +21,14 @@ from safetensors.torch import load_file
 
 from feedback.comparisons import ChatMessage
 from feedback.events import WeightsAnnouncement
-from feedback.registry import Manifest, Registry, manifest_checksum
+from feedback.registry import BASE_VERSION, Manifest, Registry, manifest_checksum
 from feedback.topics import WEIGHTS
 from trainer import metrics
 from trainer.examples import PromptGroup
 from trainer.gate import GateConfig, GateResult, evaluate
 from trainer.judge import JudgeEnsemble, SentenceEncoder
-from trainer.policy import PolicyConfig, PolicyTrainer, RewardFn, changed_fraction
+from trainer.policy import PolicyConfig, PolicyTrainer, RewardFn, Rollouts, changed_fraction
+from trainer.rollouts import ServingRollouts
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ class RoundConfig:
     gate: GateConfig = field(default_factory=GateConfig)
     keep_versions: int = 5
     bootstrap: str = ""  # Kafka, for the announcement ("" = don't announce)
+    rollout_url: str = ""  # serving's base URL: its live engine samples for RLOO ("" = HF generate here)
+    rollout_key: str = ""  # the admin key it takes
 
 
 @dataclass
@@ -82,6 +85,7 @@ class PolicyRounds:
         self.registry = Registry(cfg.registry_root, keep=cfg.keep_versions)
         self.pt = PolicyTrainer(cfg.policy, cfg.base_model)
         self.judges = JudgeEnsemble(SentenceEncoder(cfg.judge_encoder or minilm_path()), seed=cfg.policy.seed)
+        self.serving = ServingRollouts(cfg.rollout_url, cfg.rollout_key) if cfg.rollout_url else None
 
     def state_dict(self) -> dict:
         return self.pt.state_dict()
@@ -94,9 +98,9 @@ class PolicyRounds:
             oldest_vote_ts: float | None = None) -> RoundResult:
         cfg = self.cfg
         before = copy.deepcopy(self.pt.state_dict())
-        train_metrics = self.update(prompts, reward_fn, recent)
         live = self.registry.latest()
         live_path = self.registry.path(live) if live else Path(cfg.base_model)
+        train_metrics = self.update(prompts, reward_fn, recent, self._live_rollouts(live, cfg.policy.temperature))
         with tempfile.TemporaryDirectory(prefix="duet-candidate-") as tmp:
             t = time.perf_counter()
             self.pt.export(Path(tmp))
@@ -106,7 +110,8 @@ class PolicyRounds:
                                                                  self.pt.trained_weights())
             t = time.perf_counter()
             self.judges.fit(judge_votes)
-            result = evaluate(self.pt, Path(tmp), live_path, eval_prompts, self.judges, cfg.gate)
+            result = evaluate(self.pt, Path(tmp), live_path, eval_prompts, self.judges, cfg.gate,
+                              self._live_rollouts(live, cfg.gate.temperature))
             train_metrics["gate_s"] = round(time.perf_counter() - t, 2)
             if train_metrics["changed_fraction"] == 0.0:  # every update rounded away in bf16
                 result.passed, result.reasons = False, result.reasons + ["unchanged"]
@@ -129,11 +134,19 @@ class PolicyRounds:
                  result.metrics["win_rate_high"], result.metrics["kl"], 100 * train_metrics["changed_fraction"])
         return RoundResult(manifest, result, train_metrics)
 
-    def update(self, prompts: list[list[ChatMessage]], reward_fn: RewardFn, recent: list[PromptGroup]) -> dict:
+    def _live_rollouts(self, live: Manifest | None, temperature: float) -> Rollouts | None:
+        """Samples from serving's engine, provided it serves `live` (the version this state was exported as)."""
+        if self.serving is None:
+            return None
+        version, max_tokens = live.name if live else BASE_VERSION, self.cfg.policy.max_new_tokens
+        return lambda ids, n: self.serving.sample(ids, n, max_tokens, temperature, version)
+
+    def update(self, prompts: list[list[ChatMessage]], reward_fn: RewardFn, recent: list[PromptGroup],
+               rollouts: Rollouts | None) -> dict:
         """RLOO on `prompts` with the reward model, or DPO on the `recent` votes' pairs."""
         if self.cfg.policy.algorithm == "dpo":
             return self.pt.dpo_round(recent)
-        out = self.pt.rloo_round(prompts, reward_fn)
+        out = self.pt.rloo_round(prompts, reward_fn, rollouts)
         metrics.POLICY_REWARD_MEAN.set(out["reward_mean"])
         metrics.POLICY_REWARD_STD.set(out["reward_std"])
         return out

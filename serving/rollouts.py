@@ -1,0 +1,40 @@
+"""`POST /admin/rollouts`: the live engine samples for the trainer (contract: feedback/rollouts.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from feedback.comparisons import SamplingSpec
+from feedback.rollouts import RolloutRequest, RolloutResponse, RolloutSample
+from serving.engine import Engine
+from serving.errors import APIError
+
+
+async def _one(engine: Engine, prompt: list[int], req: RolloutRequest) -> tuple[list[RolloutSample], set[str]]:
+    tokens: list[list[int]] = [[] for _ in range(req.n)]
+    finish: list[str | None] = [None] * req.n
+    versions: set[str] = set()
+    spec = SamplingSpec(temperature=req.temperature, top_p=1.0, max_tokens=req.max_tokens)
+    async for step in engine.generate(prompt, spec, req.n, f"rollout-{uuid.uuid4().hex}"):
+        versions.add(step.model_version)
+        for d in step.deltas:
+            tokens[d.index].extend(d.token_ids)
+            finish[d.index] = d.finish_reason or finish[d.index]
+    return [RolloutSample(token_ids=t, finish_reason=f) for t, f in zip(tokens, finish)], versions
+
+
+async def rollouts(engine: Engine, req: RolloutRequest) -> RolloutResponse:
+    if req.model_version is not None and req.model_version != engine.model_version:
+        raise APIError(409, f"{req.model_version} is not live ({engine.model_version} is)", param="model_version",
+                       code="version_not_live")
+    too_long = [i for i, p in enumerate(req.prompts) if len(p) + req.max_tokens > engine.max_model_len]
+    if too_long:
+        raise APIError(400, f"prompt {too_long[0]} plus max_tokens exceeds the engine's {engine.max_model_len} tokens",
+                       param="prompts", code="context_length_exceeded")
+    results = await asyncio.gather(*(_one(engine, p, req) for p in req.prompts))
+    versions = set().union(*(v for _, v in results))
+    if len(versions) != 1 or (req.model_version is not None and versions != {req.model_version}):
+        raise APIError(409, f"the live version changed during the rollout ({sorted(versions)})",
+                       code="version_changed")
+    return RolloutResponse(model_version=versions.pop(), samples=[s for s, _ in results])
