@@ -234,13 +234,10 @@ def _trainer_service(s):
     rm = _section(s, "rm_", RewardTrainerConfig, backbone=backbone, seed=s.seed)
     round_cfg = RoundConfig(
         base_model=base, registry_root=s.registry_root(), keep_versions=s.keep_versions, bootstrap=s.kafka_bootstrap,
-        rollout_url=s.trainer_rollout_url, rollout_key=s.admin_key, policy=_section(s, "policy_", PolicyConfig, seed=s.seed), gate=_section(s, "gate_", GateConfig))
-    return TrainerService(ServiceConfig(
-        bootstrap=s.kafka_bootstrap, checkpoint_dir=s.home / "trainer" / "checkpoints", group_id=s.trainer_group_id,
-        step_groups=s.rm_step_groups, max_wait_s=s.rm_max_wait_s, held_out_pct=s.held_out_pct,
-        keep_checkpoints=s.keep_checkpoints, fresh_broker=s.trainer_fresh_broker, round=round_cfg,
-        round_every_votes=s.policy_every_votes, round_every_s=s.policy_every_s, round_prompts=s.policy_prompts,
-        gate_prompts=s.gate_prompts, redis_url=s.redis_url), rm)
+        rollout_url=s.trainer_rollout_url, rollout_key=s.admin_key,
+        policy=_section(s, "policy_", PolicyConfig, seed=s.seed), gate=_section(s, "gate_", GateConfig))
+    service = _section(s, "", ServiceConfig, checkpoint_dir=s.home / "trainer" / "checkpoints", round=round_cfg)
+    return TrainerService(service, rm)
 
 
 def cmd_train(args: argparse.Namespace) -> None:

@@ -84,7 +84,7 @@ class Battle(BaseModel):
     wins: int = Field(ge=0)
     ties: int = Field(ge=0)
     losses: int = Field(ge=0)
-    judge: str = Field(min_length=1, max_length=64)  # "reward_model" (the gate), "simulated:<rule>", "human", ...
+    judge: str = Field(min_length=1, max_length=64)  # "gate_judges" (the gate), "simulated:<rule>", "human", ...
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -9,9 +9,9 @@ from trainer.service import ServiceConfig, TrainerService
 
 
 def test_round_trigger(tiny_model, tmp_path):
-    svc = TrainerService(ServiceConfig(bootstrap="unused:9092", checkpoint_dir=tmp_path / "ckpt",
+    svc = TrainerService(ServiceConfig(kafka_bootstrap="unused:9092", checkpoint_dir=tmp_path / "ckpt",
                                       round=RoundConfig(base_model=str(tiny_model), registry_root=tmp_path / "reg"),
-                                      round_every_votes=64, round_every_s=600),
+                                      policy_every_votes=64, policy_every_s=600),
                         RewardTrainerConfig(backbone=str(tiny_model)))
     assert not svc.round_due()  # no votes
     svc.state.votes_since_round = 10

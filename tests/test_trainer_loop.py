@@ -25,11 +25,11 @@ EVERY = 16
 
 def _service(tiny_model, tmp_path, bootstrap, topic, group) -> TrainerService:
     return TrainerService(
-        ServiceConfig(bootstrap=bootstrap, checkpoint_dir=tmp_path / "ckpt", group_id=group, topic=topic,
-                      step_groups=4, max_wait_s=0.5, held_out_pct=10,
+        ServiceConfig(kafka_bootstrap=bootstrap, checkpoint_dir=tmp_path / "ckpt", trainer_group_id=group, topic=topic,
+                      rm_step_groups=4, rm_max_wait_s=0.5, held_out_pct=10,
                       round=RoundConfig(base_model=str(tiny_model), registry_root=tmp_path / "registry",
                                         policy=PolicyConfig(max_new_tokens=8), gate=GateConfig(min_win_rate=0.0)),
-                      round_every_votes=EVERY, round_prompts=4, gate_prompts=2),
+                      policy_every_votes=EVERY, policy_prompts=4, gate_prompts=2),
         RewardTrainerConfig(backbone=str(tiny_model), max_tokens=96))
 
 

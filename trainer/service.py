@@ -36,23 +36,24 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ServiceConfig:
-    bootstrap: str
+    """Field names are the settings' own (DUET_<NAME>), so `duet train` passes them unchanged."""
+    kafka_bootstrap: str
     checkpoint_dir: Path
-    group_id: str = "duet-trainer"
+    trainer_group_id: str = "duet-trainer"
     topic: str = FEEDBACK
-    step_groups: int = 8  # new prompt groups per reward-model step
-    max_wait_s: float = 30.0  # ...or fewer, once the oldest has waited this long
+    rm_step_groups: int = 8  # new prompt groups per reward-model step
+    rm_max_wait_s: float = 30.0  # ...or fewer, once the oldest has waited this long
     held_out_pct: float = 10.0
     eval_every: int = 10  # steps
     keep_checkpoints: int = 3
     idle_checkpoint_s: float = 10.0  # checkpoint consumed-but-untrained votes at most this often
     # The embedded broker forgets everything when it stops: offsets stored against an earlier one
     # would skip the new broker's first votes. Weights, replay and seen ids are kept.
-    fresh_broker: bool = False
+    trainer_fresh_broker: bool = False
     round: RoundConfig | None = None  # None: reward model only, no policy rounds
-    round_every_votes: int = 32
-    round_every_s: float = 1800.0
-    round_prompts: int = 16
+    policy_every_votes: int = 32
+    policy_every_s: float = 1800.0
+    policy_prompts: int = 16
     gate_prompts: int = 16
     redis_url: str = ""  # where the dashboard's loop status goes (feedback/loop_status.py); "" = nowhere
 
@@ -76,7 +77,7 @@ class TrainerService:
                 self.rounds.load_state_dict(snap.policy)
             log.info("resumed from %s: %d events trained, %d pending, offsets %s", path.name,
                      self.state.events_trained, len(self.pending), self.state.offsets)
-        if cfg.fresh_broker:
+        if cfg.trainer_fresh_broker:
             self.state.offsets = {}
         if not self.state.last_round_at:  # the time-based trigger counts from the first start
             self.state.last_round_at = time.time()
@@ -90,7 +91,7 @@ class TrainerService:
     # --- the loop -----------------------------------------------------------------------------------
     def run(self, once: bool = False) -> TrainerState:
         """Train until stopped; with once=True, until caught up with the topic and nothing is pending."""
-        consumer = FeedbackConsumer(self.cfg.bootstrap, self.cfg.group_id, topic=self.cfg.topic,
+        consumer = FeedbackConsumer(self.cfg.kafka_bootstrap, self.cfg.trainer_group_id, topic=self.cfg.topic,
                                     start_offsets=self.state.offsets, seen=self.seen)
         bar = _progress(self.state)
         try:
@@ -144,12 +145,12 @@ class TrainerService:
 
     # --- the reward model ---------------------------------------------------------------------------
     def reward_step_due(self, flush: bool = False) -> bool:
-        return bool(self.pending) and (len(self.pending) >= self.cfg.step_groups or flush
-                                       or time.time() - self.pending_since > self.cfg.max_wait_s)
+        return bool(self.pending) and (len(self.pending) >= self.cfg.rm_step_groups or flush
+                                       or time.time() - self.pending_since > self.cfg.rm_max_wait_s)
 
     def train_reward_model(self) -> None:
         """One step on the oldest `step_groups` pending votes (plus replayed ones)."""
-        chunk, self.pending = self.pending[:self.cfg.step_groups], self.pending[self.cfg.step_groups:]
+        chunk, self.pending = self.pending[:self.cfg.rm_step_groups], self.pending[self.cfg.rm_step_groups:]
         self.pending_since = time.time()
         t0 = time.perf_counter()
         out = self.reward.step(chunk)
@@ -183,8 +184,8 @@ class TrainerService:
     def round_due(self) -> bool:
         if self.rounds is None or not self.state.votes_since_round:
             return False
-        return (self.state.votes_since_round >= self.cfg.round_every_votes
-                or time.time() - self.state.last_round_at >= self.cfg.round_every_s)
+        return (self.state.votes_since_round >= self.cfg.policy_every_votes
+                or time.time() - self.state.last_round_at >= self.cfg.policy_every_s)
 
     def policy_round(self) -> RoundResult | None:
         """Improve the policy with the current reward model on recent user prompts; gate; publish."""
@@ -192,13 +193,13 @@ class TrainerService:
         if not trained or not self.held_out:
             log.info("policy round skipped: needs trained and held-out comparisons")
             return None
-        prompts = [g.messages for g in trained[-self.cfg.round_prompts:]]
+        prompts = [g.messages for g in trained[-self.cfg.policy_prompts:]]
         eval_prompts = [g.messages for g in self.held_out[-self.cfg.gate_prompts:]]
         log.info("policy round: %d prompts, gate on %d held-out prompts", len(prompts), len(eval_prompts))
         t0 = time.time()
         try:
             result = self.rounds.run(prompts, eval_prompts, reward_model_fn(self.reward.model),
-                                     recent=trained[-self.cfg.round_prompts:], judge_votes=trained + self.held_out,
+                                     recent=trained[-self.cfg.policy_prompts:], judge_votes=trained + self.held_out,
                                      kafka_offsets=self.state.offsets, oldest_vote_ts=self.state.oldest_unrounded_vote)
         except Exception:
             metrics.POLICY_ROUNDS.labels(result="failed").inc()
