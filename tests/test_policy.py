@@ -175,8 +175,9 @@ def _synthetic_votes(n=40):
 
 
 def test_a_round_at_default_settings_publishes_what_was_learned(blue_model, tmp_path):
-    """Every policy and gate setting at its default: the export differs from its parent (not rounded away in
-    bf16), the KL to the reference stays bounded, and the state carries into the next round."""
+    """Every policy setting at its default (only the answers are short), the gate's too but for its win-rate bar
+    (its judges are fitted on unrelated synthetic votes here): the export differs from its parent (not
+    rounded away in bf16), the KL to the reference stays bounded, and the state carries into the next round."""
     rounds = PolicyRounds(RoundConfig(base_model=str(blue_model), registry_root=tmp_path / "registry",
                                       policy=PolicyConfig(max_new_tokens=16), gate=GateConfig(min_win_rate=0.0)))
     votes = _synthetic_votes()
