@@ -1,6 +1,7 @@
 """The trainer's loop under a steady stream of votes: rounds start at their vote count (the old loop
 trained the whole backlog first, so a round due at 64 votes started at 95), the reward model keeps
-training between rounds, and a restart resumes the policy state the checkpoint holds."""
+training between rounds and catches up on a backlog for a bounded time, and a restart resumes the
+policy state the checkpoint holds."""
 
 from __future__ import annotations
 
@@ -40,11 +41,13 @@ def test_rounds_start_at_their_vote_count_under_a_steady_stream(tiny_model, tmp_
     admin.close()
     svc = _service(tiny_model, tmp_path, broker.bootstrap, topic, group)
     started_at: list[int] = []  # trained votes since the last round, when each round starts
+    backlog_at: list[int] = []  # votes consumed but not yet trained, then
     steps_between: list[int] = []
     run_round = svc.policy_round
 
     def spy():
         started_at.append(svc.state.votes_since_round)
+        backlog_at.append(len(svc.pending))
         steps_between.append(svc.state.step)
         return run_round()
 
@@ -74,8 +77,12 @@ def test_rounds_start_at_their_vote_count_under_a_steady_stream(tiny_model, tmp_
     trainer.join(120)
     producer.close()
     assert len(started_at) >= 3, started_at
-    assert started_at[:3] == [EVERY] * 3  # exactly at the count (steps of 4), however long the backlog
-    assert steps_between[1] - steps_between[0] == EVERY // 4  # and the reward model trained in between
+    for trained, backlog in zip(started_at, backlog_at):
+        # at the count (steps of 4); later only while the reward model caught up on a backlog the previous
+        # round left, and never past twice the count (the old loop trained the whole backlog first)
+        assert trained == EVERY or (EVERY < trained <= 2 * EVERY and (backlog <= EVERY or trained == 2 * EVERY)), \
+            (started_at, backlog_at)
+    assert all(b - a >= EVERY // 4 for a, b in zip(steps_between, steps_between[1:]))  # the RM trained in between
     assert svc.state.rounds >= 3
 
     # a restart resumes the policy's fp32 state from the checkpoint (written after each round)

@@ -3,7 +3,9 @@
     consume votes → train the reward model (one step) → policy round, when due → checkpoint → repeat
 
 Each pass trains at most one reward-model step, so a steady stream of votes never starves the policy
-round: a round starts as soon as `round_every_votes` votes have been trained (or `round_every_s` passed).
+round: a round starts as soon as `policy_every_votes` votes have been trained (or `policy_every_s` passed);
+and a backlog left by a slow round is trained first, for at most as many votes again, so the reward
+model is never left behind for good either.
 
 Exactly once: a checkpoint stores the Kafka offset of every partition, the event ids it covers, and the
 votes consumed but not yet trained (`pending`), so "consumed up to the offsets" is always "trained or
@@ -182,10 +184,15 @@ class TrainerService:
 
     # --- the policy ---------------------------------------------------------------------------------
     def round_due(self) -> bool:
+        """After `policy_every_votes` trained votes (or `policy_every_s`). If a slow round left a backlog of
+        untrained votes larger than that, the reward model catches up first — one step per pass, so this
+        costs seconds — but for at most as many votes again: neither side can starve the other."""
         if self.rounds is None or not self.state.votes_since_round:
             return False
-        return (self.state.votes_since_round >= self.cfg.policy_every_votes
-                or time.time() - self.state.last_round_at >= self.cfg.policy_every_s)
+        every, trained = self.cfg.policy_every_votes, self.state.votes_since_round
+        if trained >= every and len(self.pending) > every and trained < 2 * every:
+            return False  # catching up
+        return trained >= every or time.time() - self.state.last_round_at >= self.cfg.policy_every_s
 
     def policy_round(self) -> RoundResult | None:
         """Improve the policy with the current reward model on recent user prompts; gate; publish."""
