@@ -62,8 +62,14 @@ def test_sigkill_across_restarts_trains_every_event_exactly_once(tiny_model, tmp
         progress = []  # events trained per the newest checkpoint, after each kill
         ckpt_dir = tmp_path / "home" / "trainer" / "checkpoints"
         while feeder.is_alive() or kills < 3:
+            before = checkpoint.latest(ckpt_dir)
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(rng.uniform(13, 19))  # past start-up and the group join (~11 s), at a random moment
+            # past start-up and the group join (~11 s idle, longer on a loaded machine): once this run has
+            # written a checkpoint of its own, kill it at a random moment
+            deadline = time.time() + 120
+            while checkpoint.latest(ckpt_dir) == before and time.time() < deadline and proc.poll() is None:
+                time.sleep(0.2)
+            time.sleep(rng.uniform(0, 4))
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             kills += 1

@@ -52,7 +52,8 @@ def test_duet_up_learns_from_simulated_users(tmp_path):
     up = subprocess.Popen([sys.executable, "-m", "duet.cli", "up"], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         cfg = SimulateConfig(base_url=f"http://127.0.0.1:{port}", rule="tests.sim_rules:likes_blue", noise=0.1,
-                             votes=300, rate=8, concurrency=4, max_tokens=16, eval_every=40, eval_prompts=32,
+                             # paced (150 s of votes), so rounds run while users vote, as they would
+                             votes=300, rate=2, concurrency=4, max_tokens=16, eval_every=40, eval_prompts=32,
                              eval_samples=4, settle_s=240, out_dir=tmp_path / "sim", progress=False)
         deadline = time.time() + 120
         while not (home / "admin_key").exists() or not (home / "dev_key").exists():

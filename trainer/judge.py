@@ -28,13 +28,27 @@ class SentenceEncoder:
     """Mean-pooled, L2-normalised embeddings of a frozen encoder, cached by text."""
 
     def __init__(self, path: str, max_tokens: int = 256) -> None:
-        from transformers import AutoModel, AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
-        self.model.requires_grad_(False)
+        self.path = path
         self.max_tokens = max_tokens
         self.cache: dict[str, torch.Tensor] = {}
+        self._loaded = None  # (tokenizer, model), loaded at the first gate: the trainer starts faster
+
+    def _load(self):
+        if self._loaded is None:
+            from transformers import AutoModel, AutoTokenizer
+
+            model = AutoModel.from_pretrained(self.path, dtype=torch.float32).eval()
+            model.requires_grad_(False)
+            self._loaded = AutoTokenizer.from_pretrained(self.path), model
+        return self._loaded
+
+    @property
+    def tokenizer(self):
+        return self._load()[0]
+
+    @property
+    def model(self):
+        return self._load()[1]
 
     @torch.no_grad()
     def __call__(self, texts: list[str], batch: int = 64) -> torch.Tensor:
