@@ -152,6 +152,13 @@ def test_judges_learn_the_voters_taste(judges):
     assert verdict.shape == (4, 2) and verdict.mean() > 0.9
 
 
+def test_judges_without_ordered_votes_say_nothing():
+    j = JudgeEnsemble(SentenceEncoder(minilm_path()), n_judges=3)
+    tie = to_prompt_group(marker_event(random.Random(0))).model_copy(update={"pairs": [], "ties": [(0, 1)]})
+    assert j.fit([tie]) == 0
+    assert j.prefer(PROMPTS[0], ["a", "b"], ["c", "d"]).tolist() == [[0.5, 0.5]] * 3
+
+
 def test_gate_refuses_nan_weights_and_too_much_kl(tiny_model, judges):
     pt = PolicyTrainer(PolicyConfig(max_new_tokens=8), str(tiny_model))
     live = load_causal_lm(str(tiny_model), pt.device)

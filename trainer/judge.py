@@ -120,9 +120,9 @@ class JudgeEnsemble:
     @torch.no_grad()
     def prefer(self, messages: list[ChatMessage], first: list[str], second: list[str]) -> torch.Tensor:
         """Each judge's verdict on each (first[i], second[i]) for one prompt: [J, n] of 1 (first better),
-        ½ (equal score) or 0."""
+        ½ (equal score) or 0. Without a single ordered vote to fit on (only ties so far), every verdict is ½."""
         if self.weights is None:
-            raise RuntimeError("the judges have not been fitted")
+            return torch.full((self.n_judges, len(first)), 0.5)
         x = [_prompt_text(messages)] * len(first)
         diff = (self.features(x, first) - self.features(x, second)) @ self.weights.T  # [n, J]
         return ((diff > 0).float() + 0.5 * (diff == 0).float()).T
