@@ -171,7 +171,7 @@ class PolicyTrainer:
         engine, which is this policy at the start of the round: all of the round's samples are drawn then,
         at once) or else from one batched `generate` per step."""
         cfg = self.cfg
-        rewards_all, kls, losses = [], [], []
+        rewards_all, kls, losses, lengths = [], [], [], []
         clock = {"sample_s": 0.0, "reward_s": 0.0, "kl_s": 0.0, "update_s": 0.0}  # where a round's time goes
         t = time.perf_counter()
         ids = [self.prompt_ids(m) for m in prompts]
@@ -189,6 +189,7 @@ class PolicyTrainer:
             clock["reward_s"] += time.perf_counter() - t
             t = time.perf_counter()
             flat = [s for g in groups for s in g]
+            lengths += [len(s.completion_ids) for s in flat]
             kl = self.sequence_kl(self.model, flat)
             clock["kl_s"] += time.perf_counter() - t
             t = time.perf_counter()
@@ -215,7 +216,7 @@ class PolicyTrainer:
         return {"loss": sum(losses) / len(losses), "reward_mean": float(r.mean()), "reward_std": float(r.std()),
                 "kl": float(kl.mean()), "prompts": len(prompts), "updates": self.updates,
                 "sampled_by": "serving" if served else "trainer",
-                "answer_tokens": sum(len(s.completion_ids) for s in flat) / len(flat),
+                "answer_tokens": sum(lengths) / len(lengths),
                 **{k: round(v, 2) for k, v in clock.items()}}
 
     # --- DPO ----------------------------------------------------------------------------------------------
