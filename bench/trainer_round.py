@@ -63,6 +63,7 @@ def main() -> None:
     rss0 = rss_mb()
     t = time.perf_counter()
     svc = _trainer_service(s)
+    svc.rounds.cfg.bootstrap = ""  # no broker here: publish to the scratch registry, announce nothing
     load_s = time.perf_counter() - t
     rss_loaded = rss_mb()
     rng = random.Random(0)
