@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,3 +28,18 @@ def start_server(cmd: list[str], env: dict, url: str, log: Path, ready_path: str
         time.sleep(1)
     proc.kill()
     raise RuntimeError(f"server not ready in {timeout_s:.0f} s; see {log}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scratch_home(prefix: str) -> Path:
+    """A fresh DUET_HOME that shares the already converted default model (not converted again)."""
+    home = Path(tempfile.mkdtemp(prefix=prefix))
+    models = Path.home() / ".cache" / "duet" / "models"
+    if models.exists():
+        (home / "models").symlink_to(models)
+    return home

@@ -23,7 +23,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,17 +35,9 @@ import redis  # noqa: E402
 import feedback  # noqa: E402,F401  (the package, before bench/ joins the path: bench/feedback.py shares its name)
 
 sys.path.append(str(Path(__file__).resolve().parent))
-from benchlib import start_server  # noqa: E402
+from benchlib import free_port, scratch_home, start_server  # noqa: E402
 
 REDIS_DB = 11  # not the tests' databases
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def dashboard(url: str, key: str) -> dict:
@@ -63,7 +54,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
 
-    home = Path(tempfile.mkdtemp(prefix="duet-learning-"))
+    home = scratch_home("duet-learning-")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     redis_url = f"redis://127.0.0.1:6379/{REDIS_DB}"
@@ -71,10 +62,6 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DUET_")}  # defaults, nothing tuned
     env.update({"DUET_HOME": str(home), "DUET_PORT": str(port), "DUET_REDIS_URL": redis_url, "HF_HUB_OFFLINE": "1",
                 "DUET_TRAINER_METRICS_PORT": "0", "DUET_RELAY_METRICS_PORT": "0", "DUET_SUPERVISOR_METRICS_PORT": "0"})
-    # share the converted default model instead of converting it again into the fresh home
-    models = Path.home() / ".cache" / "duet" / "models"
-    if models.exists():
-        (home / "models").symlink_to(models)
     me = [sys.executable, "-m", "duet.cli"]
     t0 = time.time()
     up = start_server(me + ["up"], env, url, home / "up.log", timeout_s=900)

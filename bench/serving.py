@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -21,7 +20,7 @@ import time
 from pathlib import Path
 
 import httpx
-from benchlib import start_server
+from benchlib import free_port, start_server
 from tqdm import tqdm
 
 from duet.processes import stop_process
@@ -36,12 +35,6 @@ PROMPTS = [
     "What is the difference between weather and climate?",
     "Name three planets and one fact about each.",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def one(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, float, int]:

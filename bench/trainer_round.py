@@ -16,7 +16,6 @@ import argparse
 import json
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +24,11 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 
 import torch  # noqa: E402
 
+import feedback  # noqa: E402,F401  (the package, before bench/ joins the path: bench/feedback.py shares its name)
 from duet.settings import Settings  # noqa: E402
+
+sys.path.append(str(Path(__file__).resolve().parent))  # for benchlib
+from benchlib import scratch_home  # noqa: E402
 from trainer.examples import to_prompt_group  # noqa: E402
 from trainer.synthetic import marker_event  # noqa: E402
 
@@ -55,11 +58,7 @@ def main() -> None:
 
     from duet.cli import _trainer_service
 
-    home = Path(tempfile.mkdtemp(prefix="duet-round-"))
-    models = Settings().home / "models"
-    if models.exists():  # the converted default model, not converted again
-        (home / "models").symlink_to(models)
-    s = Settings(kafka_bootstrap="unused:9092", home=home)
+    s = Settings(kafka_bootstrap="unused:9092", home=scratch_home("duet-round-"))
     rss0 = rss_mb()
     t = time.perf_counter()
     svc = _trainer_service(s)

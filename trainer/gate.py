@@ -4,7 +4,7 @@ on held-out prompts, and publishes only if the candidate
 - is not judged worse than the live version: with the judges of `trainer/judge.py` (fitted on votes, never
   optimised against), the upper end of the win rate's interval (bootstrap over prompts and judges) is at
   least `min_win_rate` — or, with `require="better"`, its lower end is;
-- stays within `max_kl` nats of the reference (mean Σ_t log π − log π_ref over its own samples);
+- stays within `max_kl` nats of the reference (the k3 estimate over its own samples, `PolicyTrainer.sequence_kl`);
 - did not change its answers' length by more than `max_length_ratio` either way in one round (a taste
   for length must not be the only thing learned in a jump; gradual change over rounds is allowed).
 """

@@ -265,9 +265,9 @@ class PolicyTrainer:
         """Names of the exported weights the adapters change."""
         return {f"{name}.weight" for name in lora_layers(self.model)}
 
-    def export(self, folder: Path) -> None:
+    def export(self, folder: Path) -> dict[str, torch.Tensor]:
         """The layout vLLM loads: model.safetensors (adapters merged in fp32, then cast to bf16 like the
-        base) + config + tokenizer."""
+        base) + config + tokenizer. Returns the weights it wrote."""
         state = merged_state_dict(self.model, EXPORT_DTYPE)
         self.model.config.save_pretrained(folder)
         self.model.generation_config.save_pretrained(folder)
@@ -277,6 +277,7 @@ class PolicyTrainer:
             state.pop("lm_head.weight", None)  # tied: stored once, as the embedding
         save_file(state, str(Path(folder) / "model.safetensors"), metadata={"format": "pt"})
         self.tokenizer.save_pretrained(folder)
+        return state
 
 
 def changed_fraction(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], keys: set[str] | None = None) -> float:

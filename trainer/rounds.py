@@ -103,11 +103,11 @@ class PolicyRounds:
         train_metrics = self.update(prompts, reward_fn, recent, self._live_rollouts(live, cfg.policy.temperature))
         with tempfile.TemporaryDirectory(prefix="duet-candidate-") as tmp:
             t = time.perf_counter()
-            self.pt.export(Path(tmp))
+            exported = self.pt.export(Path(tmp))
             train_metrics["export_s"] = round(time.perf_counter() - t, 2)
-            train_metrics["changed_fraction"] = changed_fraction(load_file(str(Path(tmp) / "model.safetensors")),
-                                                                 load_file(str(live_path / "model.safetensors")),
-                                                                 self.pt.trained_weights())
+            parent = load_file(str(live_path / "model.safetensors"))
+            train_metrics["changed_fraction"] = changed_fraction(exported, parent, self.pt.trained_weights())
+            del exported, parent
             t = time.perf_counter()
             self.judges.fit(judge_votes)
             result = evaluate(self.pt, Path(tmp), live_path, eval_prompts, self.judges, cfg.gate,
