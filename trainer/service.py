@@ -44,7 +44,7 @@ class ServiceConfig:
     trainer_group_id: str = "duet-trainer"
     topic: str = FEEDBACK
     rm_step_groups: int = 8  # new prompt groups per reward-model step
-    rm_max_wait_s: float = 30.0  # ...or fewer, once the oldest has waited this long
+    rm_max_wait_s: float = 30.0  # ...or fewer, this long after the last step (or the first pending vote)
     held_out_pct: float = 10.0
     eval_every: int = 10  # steps
     keep_checkpoints: int = 3
