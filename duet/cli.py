@@ -261,8 +261,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: svc.stop.set())
     state = svc.run(once=args.once)
-    print(f"duet: trained on {state.events_trained} votes ({state.events_held_out} held out, "
-          f"{state.events_untrainable} without an order); held-out accuracy {state.held_out_accuracy}")
+    print(f"duet: trained on {state.events_trained} votes ({state.events_held_out} held out); "
+          f"held-out accuracy {state.held_out_accuracy}")
 
 
 def cmd_models(args: argparse.Namespace) -> None:

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from feedback.comparisons import PendingComparison
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: edits (kind "edit", `edit`)
 SCHEMA_MAJOR = 1
 
 Choice = Literal["a", "b", "tie", "both_bad"]
@@ -47,26 +47,37 @@ def normalize_ranking(ranking: list[int | list[int]], k: int) -> list[list[int]]
     return groups
 
 
+class EditedAnswer(BaseModel):
+    """A user's rewrite of one answer they were shown: a demonstration, and preferred to the original."""
+
+    index: int = Field(ge=0)  # which answer of `comparison.answers` it replaces
+    text: str = Field(min_length=1)
+
+
 class FeedbackEvent(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     schema_version: str = SCHEMA_VERSION
     event_id: str = Field(default_factory=uuid7)
-    kind: Literal["comparison", "rating"]
+    kind: Literal["comparison", "rating", "edit"]
     voted_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     key_id: str
     user_hash: str | None
-    # What was shown: K >= 2 answers for a comparison, one answer for a rating.
+    # What was shown: K >= 2 answers for a comparison, one answer for a rating; either for an edit.
     comparison: PendingComparison
     choice: Choice | None = None
     ranking: list[list[int]] | None = None  # best first, ties grouped
     rating: Rating | None = None
+    edit: EditedAnswer | None = None
     reason: str | None = Field(None, max_length=2000)
     open_ended: bool | None = None  # the client's word on whether the prompt is open-ended
 
     @model_validator(mode="after")
     def _one_verdict(self) -> FeedbackEvent:
-        if self.kind == "rating":
+        if self.kind == "edit":
+            if self.edit is None or self.edit.index >= len(self.comparison.answers):
+                raise ValueError("an edit event needs `edit` with the index of an answer it was shown")
+        elif self.kind == "rating":
             if self.rating is None or len(self.comparison.answers) != 1:
                 raise ValueError("a rating event needs `rating` and exactly one answer")
         elif (self.choice is None) == (self.ranking is None):

@@ -1,6 +1,8 @@
 """Events -> prompt groups."""
 
-from feedback.events import FeedbackEvent
+from itertools import combinations
+
+from feedback.events import EditedAnswer, FeedbackEvent
 from tests.test_feedback_events import comparison
 from trainer.examples import is_held_out, open_ended_heuristic, to_prompt_group
 
@@ -13,8 +15,35 @@ def test_pairwise_choices():
     assert to_prompt_group(event(choice="a")).pairs == [(0, 1)]
     assert to_prompt_group(event(choice="b")).pairs == [(1, 0)]
     tie = to_prompt_group(event(choice="tie"))
-    assert tie.pairs == [] and tie.ties == [(0, 1)]
-    assert to_prompt_group(event(choice="both_bad")) is None
+    assert tie.pairs == [] and tie.ties == [(0, 1)] and tie.labelled == []  # a tie says nothing about quality
+
+
+def test_both_bad_makes_both_answers_undesirable():
+    g = to_prompt_group(event(choice="both_bad"))
+    assert g.pairs == [] and g.ties == [] and g.undesirable == [0, 1] and g.desirable == []
+    assert g.labelled == [(0, False), (1, False)]
+
+
+def test_thumbs_label_the_one_answer():
+    up = FeedbackEvent(kind="rating", key_id="k", user_hash=None, comparison=comparison(1), rating="up")
+    down = up.model_copy(update={"rating": "down"})
+    assert to_prompt_group(up).labelled == [(0, True)] and to_prompt_group(up).pairs == []
+    assert to_prompt_group(down).labelled == [(0, False)]
+
+
+def test_an_edit_is_a_demonstration_preferred_to_the_answer_it_replaced():
+    ev = FeedbackEvent(kind="edit", key_id="k", user_hash=None, comparison=comparison(2),
+                       edit=EditedAnswer(index=1, text="better"))
+    g = to_prompt_group(ev)
+    assert g.answers == ["a0", "a1", "better"]
+    assert g.pairs == [(2, 1)] and g.demonstrations == [2] and g.labelled == []
+
+
+def test_a_ranking_of_nine_is_one_group_of_all_36_pairs():
+    g = to_prompt_group(event(k=9, ranking=[[8], [0, 1], [2, 3, 4, 5, 6], [7]]))
+    assert len(g.pairs) + len(g.ties) == 36  # C(9, 2)
+    assert {tuple(sorted(p)) for p in g.pairs + g.ties} == set(combinations(range(9), 2))
+    assert (8, 7) in g.pairs and (0, 1) in g.ties
 
 
 def test_ranking_becomes_all_pairs_of_one_group():

@@ -8,7 +8,7 @@ import pytest
 
 from feedback.comparisons import Answer, ChatMessage, PendingComparison, SamplingSpec
 from feedback.consumer import PoisonMessage, SeenIds, decode_event
-from feedback.events import FeedbackEvent, normalize_ranking, uuid7
+from feedback.events import SCHEMA_VERSION, EditedAnswer, FeedbackEvent, normalize_ranking, uuid7
 
 
 def comparison(k: int = 2) -> PendingComparison:
@@ -43,7 +43,9 @@ def test_event_round_trip_ignores_unknown_fields_and_rejects_unknown_major():
     raw = ev.model_dump_json().replace('"kind"', '"future_field":1,"kind"')
     assert decode_event(raw.encode()) == ev
     with pytest.raises(PoisonMessage) as e:
-        decode_event(ev.model_dump_json().replace('"1.0"', '"2.0"').encode())
+        decode_event(ev.model_dump_json().replace(f'"{SCHEMA_VERSION}"', '"2.0"').encode())
+    # an event of an earlier minor (1.0, before edits) still decodes
+    assert decode_event(ev.model_dump_json().replace(f'"{SCHEMA_VERSION}"', '"1.0"').encode()).choice == "a"
     assert e.value.code == "unknown_major"
     for junk, code in ((b"{nope", "not_json"), (b"[1]", "not_json"), (b'{"schema_version":"1.0"}', "invalid")):
         with pytest.raises(PoisonMessage) as e:
@@ -57,6 +59,9 @@ def test_event_needs_one_verdict():
                       ranking=[[0], [1]])
     with pytest.raises(ValueError):
         FeedbackEvent(kind="rating", key_id="k", user_hash=None, comparison=comparison(2), rating="up")
+    with pytest.raises(ValueError):  # an edit names an answer that was shown
+        FeedbackEvent(kind="edit", key_id="k", user_hash=None, comparison=comparison(2),
+                      edit=EditedAnswer(index=2, text="x"))
 
 
 def test_seen_ids_are_bounded():

@@ -25,7 +25,7 @@ from trainer.policy import PolicyConfig, PolicyTrainer, load_causal_lm
 from trainer.reward_model import minilm_path
 from feedback.registry import Registry, verify
 from trainer.rounds import PolicyRounds, RoundConfig
-from trainer.synthetic import TOPICS, marker_event
+from trainer.synthetic import TOPICS, marker_event, marker_rating
 
 PROMPTS = [[ChatMessage(role="user", content=f"Tell me about {t}.")] for t in TOPICS]
 
@@ -127,6 +127,48 @@ def test_rloo_at_default_settings_shifts_the_policy_toward_the_reward(blue_model
     assert out["kl"] > 0 and math.isfinite(out["reward_mean"]) and out["updates"] == 12
 
 
+def _blue_groups(pt, label: str, rng: random.Random):
+    """The policy's own samples as users' signals under "likes blue": thumbs (up iff it says blue), or
+    edits (the answer with " blue" appended)."""
+    torch.manual_seed(7)
+    groups = []
+    for p, samples in zip(PROMPTS[:16], pt.sample(pt.model, PROMPTS[:16], 4)):
+        for s in samples:
+            text = s.text or "ok"
+            if label == "thumbs":
+                groups.append(to_prompt_group(_rated(p, text, "blue" in text.lower(), rng)))
+            else:
+                groups.append(to_prompt_group(_rated(p, text, False, rng)).model_copy(update={
+                    "answers": [text, text + " blue"], "pairs": [(1, 0)], "undesirable": [], "demonstrations": [1]}))
+    return groups
+
+
+def _rated(messages, text, up, rng):
+    event = marker_rating(rng)
+    cmp = event.comparison.model_copy(update={"messages": messages, "answers": [
+        event.comparison.answers[0].model_copy(update={"text": text})]})
+    return event.model_copy(update={"comparison": cmp, "rating": "up" if up else "down"})
+
+
+@pytest.mark.parametrize("signal", ["thumbs", "edits"])
+def test_thumbs_and_edits_alone_move_the_policy_at_default_settings(blue_model, signal):
+    """KTO on thumbs (few ups: the weights balance them) or SFT on edits, no reward model, default lr and β:
+    the policy says "blue" more often."""
+    pt = PolicyTrainer(PolicyConfig(max_new_tokens=16), str(blue_model))
+    before = mean_reward(pt, blue_reward, reference=True)
+    rng = random.Random(0)
+    for _ in range(3):
+        out = pt.signal_round(_blue_groups(pt, signal, rng), z_ref=0.0)
+    after = mean_reward(pt, blue_reward)
+    assert after > before + 0.5, (before, after, out)
+    if signal == "thumbs":
+        assert 0 < out["kto_desirable"] < out["kto_answers"] == 64 and math.isfinite(out["kto_loss"])
+        assert "sft_loss" not in out
+    else:
+        assert out["sft_answers"] == 64 and "kto_loss" not in out
+    assert pt.signal_optimizers[{"thumbs": "kto", "edits": "sft"}[signal]].state  # its own AdamW moments
+
+
 def test_dpo_raises_the_margin_of_preferred_answers(tiny_model):
     rng = random.Random(0)
     groups = [to_prompt_group(marker_event(rng)) for _ in range(24)]
@@ -150,6 +192,16 @@ def test_judges_learn_the_voters_taste(judges):
     verdict = judges.prefer(messages, ["About tea: warm banana slow calm.", "About tea: banana green soft."],
                             ["About tea: warm slow calm.", "About tea: green soft."])
     assert verdict.shape == (4, 2) and verdict.mean() > 0.9
+
+
+def test_judges_learn_the_taste_from_thumbs_alone():
+    rng = random.Random(1)
+    j = JudgeEnsemble(SentenceEncoder(minilm_path()), n_judges=4)
+    assert j.fit([to_prompt_group(marker_rating(rng)) for _ in range(60)]) == 60
+    messages = [ChatMessage(role="user", content="Tell me something about tea.")]
+    verdict = j.prefer(messages, ["About tea: warm banana slow calm.", "About tea: banana green soft."],
+                       ["About tea: warm slow calm.", "About tea: green soft."])
+    assert verdict.mean() > 0.9
 
 
 def test_judges_without_ordered_votes_say_nothing():

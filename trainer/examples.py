@@ -1,9 +1,13 @@
-"""Vote events -> training examples: one `PromptGroup` per comparison (a batch element per prompt).
+"""Vote events -> training examples: one `PromptGroup` per event (a batch element per prompt).
 
-- choice a / b: one ordered pair; tie: one tie pair; both_bad: nothing to learn an order from
-  (kept as a count); a ranking of K: every pair of answers in different groups, best first, and a
-  tie pair for answers in the same group; ratings (thumbs): counted, not trained on.
-- A fixed share of comparisons, chosen by a hash of the comparison id, is held out for evaluation.
+- choice a / b: one ordered pair; tie: tie pairs (says the answers are equal, nothing about quality);
+  a ranking of K (up to 9): every pair of answers in different groups, best first, and a tie pair for
+  answers in the same group — all C(K,2) pairs stay one group.
+- both_bad: both answers undesirable (not a tie); thumbs up / down: the one answer desirable /
+  undesirable. Labels train the reward model pointwise and the policy with KTO.
+- an edit: the edited answer is appended as a demonstration (SFT) and preferred to the answer it
+  replaced (an ordered pair).
+- A fixed share of events, chosen by a hash of the comparison id, is held out for evaluation.
 """
 
 from __future__ import annotations
@@ -26,6 +30,14 @@ class PromptGroup(BaseModel):
     pairs: list[tuple[int, int]]  # (preferred, other)
     ties: list[tuple[int, int]]
     open_ended: bool
+    desirable: list[int] = []  # answers labelled good (thumbs up)
+    undesirable: list[int] = []  # answers labelled bad (thumbs down, both bad)
+    demonstrations: list[int] = []  # answers a user wrote (edits)
+
+    @property
+    def labelled(self) -> list[tuple[int, bool]]:
+        """(answer index, desirable?) for every labelled answer."""
+        return [(i, True) for i in self.desirable] + [(i, False) for i in self.undesirable]
 
 
 def is_held_out(comparison_id: str, percent: float) -> bool:
@@ -52,14 +64,22 @@ def open_ended_heuristic(prompt: str) -> bool:
     return len(prompt.split()) > 12
 
 
-def to_prompt_group(event: FeedbackEvent) -> PromptGroup | None:
-    """None when the event carries no order to learn (both_bad, ratings)."""
-    if event.kind != "comparison" or event.choice == "both_bad":
-        return None
+def to_prompt_group(event: FeedbackEvent) -> PromptGroup:
     k = len(event.comparison.answers)
+    answers = [a.text for a in event.comparison.answers]
     pairs: list[tuple[int, int]] = []
     ties: list[tuple[int, int]] = []
-    if event.choice == "a":
+    desirable: list[int] = []
+    undesirable: list[int] = []
+    demonstrations: list[int] = []
+    if event.kind == "edit":
+        answers.append(event.edit.text)
+        pairs, demonstrations = [(k, event.edit.index)], [k]
+    elif event.kind == "rating":
+        (desirable if event.rating == "up" else undesirable).append(0)
+    elif event.choice == "both_bad":
+        undesirable = list(range(k))
+    elif event.choice == "a":
         pairs = [(0, 1)]
     elif event.choice == "b":
         pairs = [(1, 0)]
@@ -74,5 +94,6 @@ def to_prompt_group(event: FeedbackEvent) -> PromptGroup | None:
     last_user = next((m.content for m in reversed(event.comparison.messages) if m.role == "user"), "")
     open_ended = event.open_ended if event.open_ended is not None else open_ended_heuristic(last_user)
     return PromptGroup(comparison_id=event.comparison.comparison_id, event_id=event.event_id,
-                       messages=event.comparison.messages, answers=[a.text for a in event.comparison.answers],
-                       pairs=pairs, ties=ties, open_ended=open_ended)
+                       messages=event.comparison.messages, answers=answers, pairs=pairs, ties=ties,
+                       open_ended=open_ended, desirable=desirable, undesirable=undesirable,
+                       demonstrations=demonstrations)

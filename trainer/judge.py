@@ -5,7 +5,11 @@ little (it read "win rate 1.00" in a demo where users saw 0.77). The gate instea
 linear Bradley–Terry models on features of a *frozen* sentence encoder (all-MiniLM-L6-v2):
 
     φ(x, y) = [e(y), e(x) ⊙ e(y), log(1 + tokens(y))],   r_j(x, y) = w_j · φ(x, y),
-    w_j = argmin_w  mean_{(x, y₊, y₋) ∈ bootstrap_j(votes)} −log σ(w·(φ(x,y₊) − φ(x,y₋))) + λ‖w‖²
+    w_j = argmin_{w,b}  mean_{(x, y₊, y₋) ∈ bootstrap_j(pairs)} −log σ(w·(φ(x,y₊) − φ(x,y₋)))
+                      + mean_{(x, y, s) ∈ bootstrap_j(labels)} −log σ(s (w·φ(x,y) + b)) + λ‖w‖²
+
+Labels are thumbs (s = +1 up, −1 down) and both-bad answers (s = −1): with only thumbs, the judges still
+learn what users like (the bias b absorbs how often they say yes; verdicts compare w·φ alone).
 
 Each judge is fitted on its own bootstrap resample of every vote (trained and held out), so the spread of
 their verdicts carries the uncertainty of having few votes; the gate decides on a bound over judges and
@@ -89,33 +93,48 @@ class JudgeEnsemble:
         return torch.cat([ey, ex * ey, length], dim=-1)
 
     def fit(self, groups: list[PromptGroup], steps: int = 200) -> int:
-        """Fit every judge on a bootstrap resample of the ordered pairs in `groups`; returns the pair count."""
-        prompts, winners, losers = [], [], []
+        """Fit every judge on a bootstrap resample of the ordered pairs and of the labelled answers in
+        `groups`; returns how many verdicts (pairs + labels) it fitted on."""
+        prompts, winners, losers, lab_prompts, lab_answers, signs = [], [], [], [], [], []
         for g in groups:
             x = _prompt_text(g.messages)
             for w, l in g.pairs:
                 prompts.append(x)
                 winners.append(g.answers[w])
                 losers.append(g.answers[l])
-        if not prompts:
+            for i, good in g.labelled:
+                lab_prompts.append(x)
+                lab_answers.append(g.answers[i])
+                signs.append(1.0 if good else -1.0)
+        if not prompts and not lab_prompts:
             self.weights = None
             return 0
-        d = self.features(prompts, winners) - self.features(prompts, losers)  # [N, F]
+        n_feat = self.features(["x"], ["y"]).shape[1]
         rng = random.Random(self.seed)
-        idx = torch.tensor([[rng.randrange(len(d)) for _ in range(len(d))] for _ in range(self.n_judges)])
-        xb = d[idx]  # [J, N, F]
-        w = torch.zeros(self.n_judges, d.shape[1], requires_grad=True)
-        opt = torch.optim.LBFGS([w], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+        w = torch.zeros(self.n_judges, n_feat, requires_grad=True)
+        b = torch.zeros(self.n_judges, requires_grad=True)
+        terms = []  # (bootstrapped rows [J, N, F], signs [J, N], with bias?) per kind of verdict
+        if prompts:
+            d = self.features(prompts, winners) - self.features(prompts, losers)  # [N, F]
+            terms.append((d[_bootstrap(rng, len(d), self.n_judges)], None))
+        if lab_prompts:
+            p = self.features(lab_prompts, lab_answers)
+            idx = _bootstrap(rng, len(p), self.n_judges)
+            terms.append((p[idx], torch.tensor(signs)[idx]))
+        opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
 
         def closure():
             opt.zero_grad()
-            loss = -F.logsigmoid(torch.einsum("jnf,jf->jn", xb, w)).mean(1).sum() + self.l2 * (w ** 2).sum()
+            loss = self.l2 * (w ** 2).sum()
+            for rows, s in terms:
+                z = torch.einsum("jnf,jf->jn", rows, w)
+                loss = loss - F.logsigmoid(z if s is None else s * (z + b.unsqueeze(1))).mean(1).sum()
             loss.backward()
             return loss
 
         opt.step(closure)
         self.weights = w.detach()
-        return len(d)
+        return len(prompts) + len(lab_prompts)
 
     @torch.no_grad()
     def prefer(self, messages: list[ChatMessage], first: list[str], second: list[str]) -> torch.Tensor:
@@ -126,6 +145,11 @@ class JudgeEnsemble:
         x = [_prompt_text(messages)] * len(first)
         diff = (self.features(x, first) - self.features(x, second)) @ self.weights.T  # [n, J]
         return ((diff > 0).float() + 0.5 * (diff == 0).float()).T
+
+
+def _bootstrap(rng: random.Random, n: int, times: int) -> torch.Tensor:
+    """[times, n] row indices, each row a resample of range(n) with replacement."""
+    return torch.tensor([[rng.randrange(n) for _ in range(n)] for _ in range(times)])
 
 
 def bounded_win_rate(verdicts: list[torch.Tensor], level: float = 0.95, resamples: int = 2000,

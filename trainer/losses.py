@@ -88,3 +88,45 @@ def rloo_loss(logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor) 
     """RLOO policy-gradient loss (logp, mask: [samples, tokens]; advantages: [samples], from
     `kl_penalized_rewards` then `rloo_advantages`): L = −mean_i A_i · Σ_t log π(y_t)."""
     return (-advantages.detach() * (logp * mask).sum(-1)).mean()
+
+
+def kto_weights(n_desirable: int, n_undesirable: int) -> tuple[float, float]:
+    """KTO's class weights (λ_D, λ_U) that correct for label imbalance: λ_D n_D = λ_U n_U (the paper asks for
+    λ_D n_D / λ_U n_U ∈ [1, 4/3]; 1 is its lower end), normalised so the weights average 1 over the examples:
+    λ_D = N / (2 n_D), λ_U = N / (2 n_U), N = n_D + n_U. With only one kind, that kind weighs 1."""
+    n = n_desirable + n_undesirable
+    if not n_desirable or not n_undesirable:
+        return 1.0, 1.0
+    return n / (2 * n_desirable), n / (2 * n_undesirable)
+
+
+def kto_loss(pi: torch.Tensor, ref: torch.Tensor, desirable: torch.Tensor, z_ref: float | torch.Tensor,
+             beta: float, w_desirable: float = 1.0, w_undesirable: float = 1.0) -> torch.Tensor:
+    """KTO (Ethayarajh et al., 2024, arXiv 2402.01306) on unpaired good / bad answers, per example i with
+    sequence log-probabilities pi = log π(y|x), ref = log π_ref(y|x):
+        r_i = log π(y_i|x_i) − log π_ref(y_i|x_i)
+        v_i = λ_D σ(β (r_i − z_ref))   if y_i is desirable,   λ_U σ(β (z_ref − r_i))   if undesirable
+        L   = mean_i (λ_i − v_i)
+    z_ref, the reference point, is an estimate of KL(π‖π_ref) ≥ 0 treated as a constant: raising one
+    answer's likelihood only pays beyond what the policy has drifted overall."""
+    z = torch.as_tensor(z_ref, dtype=pi.dtype, device=pi.device).detach().clamp(min=0)
+    r = pi - ref.detach()
+    lam = torch.where(desirable, torch.full_like(r, w_desirable), torch.full_like(r, w_undesirable))
+    v = lam * torch.where(desirable, torch.sigmoid(beta * (r - z)), torch.sigmoid(beta * (z - r)))
+    return (lam - v).mean()
+
+
+def sft_loss(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Supervised fine-tuning on demonstrations (logp, mask: [examples, tokens]): the mean over examples of
+    the per-token negative log-likelihood, L = mean_i −(Σ_t log π(y_t) m_t) / Σ_t m_t, so a long edit
+    counts as much as a short one."""
+    return (-(logp * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+
+
+def pointwise_loss(rewards: torch.Tensor, desirable: torch.Tensor) -> torch.Tensor:
+    """The reward model on thumbs (and both-bad) labels: logistic regression of the label on the reward,
+    L = mean_i −log σ(s_i r_i), s_i = +1 for a desirable answer, −1 for an undesirable one. The
+    Bradley–Terry terms fix only differences of rewards; this term also gives σ(r) the meaning
+    "chance of a thumbs-up", on the same scale."""
+    sign = desirable.to(rewards.dtype) * 2 - 1
+    return -F.logsigmoid(sign * rewards).mean()

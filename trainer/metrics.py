@@ -3,7 +3,7 @@
 from prometheus_client import Counter, Gauge, Histogram
 
 EVENTS = Counter("duet_trainer_events_total", "Vote events consumed, by what became of them",
-                 ["outcome"])  # trained, held_out, untrainable
+                 ["outcome"])  # trained, held_out
 VOTES_BY_CHOICE = Counter("duet_trainer_votes_total", "Vote events consumed, by choice or rating", ["choice"])
 RM_LOSS = Gauge("duet_rm_loss", "Reward-model loss of the last training step")
 RM_ACCURACY = Gauge("duet_rm_heldout_accuracy", "Reward-model accuracy on held-out comparisons (0-1)")

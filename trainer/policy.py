@@ -1,5 +1,6 @@
 """The policy and its update, read top to bottom: config, the model (frozen base + fp32 adapters, the base
-doubling as the reference), batched sampling, per-token log-probs, an RLOO round, a DPO round, state and export.
+doubling as the reference), batched sampling, per-token log-probs, an RLOO round, a DPO round, a round on
+users' direct signals (KTO on thumbs and both-bad, SFT on edits), state and export.
 
 The trainer owns its policy state across rounds: adapter weights and AdamW moments in fp32 (bf16 only as
 autocast on CUDA, never for optimizer steps), saved in every checkpoint. The registry only receives exports.
@@ -20,7 +21,8 @@ from feedback.comparisons import ChatMessage
 from trainer.examples import PromptGroup
 from trainer.lora import (adapter_parameters, adapter_state_dict, adapters_off, add_adapters,
                           load_adapter_state_dict, lora_layers, merged_state_dict)
-from trainer.losses import dpo_loss, kl_penalized_rewards, rloo_advantages, rloo_loss
+from trainer.losses import (dpo_loss, kl_penalized_rewards, kto_loss, kto_weights, rloo_advantages, rloo_loss,
+                            sft_loss)
 from trainer.reward_model import pick_device
 
 RewardFn = Callable[[list[ChatMessage], list[str]], torch.Tensor]  # (prompt, k answers) -> k rewards
@@ -42,6 +44,11 @@ class PolicyConfig:
     prompts_per_step: int = 4  # prompts (RLOO) or pairs (DPO) per optimizer step
     micro_batch: int = 4  # sequences per forward/backward (the logits of 4 × 150 tokens × 49k vocab: ~120 MB)
     max_tokens: int = 512  # prompt + answer, truncated from the left
+    # Users' direct signals, trained in each round after the RLOO/DPO steps. Each loss has its own AdamW: KTO's
+    # gradients are bounded by β/4 per answer, ~100× smaller than RLOO's, and would vanish in a shared second
+    # moment. The weights are their learning rates relative to `lr` (Adam makes a loss's scale moot).
+    kto_weight: float = 1.0  # thumbs up/down and both-bad, KTO
+    sft_weight: float = 1.0  # edits, supervised
     seed: int = 0
 
 
@@ -84,6 +91,9 @@ class PolicyTrainer:
         add_adapters(self.model, cfg.lora_rank, cfg.lora_alpha)
         self.model.to(self.device)
         self.optimizer = torch.optim.AdamW(adapter_parameters(self.model), lr=cfg.lr, weight_decay=0.0)
+        self.signal_optimizers = {  # see PolicyConfig.kto_weight
+            name: torch.optim.AdamW(adapter_parameters(self.model), lr=cfg.lr * weight, weight_decay=0.0)
+            for name, weight in (("kto", cfg.kto_weight), ("sft", cfg.sft_weight))}
         self.updates = 0  # optimizer steps over the trainer's life
 
     def reference(self):
@@ -125,6 +135,11 @@ class PolicyTrainer:
                 out.append(group)
         model.train(was_training)
         return out
+
+    def answer_sample(self, messages: list[ChatMessage], answer: str) -> Sample:
+        """A given answer (a user's vote or edit) as a completion of its prompt, ending in end-of-sequence."""
+        ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"][:self.cfg.max_tokens // 2 - 1]
+        return Sample(self.prompt_ids(messages), ids + [self.tokenizer.eos_token_id], answer)
 
     def samples_from(self, prompt_ids: list[list[int]], completions: list[list[list[int]]]) -> list[list[Sample]]:
         return [[Sample(ids, list(c), self.tokenizer.decode(c, skip_special_tokens=True)) for c in group]
@@ -224,14 +239,9 @@ class PolicyTrainer:
         pairs = [(g, w, l) for g in groups for w, l in g.pairs]
         self.rng.shuffle(pairs)
         losses, margins = [], []
-        eos = [self.tokenizer.eos_token_id]
         for i in range(0, len(pairs), self.cfg.prompts_per_step):
             step = pairs[i:i + self.cfg.prompts_per_step]
-            samples = []
-            for g, w, l in step:
-                ids = self.prompt_ids(g.messages)
-                samples += [Sample(ids, self.tokenizer(g.answers[j], add_special_tokens=False)["input_ids"] + eos, "")
-                            for j in (w, l)]
+            samples = [self.answer_sample(g.messages, g.answers[j]) for g, w, l in step for j in (w, l)]
             with torch.no_grad(), self.reference():
                 ref_logp, mask = self.token_logprobs(self.model, samples)
             ref_seq = (ref_logp * mask).sum(-1)
@@ -250,15 +260,73 @@ class PolicyTrainer:
         n = max(1, len(losses))
         return {"loss": sum(losses) / n, "margin": sum(margins) / n, "pairs": len(pairs), "updates": self.updates}
 
+    # --- users' direct signals: KTO on labelled answers, SFT on edits ---------------------------------------
+    def signal_round(self, groups: list[PromptGroup], z_ref: float) -> dict[str, float]:
+        """KTO steps on every labelled answer in `groups` (thumbs up = desirable; thumbs down and both-bad =
+        undesirable; weights balance the two), then SFT steps on every demonstration (edit), each loss with
+        its own AdamW, `prompts_per_step × k` answers per step (as many as an RLOO step). `z_ref` is KTO's
+        reference point, the policy's KL from the reference (the round's RLOO estimate)."""
+        labelled = [(g, i, good) for g in groups for i, good in g.labelled]
+        demos = [(g, i) for g in groups for i in g.demonstrations]
+        out: dict[str, float] = {}
+        per_step = self.cfg.prompts_per_step * self.cfg.k
+        if labelled:
+            self.rng.shuffle(labelled)
+            w_d, w_u = kto_weights(sum(good for *_, good in labelled), sum(not good for *_, good in labelled))
+            losses = []
+            for i in range(0, len(labelled), per_step):
+                step = labelled[i:i + per_step]
+                samples = [self.answer_sample(g.messages, g.answers[j]) for g, j, _ in step]
+                good = torch.tensor([x[2] for x in step], device=self.device)
+                with torch.no_grad(), self.reference():
+                    ref = torch.cat([self._sequence_logp(self.model, samples[j:j + self.cfg.micro_batch])
+                                     for j in range(0, len(samples), self.cfg.micro_batch)])
+                losses.append(self._step("kto", samples, lambda j, seq, logp, mask: kto_loss(
+                    seq, ref[j:j + len(seq)], good[j:j + len(seq)], z_ref, self.cfg.beta, w_d, w_u)))
+            out.update(kto_loss=sum(losses) / len(losses), kto_answers=len(labelled),
+                       kto_desirable=sum(good for *_, good in labelled))
+        if demos:
+            self.rng.shuffle(demos)
+            losses = [self._step("sft", [self.answer_sample(g.messages, g.answers[j]) for g, j in demos[i:i + per_step]],
+                                 lambda j, seq, logp, mask: sft_loss(logp, mask))
+                      for i in range(0, len(demos), per_step)]
+            out.update(sft_loss=sum(losses) / len(losses), sft_answers=len(demos))
+        return out
+
+    def _sequence_logp(self, model, samples: list[Sample]) -> torch.Tensor:
+        logp, mask = self.token_logprobs(model, samples)
+        return (logp * mask).sum(-1)
+
+    def _step(self, optimizer: str, samples: list[Sample], loss_fn) -> float:
+        """One step of `optimizer` on the mean of `loss_fn(offset, seq_logp, logp, mask)` over micro-batches."""
+        opt = self.signal_optimizers[optimizer]
+        self.model.train()
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for j in range(0, len(samples), self.cfg.micro_batch):
+            mb = samples[j:j + self.cfg.micro_batch]
+            logp, mask = self.token_logprobs(self.model, mb)
+            loss = loss_fn(j, (logp * mask).sum(-1), logp, mask) * len(mb) / len(samples)
+            loss.backward()
+            total += float(loss.detach())
+        torch.nn.utils.clip_grad_norm_(adapter_parameters(self.model), 1.0)
+        opt.step()
+        self.updates += 1
+        self.model.eval()
+        return total
+
     # --- state and export ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Everything needed to continue exactly: fp32 adapters, AdamW moments, the update count."""
         return {"adapters": adapter_state_dict(self.model), "optimizer": self.optimizer.state_dict(),
+                "signal_optimizers": {k: o.state_dict() for k, o in self.signal_optimizers.items()},
                 "updates": self.updates}
 
     def load_state_dict(self, state: dict) -> None:
         load_adapter_state_dict(self.model, state["adapters"])
         self.optimizer.load_state_dict(state["optimizer"])
+        for name, opt_state in state.get("signal_optimizers", {}).items():  # absent in older checkpoints
+            self.signal_optimizers[name].load_state_dict(opt_state)
         self.updates = int(state["updates"])
 
     def trained_weights(self) -> set[str]:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from trainer.examples import PromptGroup
-from trainer.losses import kwise_loss, prompt_aware_loss, tie_loss
+from trainer.losses import kwise_loss, pointwise_loss, prompt_aware_loss, tie_loss
 from trainer.reward_model import RewardModel, pick_device
 
 
@@ -58,6 +58,16 @@ class RewardTrainer:
         return list(torch.split(flat, [len(g.answers) for g in groups]))
 
     def group_loss(self, rewards: torch.Tensor, g: PromptGroup) -> torch.Tensor:
+        """The group's ordering loss (pairs and ties), plus the pointwise term on its labelled answers (thumbs,
+        both bad) — a group with only labels (a thumbs vote) has only that term."""
+        order = self._order_loss(rewards, g) if g.pairs or g.ties else None
+        if not g.labelled:
+            return order if order is not None else rewards.sum() * 0.0
+        idx, good = zip(*g.labelled)
+        point = pointwise_loss(rewards[list(idx)], torch.tensor(good, device=rewards.device))
+        return point if order is None else order + point
+
+    def _order_loss(self, rewards: torch.Tensor, g: PromptGroup) -> torch.Tensor:
         if self.cfg.loss == "prompt_aware" and g.pairs:
             w, l = zip(*g.pairs)
             open_ended = torch.full((len(w),), g.open_ended, dtype=torch.bool, device=rewards.device)
@@ -86,16 +96,20 @@ class RewardTrainer:
 
     @torch.no_grad()
     def accuracy(self, groups: list[PromptGroup], batch: int = 16) -> float | None:
-        """Share of ordered pairs the model ranks the same way as the voter (ties ignored)."""
+        """Share of verdicts the model agrees with: ordered pairs ranked as the voter ranked them (ties ignored),
+        and labelled answers on the right side of 0 (σ(r) > ½ for a thumbs-up)."""
         self.model.eval()
         right = total = 0
         for i in range(0, len(groups), batch):
-            chunk = [g for g in groups[i:i + batch] if g.pairs]
+            chunk = [g for g in groups[i:i + batch] if g.pairs or g.labelled]
             if not chunk:
                 continue
             for r, g in zip(self._rewards(chunk), chunk):
                 for w, l in g.pairs:
                     right += int(r[w] > r[l])
+                    total += 1
+                for j, good in g.labelled:
+                    right += int((r[j] > 0) == good)
                     total += 1
         return right / total if total else None
 

@@ -1,5 +1,5 @@
 """Policy rounds: the trainer's policy (kept across rounds) is updated with the reward model (RLOO) or on vote
-pairs (DPO), exported as bf16 full weights, gated on that export, published to the registry and announced
+pairs (DPO), then on users' direct signals (KTO on thumbs and both-bad, SFT on edits), exported as bf16 full weights, gated on that export, published to the registry and announced
 on the `weights` topic. A refused candidate is dropped and the policy continues from the live state.
 
     update → export → gate (exported weights vs live, judged by models it never trained against) →
@@ -95,12 +95,13 @@ class PolicyRounds:
 
     def run(self, prompts: list[list[ChatMessage]], eval_prompts: list[list[ChatMessage]], reward_fn: RewardFn,
             recent: list[PromptGroup], judge_votes: list[PromptGroup], kafka_offsets: dict[int, int] | None = None,
-            oldest_vote_ts: float | None = None) -> RoundResult:
+            oldest_vote_ts: float | None = None, signals: list[PromptGroup] = ()) -> RoundResult:
         cfg = self.cfg
         before = copy.deepcopy(self.pt.state_dict())
         live = self.registry.latest()
         live_path = self.registry.path(live) if live else Path(cfg.base_model)
-        train_metrics = self.update(prompts, reward_fn, recent, self._live_rollouts(live, cfg.policy.temperature))
+        train_metrics = self.update(prompts, reward_fn, recent, self._live_rollouts(live, cfg.policy.temperature),
+                                    list(signals))
         with tempfile.TemporaryDirectory(prefix="duet-candidate-") as tmp:
             t = time.perf_counter()
             exported = self.pt.export(Path(tmp))
@@ -142,13 +143,19 @@ class PolicyRounds:
         return lambda ids, n: self.serving.sample(ids, n, max_tokens, temperature, version)
 
     def update(self, prompts: list[list[ChatMessage]], reward_fn: RewardFn, recent: list[PromptGroup],
-               rollouts: Rollouts | None) -> dict:
-        """RLOO on `prompts` with the reward model, or DPO on the `recent` votes' pairs."""
+               rollouts: Rollouts | None, signals: list[PromptGroup] = ()) -> dict:
+        """RLOO on `prompts` with the reward model, or DPO on the `recent` votes' pairs; then KTO and SFT on the
+        labelled answers and edits in `signals`."""
         if self.cfg.policy.algorithm == "dpo":
-            return self.pt.dpo_round(recent)
-        out = self.pt.rloo_round(prompts, reward_fn, rollouts)
-        metrics.POLICY_REWARD_MEAN.set(out["reward_mean"])
-        metrics.POLICY_REWARD_STD.set(out["reward_std"])
+            out = self.pt.dpo_round(recent)
+        else:
+            out = self.pt.rloo_round(prompts, reward_fn, rollouts)
+            metrics.POLICY_REWARD_MEAN.set(out["reward_mean"])
+            metrics.POLICY_REWARD_STD.set(out["reward_std"])
+        if signals:
+            t = time.perf_counter()
+            out.update(self.pt.signal_round(list(signals), z_ref=max(0.0, out.get("kl", 0.0))))
+            out["signal_s"] = round(time.perf_counter() - t, 2)
         return out
 
     @staticmethod

@@ -130,10 +130,7 @@ class TrainerService:
         self.state.counts[label] = self.state.counts.get(label, 0) + 1
         self.dirty = True
         group = to_prompt_group(event)
-        if group is None:
-            self.state.events_untrainable += 1
-            metrics.EVENTS.labels(outcome="untrainable").inc()
-        elif is_held_out(group.comparison_id, self.cfg.held_out_pct):
+        if is_held_out(group.comparison_id, self.cfg.held_out_pct):
             self.held_out.append(group)
             self.state.events_held_out += 1
             metrics.EVENTS.labels(outcome="held_out").inc()
@@ -201,13 +198,17 @@ class TrainerService:
             log.info("policy round skipped: needs trained and held-out comparisons")
             return None
         prompts = [g.messages for g in trained[-self.cfg.policy_prompts:]]
+        # every thumbs, both-bad and edit trained since the last round (at least the last `policy_prompts`)
+        since = trained[-max(self.cfg.policy_prompts, self.state.votes_since_round):]
+        signals = [g for g in since if g.labelled or g.demonstrations]
         eval_prompts = [g.messages for g in self.held_out[-self.cfg.gate_prompts:]]
         log.info("policy round: %d prompts, gate on %d held-out prompts", len(prompts), len(eval_prompts))
         t0 = time.time()
         try:
             result = self.rounds.run(prompts, eval_prompts, reward_model_fn(self.reward.model),
                                      recent=trained[-self.cfg.policy_prompts:], judge_votes=trained + self.held_out,
-                                     kafka_offsets=self.state.offsets, oldest_vote_ts=self.state.oldest_unrounded_vote)
+                                     kafka_offsets=self.state.offsets, oldest_vote_ts=self.state.oldest_unrounded_vote,
+                                     signals=signals)
         except Exception:
             metrics.POLICY_ROUNDS.labels(result="failed").inc()
             log.exception("policy round failed")

@@ -43,3 +43,15 @@ def marker_event(rng: random.Random, marker: str = "banana", k: int = 2) -> Feed
     rest = [i for i in range(k) if i != winner]
     return FeedbackEvent(kind="comparison", key_id="synthetic", user_hash=None, comparison=cmp,
                          ranking=[[winner], rest])
+
+
+def marker_rating(rng: random.Random, marker: str = "banana") -> FeedbackEvent:
+    """Thumbs on one answer: up when it contains `marker` (half of them do)."""
+    event = marker_event(rng, marker, k=2)
+    good = rng.random() < 0.5
+    winner = "ab".index(event.choice)
+    answer = event.comparison.answers[winner if good else 1 - winner]
+    cmp = event.comparison.model_copy(update={"comparison_id": "cpl" + event.comparison.comparison_id[3:],
+                                              "answers": [answer.model_copy(update={"index": 0})]})
+    return FeedbackEvent(kind="rating", key_id="synthetic", user_hash=None, comparison=cmp,
+                         rating="up" if good else "down")
