@@ -10,8 +10,10 @@ simulated users chat with pairs forced and vote by a built-in rule (`shorter`, `
   should contain 0.5;
 - the reward model's held-out accuracy; policy rounds published / refused (from the dashboard API).
 Targets (issue 14): win rate >= 0.80 with lower bound >= 0.60 within 30 minutes and 500 votes.
+With `--feedback thumbs|edits|mixed` users rate, edit or mix instead of picking (`duet simulate --feedback`);
+issue 17's targets: thumbs only >= 0.70 within 500 ratings and 30 minutes; mixed at least as fast as pairs.
 
-Usage: python bench/learning.py --rule shorter --seed 0 [--minutes 30] [--votes 500]
+Usage: python bench/learning.py --rule shorter --seed 0 [--feedback pairs] [--minutes 30] [--votes 500]
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=30.0)
     ap.add_argument("--votes", type=int, default=500)
     ap.add_argument("--noise", type=float, default=0.1)
+    ap.add_argument("--feedback", default="pairs", choices=("pairs", "thumbs", "edits", "mixed"))
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
 
@@ -67,7 +70,8 @@ def main() -> None:
     up = start_server(me + ["up"], env, url, home / "up.log", timeout_s=900)
     try:
         sim_dir = home / "simulation"
-        sim = subprocess.run(me + ["simulate", "--rule", args.rule, "--seed", str(args.seed), "--noise", str(args.noise),
+        sim = subprocess.run(me + ["simulate", "--rule", args.rule, "--feedback", args.feedback,
+                                   "--seed", str(args.seed), "--noise", str(args.noise),
                                    "--votes", str(args.votes), "--minutes", str(args.minutes), "--eval-every", "16",
                                    # paced so the votes span the run, as users' votes would (unpaced, a CPU
                                    # serves 500 pairs in a few minutes, before any training could happen)
@@ -88,8 +92,9 @@ def main() -> None:
     final, aa = res["final"], res["curve"][0]
     voting = [p for p in res["curve"] if p["votes"] > 0]
     result = {
-        "rule": args.rule, "seed": args.seed, "noise": args.noise, "settings": "defaults",
-        "votes": res["votes_cast"], "votes_failed": res["votes_failed"],
+        "rule": args.rule, "feedback": args.feedback, "seed": args.seed, "noise": args.noise, "settings": "defaults",
+        "votes": res["votes_cast"], "by_kind": res.get("by_kind"), "thumbs_bar": res.get("thumbs_bar"),
+        "votes_failed": res["votes_failed"],
         "voting_minutes": round((voting[-1]["seconds"] - aa["seconds"]) / 60, 1) if voting else 0.0,
         "run_minutes": round((time.time() - t0) / 60, 1),
         "live_version": final["model_version"], "versions_seen": res["versions_seen"],
@@ -100,13 +105,16 @@ def main() -> None:
         "rounds_published": sum(r.get("result") == "published" for r in rounds),
         "rounds_refused": sum(r.get("result") == "rejected" for r in rounds),
         "round_reasons": [r.get("reasons") for r in rounds if r.get("result") != "published"],
-        "target_met": final["win_rate"] is not None and final["win_rate"] >= 0.8 and final["ci_low"] >= 0.6,
+        "target_met": final["win_rate"] is not None and (
+            final["win_rate"] >= 0.7 if args.feedback == "thumbs"
+            else final["win_rate"] >= 0.8 and final["ci_low"] >= 0.6),
+        "first_version_at_votes": res.get("first_version_at_votes"),
         "curve": [{k: p[k] for k in ("votes", "seconds", "model_version", "win_rate", "ci_low", "ci_high")}
                   for p in res["curve"]],
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"learning-{args.rule}-seed{args.seed}"
+    stem = f"learning-{args.rule}-seed{args.seed}" + ("" if args.feedback == "pairs" else f"-{args.feedback}")
     shutil.copy(res["plot"], out / f"{stem}.png")
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     shutil.copytree(home / "runs", out / f"{stem}-logs", dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.aof*"))

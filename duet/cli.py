@@ -322,7 +322,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     """Simulated users vote by a rule; prints where the result and the learning curve went."""
     from pathlib import Path
 
-    from duet.preferences import load_rule
+    from duet.preferences import load_editor, load_rule
     from duet.simulate import SimulateConfig, SimulationError, Simulator
 
     s = _settings()
@@ -333,6 +333,8 @@ def cmd_simulate(args: argparse.Namespace) -> None:
             raise CLIError(f"--{flag.replace('_', '-')} must be at least 1")
     try:
         load_rule(args.rule)
+        if args.feedback in ("edits", "mixed"):
+            load_editor(args.rule)
     except ValueError as e:
         raise CLIError(str(e)) from None
     admin_file = s.home / "admin_key"
@@ -340,7 +342,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
         base_url=args.url or f"http://{s.host}:{s.port}",
         api_key=args.api_key or s.dev_key or _persistent_dev_key(s.home),
         admin_key=args.admin_key or s.admin_key or (admin_file.read_text().strip() if admin_file.exists() else ""),
-        rule=args.rule, noise=args.noise, votes=args.votes, concurrency=args.concurrency, max_tokens=args.max_tokens,
+        rule=args.rule, feedback=args.feedback, noise=args.noise, votes=args.votes, concurrency=args.concurrency, max_tokens=args.max_tokens,
         eval_every=args.eval_every, eval_prompts=args.eval_prompts, eval_samples=args.eval_samples,
         settle_s=args.settle_s, rate=args.rate, max_minutes=args.minutes, out_dir=Path(args.out), seed=args.seed, progress=True)
     try:
@@ -348,7 +350,8 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     except SimulationError as e:
         raise CLIError(str(e)) from None
     f = result.final
-    print(f"duet: {result.votes_cast} votes ({result.votes_failed} failed) in {result.seconds:.0f} s; "
+    kinds = ", ".join(f"{v} {k}" for k, v in sorted(result.by_kind.items()))
+    print(f"duet: {result.votes_cast} votes ({kinds}; {result.votes_failed} failed) in {result.seconds:.0f} s; "
           f"{f.model_version} vs base under '{args.rule}': win rate {f.win_rate:.3f} "
           f"[{f.ci_low:.3f}, {f.ci_high:.3f}]; result {cfg.out_dir / 'result.json'}, curve {result.plot}")
 
@@ -372,7 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("simulate", help="simulated users vote by a rule; measure the win rate against base")
     sim.add_argument("--rule", default="shorter", help="shorter, keyword, polite, or module:function")
-    sim.add_argument("--votes", type=int, default=300)
+    sim.add_argument("--feedback", choices=("pairs", "thumbs", "edits", "mixed"), default="pairs",
+                     help="what users give: picks between two answers, thumbs on one, edits of one, or a mix")
+    sim.add_argument("--votes", type=int, default=300, help="interactions with feedback (picks, ratings, edits)")
     sim.add_argument("--noise", type=float, default=0.1, help="chance a vote is random")
     sim.add_argument("--concurrency", type=int, default=4)
     sim.add_argument("--max-tokens", type=int, default=48)

@@ -2,6 +2,10 @@
 
 Built in: `shorter` (fewer characters), `keyword` (mentions the prompt's key word), `polite` (polite
 phrases). Any other rule: `--rule package.module:function` naming a function (prompt, answer) -> float.
+
+Besides picking between answers (`judge`), a simulated user rates one answer (`rate`: thumbs up when its
+score beats a bar, the median score of the base model's answers) and rewrites one toward the rule (an
+editor: built in for each rule; for `module:function`, the function `function_edit` beside it, if any).
 """
 
 from __future__ import annotations
@@ -38,6 +42,30 @@ def polite(prompt: str, answer: str) -> float:
 
 BUILT_IN: dict[str, Rule] = {"shorter": shorter, "keyword": keyword, "polite": polite}
 
+Editor = Callable[[str, str], str]  # (prompt, answer) -> the answer as this user would have written it
+
+
+def shorten(prompt: str, answer: str) -> str:
+    """Keep the first sentence; a one-sentence answer loses its second half."""
+    text = answer.strip()
+    m = re.search(r"[.!?](\s|$)", text)
+    if m and m.end() < len(text):
+        return text[:m.end()].strip()
+    words = text.split()
+    return " ".join(words[:max(1, len(words) // 2)])
+
+
+def add_keyword(prompt: str, answer: str) -> str:
+    m = _KEYWORD.search(prompt)
+    return f"{answer.strip()} ({m.group(1).lower()})" if m else answer
+
+
+def make_polite(prompt: str, answer: str) -> str:
+    return f"Happy to help! {answer.strip()} I hope this helps."
+
+
+BUILT_IN_EDITORS: dict[str, Editor] = {"shorter": shorten, "keyword": add_keyword, "polite": make_polite}
+
 
 def load_rule(name: str) -> Rule:
     if name in BUILT_IN:
@@ -54,6 +82,25 @@ def load_rule(name: str) -> Rule:
     if not callable(fn):
         raise ValueError(f"rule {name!r} is not callable")
     return fn
+
+
+def load_editor(name: str) -> Editor:
+    if name in BUILT_IN_EDITORS:
+        return BUILT_IN_EDITORS[name]
+    module, _, attr = name.partition(":")
+    editor = getattr(importlib.import_module(module), f"{attr}_edit", None) if attr else None
+    if not callable(editor):
+        raise ValueError(f"rule {name!r} has no editor: define {attr or name}_edit(prompt, answer) -> str beside it")
+    return editor
+
+
+def rate(rule: Rule, prompt: str, answer: str, bar: float, noise: float = 0.0,
+         rng: random.Random | None = None) -> Literal["up", "down"]:
+    """Thumbs up when the answer scores above `bar`; with probability `noise`, a coin flip instead."""
+    rng = rng or random
+    if noise and rng.random() < noise:
+        return rng.choice(("up", "down"))
+    return "up" if rule(prompt, answer) > bar else "down"
 
 
 def judge(rule: Rule, prompt: str, a: str, b: str, noise: float = 0.0, rng: random.Random | None = None) -> Verdict:

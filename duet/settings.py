@@ -34,9 +34,10 @@ class Settings(BaseSettings):
 
     # --- pairs ----------------------------------------------------------------------------
     pair_rate: float = Field(0.2, ge=0.0, le=1.0, description="Chance an opted-in request gets K answers to compare")
-    max_k: int = 4  # largest K a client may ask for in duet.k
+    max_k: int = Field(9, ge=2, le=9)  # largest K a client may ask for in duet.k (InstructGPT ranked 4 to 9)
     pair_min_temperature: float = 0.7  # K greedy answers would be identical
     comparison_ttl_s: int = 24 * 3600
+    max_edit_chars: int = 4000  # longest `edited_answer` a user may send for an answer they saw
 
     # --- auth -----------------------------------------------------------------------------
     auth_disabled: bool = False  # only for local development

@@ -1,6 +1,11 @@
-"""`duet simulate`: simulated users chat through the HTTP API with pairs forced, vote by a preference
-rule (with noise), and the served policy's blind win rate against the base model is measured on
-held-out prompts under the same rule as votes accumulate. Writes result.json and learning_curve.png.
+"""`duet simulate`: simulated users chat through the HTTP API and give feedback by a preference rule (with
+noise), and the served policy's blind win rate against the base model is measured on held-out prompts
+under the same rule as feedback accumulates. Writes result.json and learning_curve.png.
+
+Feedback modes (`--feedback`): `pairs` (pairs forced, a pick by the rule), `thumbs` (single answers rated up
+when the rule scores them above the median base answer), `edits` (single answers rewritten toward the
+rule, e.g. shortened; an answer the editor leaves as it is gets a thumbs-up), `mixed` (each interaction
+one of those, 50 / 30 / 20 %). Noise makes a pick or a rating random; edits have none.
 
 The base model's answers are collected once, at the start (switching to `base` through the admin
 API if a trained version is live); later evaluations only sample the live version.
@@ -10,6 +15,7 @@ from __future__ import annotations
 
 import json
 import random
+import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +25,7 @@ from pathlib import Path
 import httpx
 from pydantic import BaseModel
 
-from duet.preferences import judge, load_rule
+from duet.preferences import judge, load_editor, load_rule, rate
 from duet.prompts import prompt_sets
 from feedback.arena import bootstrap_win_rate_by_prompt
 from feedback.registry import BASE_VERSION
@@ -35,6 +41,7 @@ class SimulateConfig:
     api_key: str = ""
     admin_key: str = ""
     rule: str = "shorter"
+    feedback: str = "pairs"  # pairs | thumbs | edits | mixed
     noise: float = 0.1  # chance a vote is random instead of the rule's
     votes: int = 300
     concurrency: int = 4
@@ -49,6 +56,10 @@ class SimulateConfig:
     out_dir: Path = field(default_factory=lambda: Path("simulation"))
     seed: int = 0
     progress: bool = True
+
+
+FEEDBACK_MODES = ("pairs", "thumbs", "edits", "mixed")
+MIXED = (("pairs", 0.5), ("thumbs", 0.3), ("edits", 0.2))
 
 
 class CurvePoint(BaseModel):
@@ -66,8 +77,11 @@ class CurvePoint(BaseModel):
 
 class SimulationResult(BaseModel):
     rule: str
+    feedback: str = "pairs"
     noise: float
+    thumbs_bar: float | None = None  # the rule's score a rated answer must beat for a thumbs-up
     votes_cast: int
+    by_kind: dict[str, int] = {}  # feedback sent, by kind (pick, up, down, edit)
     votes_failed: int
     seconds: float
     versions_seen: list[str]
@@ -80,7 +94,15 @@ class SimulationResult(BaseModel):
 class Simulator:
     def __init__(self, cfg: SimulateConfig) -> None:
         self.cfg = cfg
+        if cfg.feedback not in FEEDBACK_MODES:
+            raise SimulationError(f"--feedback {cfg.feedback!r}: use one of {', '.join(FEEDBACK_MODES)}")
         self.rule = load_rule(cfg.rule)
+        try:
+            self.editor = load_editor(cfg.rule) if cfg.feedback in ("edits", "mixed") else None
+        except ValueError as e:
+            raise SimulationError(str(e)) from None
+        self.bar = 0.0  # set from the base model's answers in run()
+        self.by_kind: dict[str, int] = {}
         self.rng = random.Random(cfg.seed)
         self.train, held = prompt_sets(seed=cfg.seed)
         self.held_out = held[:cfg.eval_prompts]
@@ -138,14 +160,27 @@ class Simulator:
     def vote_once(self, seed: int) -> None:
         rng = random.Random(seed)
         prompt = rng.choice(self.train)
+        mode = self.cfg.feedback
+        if mode == "mixed":
+            mode = rng.choices([m for m, _ in MIXED], weights=[w for _, w in MIXED])[0]
         try:
-            (a, b), duet = self.chat(prompt, "force")
-            choice = judge(self.rule, prompt, a, b, self.cfg.noise, rng)
-            self._post("/v1/feedback", {"comparison_id": duet["comparison_id"], "vote_token": duet["vote_token"],
-                                        "choice": choice})
+            if mode == "pairs":
+                (a, b), duet = self.chat(prompt, "force")
+                body, kind = {"choice": judge(self.rule, prompt, a, b, self.cfg.noise, rng)}, "pick"
+            else:
+                [answer], duet = self.chat(prompt, "never")
+                edited = self.editor(prompt, answer).strip() if mode == "edits" else None
+                if edited and edited != answer.strip():
+                    body, kind = {"edited_answer": edited}, "edit"
+                else:
+                    rating = rate(self.rule, prompt, answer, self.bar, self.cfg.noise, rng) if mode == "thumbs" else "up"
+                    body, kind = {"rating": rating}, rating
+            ident = {"comparison_id": duet["comparison_id"]} if mode == "pairs" else {"completion_id": duet["completion_id"]}
+            self._post("/v1/feedback", {**ident, "vote_token": duet["vote_token"], **body})
             with self.lock:
                 self.cast += 1
-        except (SimulationError, httpx.HTTPError, ValueError):
+                self.by_kind[kind] = self.by_kind.get(kind, 0) + 1
+        except (SimulationError, httpx.HTTPError, ValueError, TypeError, KeyError):
             with self.lock:
                 self.failed += 1
 
@@ -194,6 +229,7 @@ class Simulator:
         cfg = self.cfg
         start_version = self.wait_ready()
         base = self.base_answers()
+        self.bar = statistics.median(self.rule(p, a) for p, answers in zip(self.held_out, base) for a in answers)
         curve = [self.evaluate(base, 0)]  # also measured at the start: the noise floor around 50 %
         bar = _bar(cfg.votes, cfg.progress)
         seeds = iter(range(cfg.seed * 1_000_003, cfg.seed * 1_000_003 + cfg.votes))
@@ -224,7 +260,8 @@ class Simulator:
         versions = list(dict.fromkeys([start_version] + [p.model_version for p in curve]))
         first = next((p.votes for p in curve if p.model_version != start_version), None)
         cfg.out_dir.mkdir(parents=True, exist_ok=True)
-        result = SimulationResult(rule=cfg.rule, noise=cfg.noise, votes_cast=self.cast, votes_failed=self.failed,
+        result = SimulationResult(rule=cfg.rule, feedback=cfg.feedback, noise=cfg.noise, thumbs_bar=self.bar,
+                                  votes_cast=self.cast, by_kind=self.by_kind, votes_failed=self.failed,
                                   seconds=time.time() - self.t0, versions_seen=versions, final=final, curve=curve,
                                   first_version_at_votes=first, plot=str(cfg.out_dir / "learning_curve.png"))
         plot_curve(result, Path(result.plot))
@@ -260,8 +297,8 @@ def plot_curve(result: SimulationResult, path: Path) -> None:
                         fontsize=7, ha="center")
     ax.axhline(0.5, color="grey", ls="--", lw=0.8)
     ax.set_ylim(0, 1)
-    ax.set_xlabel("votes")
-    ax.set_title(f"duet simulate: rule '{result.rule}', noise {result.noise}")
+    ax.set_xlabel("votes" if result.feedback == "pairs" else "feedback (votes, ratings, edits)")
+    ax.set_title(f"duet simulate: rule '{result.rule}', {result.feedback}, noise {result.noise}")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)

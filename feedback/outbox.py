@@ -3,6 +3,7 @@ that publishes it to Kafka.
 
 Redis layout (besides `duet:cmp:*`, see feedback/comparisons.py):
     duet:voted:{comparison_id}   STRING "event_id\\nidempotency_key"; TTL: the comparison's remaining life
+    duet:voted:{comparison_id}:edit   the same for the record's one edit
     duet:outbox                  STREAM, fields event_id, key (Kafka key), payload (FeedbackEvent JSON)
     duet:outbox:relay-lock       STRING, lease held by the one relay publishing (several replicas may run)
     duet:stats:votes:{day}       HASH, votes per minute and choice for the dashboard (feedback/loop_status.py)
@@ -62,9 +63,11 @@ class Outbox:
         self._script = redis_client.register_script(_RECORD_VOTE)
 
     async def record_vote(self, record_id: str, event_id: str, payload: str, idempotency_key: str = "",
-                          choice: str = "unknown") -> VoteResult:
+                          choice: str = "unknown", mark_id: str | None = None) -> VoteResult:
+        """`mark_id` (default `record_id`) names the one-per-record mark: a verdict and an edit have their own."""
         now = time.time()
-        res = await self._script(keys=[comparison_key(record_id), voted_key(record_id), OUTBOX, vote_stats_key(now)],
+        res = await self._script(keys=[comparison_key(record_id), voted_key(mark_id or record_id), OUTBOX,
+                                       vote_stats_key(now)],
                                  args=[event_id, payload, idempotency_key, self.max_entries, record_id,
                                        vote_stats_field(now, choice), VOTE_STATS_TTL_S])
         status = res[0]

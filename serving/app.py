@@ -108,7 +108,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         redis = aioredis.from_url(s.redis_url, decode_responses=True)
-        votes = VoteService(ComparisonStore(redis), Outbox(redis, s.outbox_max), s.resolved_secret())
+        votes = VoteService(ComparisonStore(redis), Outbox(redis, s.outbox_max), s.resolved_secret(), s.max_edit_chars)
         rt = Runtime(settings=s, redis=redis, keys=KeyStore(redis, s.admin_key, s.auth_disabled),
                      limiter=RateLimiter(redis, s.rate_limit_rpm), votes=votes, started=time.time())
         if not s.kafka_bootstrap:

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from feedback.consumer import FeedbackConsumer
-from feedback.events import FeedbackEvent
+from feedback.events import SCHEMA_VERSION, FeedbackEvent
 from feedback.outbox import OUTBOX
 from feedback.topics import DEAD_LETTERS, FEEDBACK
 from tests.conftest import OUTBOX_MAX
@@ -54,7 +54,7 @@ def test_vote_reaches_kafka_self_contained(client, broker):
     [raw] = events_by_id(broker.bootstrap, {event_id})
     ev = FeedbackEvent.model_validate(raw)
     assert ev.choice == "b" and ev.reason == "more polite" and ev.open_ended is True
-    assert ev.schema_version == "1.0" and uuid.UUID(ev.event_id).version == 7
+    assert ev.schema_version == SCHEMA_VERSION and uuid.UUID(ev.event_id).version == 7
     assert [a.text for a in ev.comparison.answers] == [c["message"]["content"] for c in resp["choices"]]
     assert {a.model_version for a in ev.comparison.answers} == {"base"}
     assert ev.comparison.messages[0].content == HELLO[0]["content"]
@@ -89,9 +89,51 @@ def test_ranking_of_k_answers_and_thumbs(client, broker):
     assert t.status_code == 202, t.text
     events = {e["event_id"]: e for e in events_by_id(broker.bootstrap, {r.json()["event_id"], t.json()["event_id"]})}
     assert events[r.json()["event_id"]]["ranking"] == [[2], [0, 1]]
+    nine = pair(client, k=9)  # InstructGPT's largest K, from one engine call
+    assert len(nine["choices"]) == 9 and len(set(c["index"] for c in nine["choices"])) == 9
+    assert vote(client, ballot(nine, ranking=[8, [0, 1, 2], 3, 4, [5, 6], 7])).status_code == 202
+    too_many = client.post("/v1/chat/completions", json={"model": "duet", "messages": HELLO, "max_tokens": 3,
+                                                         "duet": {"pairs": "force", "k": 10}})
+    assert_openai_error(too_many, 400, "duet.k")
     rating = events[t.json()["event_id"]]
     assert rating["kind"] == "rating" and rating["rating"] == "down"
     assert rating["comparison"]["answers"][0]["text"] == single["choices"][0]["message"]["content"]
+
+
+def test_edits_of_a_pair_and_of_a_single_answer(client, broker, duet_server):
+    two = pair(client)
+    original = two["choices"][1]["message"]["content"]
+    assert vote(client, ballot(two, choice="a")).status_code == 202  # a pick, then an edit: both are taken
+    for body, param in ((ballot(two, edited_answer="Better."), "answer_index"),  # which of the two?
+                        (ballot(two, edited_answer="Better.", answer_index=2), "answer_index"),
+                        (ballot(two, edited_answer="   ", answer_index=0), "edited_answer"),
+                        (ballot(two, edited_answer="x" * 4001, answer_index=0), "edited_answer"),  # DUET_MAX_EDIT_CHARS
+                        (ballot(two, edited_answer=original, answer_index=1), "edited_answer"),  # unchanged
+                        (ballot(two, edited_answer="Better.", answer_index=0, choice="a"), None)):
+        assert_openai_error(vote(client, body), 400, param)
+    other = duet_server.create_key("--name", "editor")  # a key that never received these answers
+    with httpx.Client(base_url=duet_server.url, headers={"Authorization": f"Bearer {other}"}) as c2:
+        assert_openai_error(vote(c2, ballot(two, edited_answer="Mine.", answer_index=0)), 403, "vote_token")
+    edit = vote(client, ballot(two, edited_answer="  Better.  ", answer_index=1))
+    assert edit.status_code == 202, edit.text
+    assert_openai_error(vote(client, ballot(two, edited_answer="Again.", answer_index=0)), 409, "comparison_id")
+
+    single = client.post("/v1/chat/completions", json={"model": "duet", "messages": HELLO, "max_tokens": 3,
+                                                       "duet": {"pairs": "never"}}).json()
+    fixed = vote(client, ballot(single, edited_answer="Fixed."))
+    assert fixed.status_code == 202, fixed.text
+    # thumbs on a pair, or a pick on a single answer: 400 that says which id to use
+    assert_openai_error(vote(client, {"completion_id": two["duet"]["comparison_id"], "vote_token": "t",
+                                      "rating": "up"}), 400, "completion_id")
+    assert_openai_error(vote(client, {"comparison_id": single["duet"]["completion_id"], "vote_token": "t",
+                                      "choice": "a"}), 400, "comparison_id")
+
+    events = {e["event_id"]: FeedbackEvent.model_validate(e)
+              for e in events_by_id(broker.bootstrap, {edit.json()["event_id"], fixed.json()["event_id"]})}
+    on_pair, on_single = events[edit.json()["event_id"]], events[fixed.json()["event_id"]]
+    assert on_pair.kind == "edit" and on_pair.edit.index == 1 and on_pair.edit.text == "Better."
+    assert on_pair.comparison.answers[1].text == original  # what it replaces travels with it
+    assert on_single.edit.index == 0 and on_single.edit.text == "Fixed." and len(on_single.comparison.answers) == 1
 
 
 def test_plain_clients_leave_nothing_in_redis(client, redis_client):
@@ -192,7 +234,7 @@ def test_consumer_drops_duplicates_and_dead_letters_poison(broker):
     producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
     ev1 = FeedbackEvent(kind="comparison", key_id="k", user_hash=None, comparison=comparison(), choice="a")
     ev2 = FeedbackEvent(kind="comparison", key_id="k", user_hash=None, comparison=comparison(), choice="tie")
-    v2 = ev1.model_dump_json().replace('"schema_version":"1.0"', '"schema_version":"2.0"')
+    v2 = ev1.model_dump_json().replace(f'"schema_version":"{SCHEMA_VERSION}"', '"schema_version":"2.0"')
     for value in (ev1.model_dump_json(), b"not json", ev1.model_dump_json(), v2, ev2.model_dump_json()):
         producer.send(topic, value=value if isinstance(value, bytes) else value.encode(), partition=0).get(10)
     producer.close()

@@ -86,6 +86,34 @@ def test_chat_streams_and_a_pair_vote_is_recorded(page, duet_server, api_key):
     page.screenshot(path=ARTIFACTS / "dashboard.png", full_page=True)
 
 
+def test_rank_four_answers_and_edit_one(page, duet_server, api_key):
+    page.goto(f"{duet_server.url}/#key={api_key}")
+    page.select_option("#pairs", "force")
+    page.select_option("#k", "4")
+    before = votes_counted(duet_server.url, api_key)
+    send(page, "Name a fruit.")
+    turn = page.locator(".turn.assistant").last
+    turn.locator(".votes button").first.wait_for()
+    assert [h.inner_text() for h in turn.locator(".answer h3").all()] == ["Answer A", "Answer B", "Answer C", "Answer D"]
+    ranks = turn.locator(".ranking select")
+    ranks.nth(3).select_option("1")  # D best, A worst
+    ranks.nth(0).select_option("4")
+    turn.get_by_role("button", name="Send ranking").click()
+    turn.locator(".vote-recorded").wait_for()
+    assert "chosen" in (turn.locator(".answer").nth(3).get_attribute("class") or "")
+
+    turn.locator(".answer").nth(1).get_by_role("button", name="Edit").click()
+    turn.locator("textarea.edit").fill("A ripe mango.")
+    turn.get_by_role("button", name="Send edit").click()
+    turn.locator(".edit-recorded").wait_for()
+    assert turn.locator(".answer").nth(1).locator(".bubble").inner_text() == "A ripe mango."
+    assert turn.get_by_role("button", name="Edit").count() == 0  # one edit per set of answers
+    page.screenshot(path=ARTIFACTS / "chat-rank-edit.png")
+    after = votes_counted(duet_server.url, api_key)
+    assert after.get("ranking", 0) == before.get("ranking", 0) + 1
+    assert after.get("edit", 0) == before.get("edit", 0) + 1
+
+
 def test_a_refused_key_is_explained(page, duet_server):
     page.goto(f"{duet_server.url}/#key=not-a-real-key")
     send_failed = page.fill("#prompt", "hello") or page.click("#send")

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -34,7 +35,9 @@ def restarts(port: int) -> float:
     return float(lines[0].split()[-1]) if lines else 0.0
 
 
-def test_duet_up_learns_from_simulated_users(tmp_path):
+@contextmanager
+def duet_up(tmp_path):
+    """`duet up` on the blue tiny model, the trainer at its defaults; yields (process, home, url, supervisor port)."""
     model = make_blue_llama(tmp_path / "model")
     home, port, sup_port = tmp_path / "home", free_port(), free_port()
     r = redis.Redis.from_url(f"redis://127.0.0.1:6379/{LOOP_REDIS_DB}")
@@ -51,15 +54,37 @@ def test_duet_up_learns_from_simulated_users(tmp_path):
     log = open(tmp_path / "up.log", "w")
     up = subprocess.Popen([sys.executable, "-m", "duet.cli", "up"], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        cfg = SimulateConfig(base_url=f"http://127.0.0.1:{port}", rule="tests.sim_rules:likes_blue", noise=0.1,
-                             # paced (150 s of votes), so rounds run while users vote, as they would
-                             votes=300, rate=2, concurrency=4, max_tokens=16, eval_every=40, eval_prompts=32,
-                             eval_samples=4, settle_s=240, out_dir=tmp_path / "sim", progress=False)
         deadline = time.time() + 120
         while not (home / "admin_key").exists() or not (home / "dev_key").exists():
             assert up.poll() is None and time.time() < deadline, (tmp_path / "up.log").read_text()[-3000:]
             time.sleep(0.5)
-        cfg.api_key, cfg.admin_key = (home / "dev_key").read_text().strip(), (home / "admin_key").read_text().strip()
+        yield up, home, f"http://127.0.0.1:{port}", sup_port
+    finally:
+        up.send_signal(signal.SIGTERM)  # what Ctrl-C does too
+        try:
+            up.wait(timeout=90)
+        finally:
+            if up.poll() is None:
+                up.kill()
+            log.close()
+            r.flushdb()
+            r.close()
+    assert up.returncode == 0
+    assert "duet: stopping" in (tmp_path / "up.log").read_text()
+
+
+def simulation(home, url, tmp_path, feedback: str) -> SimulateConfig:
+    # paced (150 s of feedback), so rounds run while users vote, as they would
+    return SimulateConfig(base_url=url, rule="tests.sim_rules:likes_blue", feedback=feedback, noise=0.1, votes=300,
+                          rate=2, concurrency=4, max_tokens=16, eval_every=40, eval_prompts=32, eval_samples=4,
+                          settle_s=240, out_dir=tmp_path / "sim", progress=False,
+                          api_key=(home / "dev_key").read_text().strip(),
+                          admin_key=(home / "admin_key").read_text().strip())
+
+
+def test_duet_up_learns_from_simulated_users(tmp_path):
+    with duet_up(tmp_path) as (up, home, url, sup_port):
+        cfg = simulation(home, url, tmp_path, "pairs")
         result = Simulator(cfg).run()
 
         final = result.final
@@ -92,15 +117,18 @@ def test_duet_up_learns_from_simulated_users(tmp_path):
             assert time.time() < deadline, "the trainer was not restarted"
             time.sleep(0.5)
         assert children(up.pid, "duet.cli train") != [trainer]
-    finally:
-        up.send_signal(signal.SIGTERM)  # what Ctrl-C does too
-        try:
-            up.wait(timeout=90)
-        finally:
-            if up.poll() is None:
-                up.kill()
-            log.close()
-            r.flushdb()
-            r.close()
-    assert up.returncode == 0
-    assert "duet: stopping" in (tmp_path / "up.log").read_text()
+
+
+def test_thumbs_alone_move_the_served_model_toward_the_users_taste(tmp_path):
+    """No pairs at all: users rate single answers up when they say "blue" (the median base answer does not),
+    with 10 % coin flips; the trainer at its defaults must publish a version that says "blue" more."""
+    with duet_up(tmp_path) as (up, home, url, sup_port):
+        result = Simulator(simulation(home, url, tmp_path, "thumbs")).run()
+        final = result.final
+        assert result.votes_cast == 300 and result.votes_failed == 0
+        assert set(result.by_kind) == {"up", "down"} and result.thumbs_bar == 0.0, result.by_kind
+        assert final.model_version != "base", f"no version went live: {(tmp_path / 'up.log').read_text()[-2000:]}"
+        assert final.win_rate > 0.5 and final.ci_low > 0.5, final
+        dash = httpx.get(f"{url}/v1/dashboard", headers={"Authorization": f"Bearer {(home / 'dev_key').read_text().strip()}"},
+                         timeout=30).json()
+        assert dash["votes_total"].get("up", 0) + dash["votes_total"].get("down", 0) == 300

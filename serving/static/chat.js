@@ -1,11 +1,12 @@
 // The chat page: streams answers from /v1/chat/completions; when the server returns K answers to
-// compare, shows them side by side with vote buttons that POST /v1/feedback.
+// compare (K = 2..9), shows them side by side with vote buttons (K = 2) or ranks (K > 2) that POST
+// /v1/feedback; any answer the user was shown has an "Edit" action that sends their rewrite.
 "use strict";
 (() => {
   const $ = (id) => document.getElementById(id);
   const log = $("log"), form = $("composer"), prompt = $("prompt"), sendBtn = $("send");
-  const keyInput = $("api-key"), pairsSelect = $("pairs");
-  const LETTERS = "ABCD";
+  const keyInput = $("api-key"), pairsSelect = $("pairs"), kSelect = $("k");
+  const LETTERS = "ABCDEFGHI";
   let messages = [];           // the conversation sent with each request
   let pendingChoice = null;    // a comparison awaiting a vote: its answers, to continue with the chosen one
   let modelName = null;
@@ -14,6 +15,8 @@
   keyInput.addEventListener("change", () => { duetApi.setKey(keyInput.value); modelName = null; });
   pairsSelect.value = localStorage.getItem("duet-pairs") || "allow";
   pairsSelect.addEventListener("change", () => localStorage.setItem("duet-pairs", pairsSelect.value));
+  kSelect.value = localStorage.getItem("duet-k") || "2";
+  kSelect.addEventListener("change", () => localStorage.setItem("duet-k", kSelect.value));
   $("new-chat").addEventListener("click", () => { messages = []; pendingChoice = null; log.replaceChildren(); });
   prompt.addEventListener("keydown", (e) => {
     if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); form.requestSubmit(); }
@@ -89,6 +92,49 @@
       showError(turn, `Vote not recorded: ${e.message}`);
       return false;
     }
+  }
+
+  // "Edit" under an answer: the user's rewrite goes to /v1/feedback as a demonstration (and is preferred to
+  // the answer it replaces); the conversation then continues with it.
+  function editAction(turn, boxes, index, duet) {
+    const b = boxes[index];
+    const button = el("button", "edit-action", "Edit");
+    button.type = "button";
+    button.addEventListener("click", () => {
+      const area = el("textarea", "edit");
+      area.value = b.text;
+      const save = el("button", "primary", "Send edit"), cancel = el("button", "", "Cancel");
+      save.type = cancel.type = "button";
+      const bar = el("div", "votes edit-bar");
+      bar.append(save, cancel);
+      b.bubble.replaceWith(area);
+      button.replaceWith(bar);
+      const close = () => { area.replaceWith(b.bubble); bar.replaceWith(button); };
+      cancel.addEventListener("click", close);
+      save.addEventListener("click", async () => {
+        const id = duet.comparison_id ? {comparison_id: duet.comparison_id} : {completion_id: duet.completion_id};
+        const body = {...id, vote_token: duet.vote_token, edited_answer: area.value};
+        if (duet.comparison_id) body.answer_index = index;
+        save.disabled = true;
+        try {
+          await duetApi.call("/v1/feedback", {method: "POST", body: JSON.stringify(body)});
+        } catch (e) {
+          save.disabled = false;
+          showError(turn, `Edit not recorded: ${e.message}`);
+          return;
+        }
+        b.text = area.value.trim();
+        b.bubble.textContent = b.text;
+        b.box.classList.add("edited");
+        area.replaceWith(b.bubble);
+        bar.replaceWith(el("span", "muted edit-recorded", "Edit recorded."));
+        boxes.forEach((x) => x.box.querySelectorAll(".edit-action").forEach((n) => n.remove()));  // one per answer set
+        const last = messages[messages.length - 1];
+        if (pendingChoice && pendingChoice.turn === turn) continueWith(turn, boxes, index);
+        else if (boxes.length === 1 && last && last.role === "assistant") last.content = b.text;
+      });
+    });
+    b.box.appendChild(button);
   }
 
   function continueWith(turn, boxes, index) {
@@ -167,7 +213,7 @@
     log.appendChild(turn);
     let boxes = null, duet = null;
     try {
-      const body = {model: await model(), messages, stream: true, duet: {pairs: pairsSelect.value}};
+      const body = {model: await model(), messages, stream: true, duet: {pairs: pairsSelect.value, k: +kSelect.value}};
       const resp = await duetApi.call("/v1/chat/completions", {method: "POST", body: JSON.stringify(body)});
       for await (const chunk of sse(resp)) {
         if (chunk.error) throw new Error(chunk.error.message);
@@ -190,6 +236,7 @@
     if (!boxes) return;
     const versions = duet ? (duet.model_versions || [duet.model_version]).join(" → ") : "?";
     turn.appendChild(el("div", "version", `model ${versions}`));
+    if (duet && (duet.comparison_id || duet.completion_id)) boxes.forEach((_, i) => editAction(turn, boxes, i, duet));
     if (duet && duet.comparison_id) {
       pendingChoice = {turn, boxes};
       comparisonVotes(turn, boxes, duet);
