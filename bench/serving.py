@@ -3,8 +3,11 @@
 1. Same model, same prompts, greedy, streaming; concurrency 1 and 8: output tokens/s and time to
    first token for each server. Target: Duet throughput >= 0.95x vLLM's.
 2. Duet: a forced pair against a single answer, same sampling: wall-time ratio. Target <= 1.3x.
+3. Duet: K answers to rank (one engine call with n = K) for K = 2, 4, 9: wall time per request and
+   answer tokens/s; K = 9 against K = 2.
 
 Servers run one at a time (2 cores here). Usage: python bench/serving.py [--requests 16] [--max-tokens 64]
+[--only-k: Duet's K answers only]
 """
 
 from __future__ import annotations
@@ -102,11 +105,33 @@ async def pair_vs_single(url: str, headers: dict, requests: int, max_tokens: int
             "pair_over_single": round(sum(paired) / sum(single), 3), "target": "<= 1.3"}
 
 
+async def k_answers(url: str, headers: dict, requests: int, max_tokens: int, ks=(2, 4, 9)) -> dict:
+    """Wall time of a request for K answers to rank (`duet.k`), same prompts and sampling for every K."""
+    out = {}
+    async with httpx.AsyncClient(headers=headers, timeout=600) as client:
+        for k in ks:
+            times, tokens = [], 0
+            for i in tqdm(range(requests), desc=f"K={k}", leave=False):
+                body = {"model": "duet", "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                        "max_tokens": max_tokens, "temperature": 0.7, "seed": i, "duet": {"pairs": "force", "k": k}}
+                t0 = time.perf_counter()
+                r = await client.post(url, json=body)
+                r.raise_for_status()
+                assert len(r.json()["choices"]) == k
+                times.append(time.perf_counter() - t0)
+                tokens += r.json()["usage"]["completion_tokens"]
+            out[f"k{k}"] = {"median_s": round(statistics.median(times), 3),
+                            "answer_tokens_per_s": round(tokens / sum(times), 1)}
+    out["k9_over_k2"] = round(out["k9"]["median_s"] / out["k2"]["median_s"], 2) if "k9" in out else None
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--out", default="bench/results/serving.json")
+    ap.add_argument("--only-k", action="store_true", help="only Duet's K-answer cost (section 3)")
     args = ap.parse_args()
 
     from duet.model_assets import resolve_model
@@ -127,12 +152,17 @@ def main() -> None:
     proc = start_server([sys.executable, "-m", "duet.cli", "serve"], duet_env, url, tmp / "duet.log")
     hdr = {"Authorization": "Bearer bench-key"}
     try:
-        duet = {f"c{c}": asyncio.run(load(url + "/v1/chat/completions", hdr, "duet", c, args.requests,
-                                          args.max_tokens, desc=f"duet c={c}")) for c in (1, 8)}
-        result["pair_vs_single"] = asyncio.run(pair_vs_single(url + "/v1/chat/completions", hdr,
-                                                              args.requests, args.max_tokens))
+        result["k_answers"] = asyncio.run(k_answers(url + "/v1/chat/completions", hdr, args.requests, args.max_tokens))
+        if not args.only_k:
+            duet = {f"c{c}": asyncio.run(load(url + "/v1/chat/completions", hdr, "duet", c, args.requests,
+                                              args.max_tokens, desc=f"duet c={c}")) for c in (1, 8)}
+            result["pair_vs_single"] = asyncio.run(pair_vs_single(url + "/v1/chat/completions", hdr,
+                                                                  args.requests, args.max_tokens))
     finally:
         stop_process(proc, timeout=60)
+    if args.only_k:
+        _write(args.out, result)
+        return
 
     # --- vLLM's own OpenAI server, same engine settings -----------------------------------
     port = free_port()
@@ -151,8 +181,12 @@ def main() -> None:
     result["throughput_ratio"] = {k: round(duet[k]["tokens_per_s"] / vllm[k]["tokens_per_s"], 3) for k in duet}
     result["ttft_diff_s"] = {k: round(duet[k]["ttft_median_s"] - vllm[k]["ttft_median_s"], 4) for k in duet}
     result["targets"] = {"throughput_ratio": ">= 0.95", "pair_over_single": "<= 1.3"}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    _write(args.out, result)
+
+
+def _write(path: str, result: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 
 

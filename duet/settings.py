@@ -92,6 +92,10 @@ class Settings(BaseSettings):
     policy_k: int = 4  # RLOO samples per prompt
     policy_max_new_tokens: int = 64
     policy_prompts_per_step: int = 4  # prompts per optimizer step
+    # Thumbs / both-bad (KTO) and edits (SFT) train the policy after the RLOO steps, each with its own AdamW;
+    # these scale their learning rates relative to policy_lr.
+    policy_kto_weight: float = 1.0
+    policy_sft_weight: float = 1.0
     policy_prompts: int = 16  # recent user prompts per round
     policy_every_votes: int = 32  # a round after this many new trained votes...
     policy_every_s: float = 1800.0  # ...or this long after the last round if any vote came in
