@@ -38,3 +38,10 @@ def test_models_list_and_show(tmp_path):
     assert shown.returncode == 0 and '"algorithm": "dpo"' in shown.stdout
     missing = run_cli("models", "show", "9", DUET_HOME=str(tmp_path))
     assert missing.returncode == 2 and "no version" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_simulate_edits_need_an_editor_for_the_rule():
+    r = run_cli("simulate", "--feedback", "edits", "--rule", "tests.sim_rules:likes_blue")
+    assert r.returncode == 2 and "likes_blue_edit" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("simulate", "--feedback", "opinions")
+    assert r.returncode == 2 and "--feedback" in r.stderr and "Traceback" not in r.stderr
