@@ -25,5 +25,5 @@ MODEL_VERSION = Gauge("duet_model_version_info", "The model version being served
 def set_model_version(version: str) -> None:
     MODEL_VERSION.clear()
     MODEL_VERSION.labels(version=version).set(1)
-VOTES = Counter("duet_votes_total", "Votes accepted, by choice (a, b, tie, both_bad, ranking, up, down)", ["choice"])
+VOTES = Counter("duet_votes_total", "Votes accepted, by choice (a, b, tie, both_bad, ranking, up, down, edit)", ["choice"])
 VOTE_REJECTIONS = Counter("duet_vote_rejections_total", "Votes refused, by reason", ["reason"])

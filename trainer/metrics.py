@@ -4,7 +4,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 EVENTS = Counter("duet_trainer_events_total", "Vote events consumed, by what became of them",
                  ["outcome"])  # trained, held_out
-VOTES_BY_CHOICE = Counter("duet_trainer_votes_total", "Vote events consumed, by choice or rating", ["choice"])
+VOTES_BY_CHOICE = Counter("duet_trainer_votes_total", "Vote events consumed, by choice, rating or edit", ["choice"])
 RM_LOSS = Gauge("duet_rm_loss", "Reward-model loss of the last training step")
 RM_ACCURACY = Gauge("duet_rm_heldout_accuracy", "Reward-model accuracy on held-out comparisons (0-1)")
 RM_ACCURACY.set(float("nan"))  # not measured yet: NaN, not a misleading 0
@@ -17,6 +17,10 @@ POLICY_ROUNDS = Counter("duet_policy_rounds_total", "Policy rounds, by result (p
                         ["result"])
 POLICY_REWARD_MEAN = Gauge("duet_policy_reward_mean", "Mean reward of the last round's samples")
 POLICY_REWARD_STD = Gauge("duet_policy_reward_std", "Std of the reward of the last round's samples")
+POLICY_SIGNAL_LOSS = Gauge("duet_policy_signal_loss", "Last round's mean loss on users' direct signals, by loss "
+                           "(kto: thumbs and both-bad; sft: edits)", ["loss"])
+POLICY_SIGNAL_ANSWERS = Counter("duet_policy_signal_answers_total", "Answers the policy trained on directly, by "
+                                "kind (desirable, undesirable, edit)", ["kind"])
 POLICY_KL = Gauge("duet_policy_kl", "Mean KL (nats per answer) of the last candidate to the reference")
 GATE_WIN_RATE = Gauge("duet_gate_win_rate", "Reward-model win rate of the last candidate against the live version "
                       "on held-out prompts (ties count 1/2)")

@@ -154,8 +154,15 @@ class PolicyRounds:
             metrics.POLICY_REWARD_STD.set(out["reward_std"])
         if signals:
             t = time.perf_counter()
-            out.update(self.pt.signal_round(list(signals), z_ref=max(0.0, out.get("kl", 0.0))))
-            out["signal_s"] = round(time.perf_counter() - t, 2)
+            got = self.pt.signal_round(list(signals), z_ref=max(0.0, out.get("kl", 0.0)))
+            out.update(got, signal_s=round(time.perf_counter() - t, 2))
+            for loss in ("kto", "sft"):
+                if f"{loss}_loss" in got:
+                    metrics.POLICY_SIGNAL_LOSS.labels(loss=loss).set(got[f"{loss}_loss"])
+            metrics.POLICY_SIGNAL_ANSWERS.labels(kind="desirable").inc(got.get("kto_desirable", 0))
+            metrics.POLICY_SIGNAL_ANSWERS.labels(kind="undesirable").inc(
+                got.get("kto_answers", 0) - got.get("kto_desirable", 0))
+            metrics.POLICY_SIGNAL_ANSWERS.labels(kind="edit").inc(got.get("sft_answers", 0))
         return out
 
     @staticmethod

@@ -125,7 +125,7 @@ class TrainerService:
             self.classify(d.event)
 
     def classify(self, event) -> None:
-        label = event.choice or event.rating or "ranking"
+        label = "edit" if event.kind == "edit" else event.choice or event.rating or "ranking"
         metrics.VOTES_BY_CHOICE.labels(choice=label).inc()
         self.state.counts[label] = self.state.counts.get(label, 0) + 1
         self.dirty = True

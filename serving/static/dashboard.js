@@ -2,7 +2,7 @@
 "use strict";
 (() => {
   const $ = (id) => document.getElementById(id);
-  const COLORS = {a: "#2f6fde", b: "#8e5bd6", tie: "#9aa3ad", both_bad: "#c2413a", up: "#1e8e5a", down: "#e0884a", ranking: "#3aa6b9"};
+  const COLORS = {a: "#2f6fde", b: "#8e5bd6", tie: "#9aa3ad", both_bad: "#c2413a", up: "#1e8e5a", down: "#e0884a", ranking: "#3aa6b9", edit: "#b08a1e"};
   const NS = "http://www.w3.org/2000/svg";
   const W = 600, H = 220, PAD = {l: 40, r: 10, t: 10, b: 28};
 
