@@ -50,16 +50,17 @@ def bootstrap_win_rate_by_prompt(scores: list[list[float]], rounds: int = 2000, 
 
 
 def bradley_terry(outcomes: np.ndarray, a: np.ndarray, b: np.ndarray, players: int, iters: int = 200,
-                  prior: float = 0.5) -> np.ndarray:
-    """Log-strengths θ maximising Σ s·log σ(θ_a − θ_b) + (1 − s)·log σ(θ_b − θ_a) over verdicts
-    (s = 1 win, ½ tie, 0 loss for a), by Hunter's MM updates p_i ← W_i / Σ_j n_ij / (p_i + p_j).
-    `prior` adds that many virtual ties to every pair that met, so a version that never lost or never
-    won still gets a finite score. Returned centred (mean 0)."""
+                  prior: float = 0.5, counts: np.ndarray | None = None) -> np.ndarray:
+    """Log-strengths θ maximising Σ c·[s·log σ(θ_a − θ_b) + (1 − s)·log σ(θ_b − θ_a)] over verdicts
+    (s = 1 win, ½ tie, 0 loss for a; c how many times that verdict was given, default 1), by Hunter's MM
+    updates p_i ← W_i / Σ_j n_ij / (p_i + p_j). `prior` adds that many virtual ties to every pair that met
+    (c > 0), so a version that never lost or never won still gets a finite score. Returned centred."""
+    c = np.ones(len(outcomes)) if counts is None else np.asarray(counts, dtype=float)
     wins = np.zeros(players)
     games = np.zeros((players, players))
-    np.add.at(wins, a, outcomes)
-    np.add.at(wins, b, 1.0 - outcomes)
-    np.add.at(games, (a, b), 1.0)
+    np.add.at(wins, a, outcomes * c)
+    np.add.at(wins, b, (1.0 - outcomes) * c)
+    np.add.at(games, (a, b), c)
     games = games + games.T
     met = games > 0
     games = games + prior * met
@@ -88,18 +89,23 @@ class Rating:
 
 def leaderboard(battles: Iterable[Battle], anchor: str = "base", rounds: int = 300, level: float = 0.95,
                 seed: int = 0) -> list[Rating]:
-    """Bradley–Terry scores per version with percentile-bootstrap intervals (verdicts resampled)."""
+    """Bradley–Terry scores per version with percentile-bootstrap intervals (verdicts resampled).
+
+    Verdicts are kept as counts per (a, b, outcome), never one entry each, and a bootstrap resample of n
+    verdicts is one multinomial draw of those counts: the cost grows with the number of kinds of verdict,
+    not with how many there are."""
     names: dict[str, int] = {}
-    a_idx, b_idx, scores = [], [], []
+    tally: dict[tuple[int, int, float], int] = defaultdict(int)
     for bt in battles:
         ia, ib = (names.setdefault(m, len(names)) for m in (bt.model_a, bt.model_b))
         for s, count in ((1.0, bt.wins), (0.5, bt.ties), (0.0, bt.losses)):
-            a_idx += [ia] * count
-            b_idx += [ib] * count
-            scores += [s] * count
-    if not scores:
+            if count:
+                tally[(ia, ib, s)] += count
+    if not tally:
         return []
-    a, b, s = np.array(a_idx), np.array(b_idx), np.array(scores)
+    keys = list(tally)
+    a, b, s = (np.array([key[i] for key in keys]) for i in range(3))
+    c = np.array([tally[key] for key in keys], dtype=float)
     k = len(names)
     ref = names.get(anchor)
 
@@ -107,13 +113,14 @@ def leaderboard(battles: Iterable[Battle], anchor: str = "base", rounds: int = 3
         shifted = theta - (theta[ref] if ref is not None else 0.0)
         return 1000 + 400 * shifted / np.log(10)
 
-    point = elo(bradley_terry(s, a, b, k))
+    point = elo(bradley_terry(s, a, b, k, counts=c))
     rng = np.random.default_rng(seed)
-    boots = np.stack([elo(bradley_terry(s[i], a[i], b[i], k)) for i in
-                      (rng.integers(0, len(s), size=len(s)) for _ in range(rounds))])
+    n = int(c.sum())
+    boots = np.stack([elo(bradley_terry(s, a, b, k, counts=rng.multinomial(n, c / n))) for _ in range(rounds)])
     lo, hi = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2], axis=0)
     count = defaultdict(int)
-    for i in np.concatenate([a, b]):
-        count[int(i)] += 1
+    for i, j, m in zip(a, b, c):
+        count[int(i)] += int(m)
+        count[int(j)] += int(m)
     ratings = [Rating(name, float(point[i]), float(lo[i]), float(hi[i]), count[i]) for name, i in names.items()]
     return sorted(ratings, key=lambda r: -r.score)

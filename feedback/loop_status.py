@@ -75,15 +75,19 @@ class SwapStatus(BaseModel):
     replica: str
 
 
+MAX_VERDICTS = 100_000  # per outcome in one Battle
+
+
 class Battle(BaseModel):
     """Verdicts between two model versions, from model_a's side: how often a's answer won, tied, lost."""
 
     ts: float = Field(default_factory=time.time)
-    model_a: str
-    model_b: str
-    wins: int = Field(ge=0)
-    ties: int = Field(ge=0)
-    losses: int = Field(ge=0)
+    model_a: str = Field(min_length=1, max_length=64)
+    model_b: str = Field(min_length=1, max_length=64)
+    # bounded: one report is one evaluation's verdicts, not a way to outvote everyone else
+    wins: int = Field(ge=0, le=MAX_VERDICTS)
+    ties: int = Field(ge=0, le=MAX_VERDICTS)
+    losses: int = Field(ge=0, le=MAX_VERDICTS)
     judge: str = Field(min_length=1, max_length=64)  # "gate_judges" (the gate), "simulated:<rule>", "human", ...
 
 

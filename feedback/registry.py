@@ -48,10 +48,21 @@ def version_name(version: int) -> str:
     return f"v{version:06d}"
 
 
+def _digits(text: str) -> bool:
+    """Plain ASCII digits of a plausible version number (str.isdigit() also takes "²" and 5,000 digits)."""
+    return text.isascii() and text.isdigit() and len(text) <= 9
+
+
 def version_number(name: str) -> int | None:
     """The inverse of `version_name`; None for anything else (e.g. "base")."""
     digits = name[1:] if name.startswith("v") else ""
-    return int(digits) if digits.isdigit() else None
+    return int(digits) if _digits(digits) else None
+
+
+def parse_version(text: str) -> str:
+    """A version as people type it ("3", "v000003", "base") as its registry name; other text unchanged (it
+    then names no version)."""
+    return version_name(int(text)) if _digits(text) else text
 
 
 def sha256_file(path: Path) -> str:
@@ -104,7 +115,9 @@ class Registry:
         return max([m.version for m in self.versions()] + [pointed or 0])
 
     def show(self, name_or_version: str | int) -> Manifest | None:
-        name = version_name(int(name_or_version)) if str(name_or_version).isdigit() else str(name_or_version)
+        name = version_name(name_or_version) if isinstance(name_or_version, int) else parse_version(name_or_version)
+        if "/" in name or name.startswith("."):
+            return None
         path = self.root / name / MANIFEST
         return Manifest.model_validate_json(path.read_text()) if path.exists() else None
 

@@ -28,7 +28,7 @@ from feedback import metrics as feedback_metrics
 from feedback.events import WeightsAnnouncement
 from feedback.outbox import Outbox, async_outbox_stats
 from feedback.rollouts import RolloutRequest, RolloutResponse
-from feedback.registry import version_name
+from feedback.registry import parse_version, version_name
 from serving import metrics
 from serving.auth import ApiKeyRecord, KeyStore
 from serving.chat import ChatService
@@ -229,19 +229,20 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
         await authorize(request)
         return await build_leaderboard(rt_of(request).redis, judge)
 
-    @app.post("/admin/evaluations", status_code=201)
-    async def admin_evaluation(battle: loop_status.Battle, request: Request) -> loop_status.Battle:
-        """Verdicts between two versions from an outside judge (raters, `duet simulate`): on the leaderboard."""
-        await admin_key(request)
-        await loop_status.arecord(rt_of(request).redis, loop_status.BATTLES, battle)
-        return battle
-
     # --- admin ------------------------------------------------------------------------------------
     async def admin_key(request: Request) -> ApiKeyRecord:
         key = await authorize(request)
         if not key.admin:
             raise APIError(403, "This route needs the admin key.", code="admin_only")
         return key
+
+    @app.post("/admin/evaluations", status_code=201)
+    async def admin_evaluation(battle: loop_status.Battle, request: Request,
+                               _: ApiKeyRecord = Depends(admin_key)) -> loop_status.Battle:  # noqa: B008
+        """Verdicts between two versions from an outside judge (raters, `duet simulate`): on the leaderboard.
+        The key is checked (a dependency) before the body is validated."""
+        await loop_status.arecord(rt_of(request).redis, loop_status.BATTLES, battle)
+        return battle
 
     async def admin(request: Request) -> WeightSwapper:
         await admin_key(request)
@@ -261,7 +262,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
     @app.post("/admin/models/{version}/activate")
     async def admin_activate(version: str, request: Request) -> JSONResponse:
         swapper = await admin(request)
-        version = version_name(int(version)) if version.isdigit() else version
+        version = parse_version(version)
         if version != BASE_VERSION and swapper.registry.show(version) is None:
             raise APIError(404, f"no version '{version}' in the registry", param="version", code="unknown_version")
         rec = await swapper.activate(version)

@@ -62,7 +62,8 @@ class KeyStore:
         if self.auth_disabled:
             return ApiKeyRecord(key_id=ANONYMOUS, name=ANONYMOUS)
         token = _bearer(authorization)
-        if self.admin_key and hmac.compare_digest(token, self.admin_key):
+        # bytes: compare_digest refuses str with non-ASCII characters (a header may carry any latin-1 byte)
+        if self.admin_key and hmac.compare_digest(token.encode(), self.admin_key.encode()):
             return ApiKeyRecord(key_id="admin", name="admin", admin=True)
         digest = hash_key(token)
         hit = self._cache.get(digest)

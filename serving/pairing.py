@@ -50,7 +50,8 @@ def vote_token(secret: str, comparison_id: str, key_id: str, expires_at: int) ->
 
 
 def verify_vote_token(secret: str, token: str, comparison_id: str, key_id: str, expires_at: int) -> bool:
-    return hmac.compare_digest(token, vote_token(secret, comparison_id, key_id, expires_at))
+    # bytes: compare_digest refuses str with non-ASCII characters, and a token is whatever the client sent
+    return hmac.compare_digest(token.encode(), vote_token(secret, comparison_id, key_id, expires_at).encode())
 
 
 def hash_user(user: str | None) -> str | None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 PairsMode = Literal["allow", "force", "never"]
+MAX_STOP_CHARS = 200  # per stop sequence: they are stored with every comparison and vote
 
 
 class ChatMessageIn(BaseModel):
@@ -49,7 +50,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     n: int = Field(1, ge=1)
     stop: str | list[str] | None = Field(None, validate_default=True)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # what the engine's generator takes
     user: str | None = None
     stream: bool = False
     stream_options: dict | None = None
@@ -63,7 +64,18 @@ class ChatCompletionRequest(BaseModel):
         stops = [v] if isinstance(v, str) else v
         if len(stops) > 4:
             raise ValueError("at most 4 stop sequences")
+        if any(not s for s in stops):
+            raise ValueError("a stop sequence cannot be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop sequence is at most {MAX_STOP_CHARS} characters")
         return stops
+
+    @field_validator("n")
+    @classmethod
+    def _n_needs_sampling(cls, v: int, info: ValidationInfo) -> int:
+        if v > 1 and info.data.get("temperature") == 0:
+            raise ValueError("n > 1 needs temperature > 0: greedy answers would all be the same")
+        return v
 
 
 class Usage(BaseModel):

@@ -3,7 +3,9 @@
 import math
 
 import numpy as np
+import pytest
 
+from feedback.loop_status import MAX_VERDICTS
 from feedback.arena import bootstrap_win_rate, bootstrap_win_rate_by_prompt, bradley_terry, leaderboard, win_rate
 from feedback.loop_status import Battle
 
@@ -56,6 +58,19 @@ def test_leaderboard_orders_a_chain_of_versions_and_anchors_base_at_1000():
         assert r.ci_low <= r.score <= r.ci_high
     assert by["v000001"].ci_low > 1000  # 65 % over 100 verdicts is clearly better than base
     assert by["base"].battles == 100 and by["v000002"].battles == 200
+
+
+def test_counts_are_the_same_as_repeated_verdicts_and_huge_counts_stay_cheap():
+    s = np.array([1.0, 0.5, 0.0])
+    a, b = np.zeros(3, int), np.ones(3, int)
+    counted = bradley_terry(s, a, b, 2, counts=np.array([600, 100, 300]))
+    expanded = bradley_terry(np.repeat(s, [600, 100, 300]), np.zeros(1000, int), np.ones(1000, int), 2)
+    assert np.allclose(counted, expanded)
+    big = [Battle(model_a="v000001", model_b="base", wins=MAX_VERDICTS, ties=0, losses=MAX_VERDICTS // 2, judge="x")] * 50
+    board = leaderboard(big, rounds=100)  # 7.5 million verdicts: held as 2 counts, not 7.5 million entries
+    assert {r.model_version: r.battles for r in board} == {"v000001": 7_500_000, "base": 7_500_000}
+    with pytest.raises(ValueError):
+        Battle(model_a="v000001", model_b="base", wins=MAX_VERDICTS + 1, ties=0, losses=0, judge="x")
 
 
 def test_empty_leaderboard():

@@ -11,7 +11,7 @@ import pytest
 
 from feedback.comparisons import PendingComparison, comparison_key
 from serving.pairing import verify_vote_token
-from tests.conftest import MAX_BODY, MAX_MODEL_LEN, SECRET
+from tests.conftest import ADMIN_KEY, MAX_BODY, MAX_MODEL_LEN, SECRET
 
 pytestmark = pytest.mark.slow
 
@@ -197,6 +197,14 @@ def test_auth_errors(duet_server):
     assert_openai_error(httpx.post(url, json=body), 401)
     assert_openai_error(httpx.post(url, json=body, headers={"Authorization": "Bearer nope"}), 401)
     assert_openai_error(httpx.get(duet_server.url + "/v1/models", headers={"Authorization": "Basic x"}), 401)
+    # non-ASCII bytes in the key (latin-1 in the header): a 401 like any wrong key, on every route
+    for path in ("/v1/models", "/admin/models"):
+        assert_openai_error(httpx.get(duet_server.url + path, headers={"Authorization": b"Bearer \xe9t\xe9"}), 401)
+    # the key before the body: no key and a bad body is a 401; with the admin key, the bound is named
+    evaluations = duet_server.url + "/admin/evaluations"
+    assert_openai_error(httpx.post(evaluations, json={"wins": "many"}), 401)
+    huge = {"model_a": "v000001", "model_b": "base", "wins": 10**12, "ties": 0, "losses": 0, "judge": "x"}
+    assert_openai_error(httpx.post(evaluations, json=huge, headers={"Authorization": f"Bearer {ADMIN_KEY}"}), 400, "wins")
 
 
 @pytest.mark.parametrize("body,param", [
@@ -205,8 +213,13 @@ def test_auth_errors(duet_server):
     ({"messages": HELLO, "temperature": 5}, "temperature"),
     ({"messages": HELLO, "n": 99}, "n"),
     ({"messages": HELLO, "duet": {"pairs": "sometimes"}}, "duet.pairs"),
-    ({"messages": HELLO, "duet": {"pairs": "force", "k": 9}}, "duet.k"),
+    ({"messages": HELLO, "duet": {"pairs": "force", "k": 10}}, "duet.k"),
     ({"messages": HELLO, "n": 2, "duet": {"pairs": "force"}}, "n"),
+    ({"messages": HELLO, "n": 2, "temperature": 0}, "n"),
+    ({"messages": HELLO, "stop": [""]}, "stop"),
+    ({"messages": HELLO, "stop": ["x" * 201]}, "stop"),
+    ({"messages": HELLO, "seed": 2**64}, "seed"),
+    ({"messages": HELLO, "seed": 2**64, "stream": True}, "seed"),  # refused before the stream starts
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages.0.content"),
 ])
 def test_bad_requests_are_400_with_the_field_named(client, body, param):

@@ -140,6 +140,8 @@ def test_refusals_keep_the_old_version(admin, duet_server, other_weights, tmp_pa
         tmp_path / "nan", seed=2, edit=lambda m: m.model.norm.weight.fill_(float("nan"))))
     assert "non-finite" in _refused(admin, nan)
     assert_openai_error(admin.post("/admin/models/v999999/activate"), 404, "version")
+    for odd in ("²", "9" * 5000, "v1.5"):  # not digits for int(), too long, not a version
+        assert_openai_error(admin.post(f"/admin/models/{odd}/activate"), 404, "version")
     metrics = admin.get("/metrics").text
     assert 'duet_swaps_total{result="refused"}' in metrics
 

@@ -155,6 +155,7 @@ def test_rejections(client, duet_server, redis_client):
     # unknown -> 410; bad token or another key -> 403
     assert_openai_error(vote(client, {**good, "comparison_id": "cmp_" + "0" * 32}), 410, "comparison_id")
     assert_openai_error(vote(client, {**good, "vote_token": "f" * 64}), 403, "vote_token")
+    assert_openai_error(vote(client, {**good, "vote_token": "é"}), 403, "vote_token")  # non-ASCII: no crash
     other = duet_server.create_key("--name", "other")
     with httpx.Client(base_url=duet_server.url, headers={"Authorization": f"Bearer {other}"}) as c2:
         assert_openai_error(vote(c2, good), 403, "vote_token")
