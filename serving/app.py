@@ -36,6 +36,7 @@ from serving.dashboard import Dashboard, Leaderboard, build_dashboard, build_lea
 from serving.engine import BASE_VERSION, Engine, VLLMEngine
 from serving.errors import APIError, install_error_handlers
 from serving.middleware import LimitsAndMetrics
+from serving.openapi import install_openapi
 from serving.pairing import PAIRS_HEADER, ComparisonStore
 from serving.prompting import PromptBuilder
 from serving.rollouts import rollouts
@@ -141,6 +142,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
 
     app = FastAPI(title="Duet", lifespan=lifespan, docs_url=None, redoc_url=None)
     install_error_handlers(app)
+    install_openapi(app)
 
     app.add_middleware(LimitsAndMetrics, max_body_bytes=s.max_body_bytes)
 
@@ -191,9 +193,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         key = await authorize(request)
-        raw = await request.body()
-        if len(raw) > s.max_body_bytes:  # chunked bodies carry no Content-Length
-            raise APIError(413, f"Request body is larger than {s.max_body_bytes} bytes.", code="request_too_large")
+        raw = await request.body()  # at most DUET_MAX_BODY_BYTES: the middleware stops a longer one
         try:
             req = ChatCompletionRequest.model_validate_json(raw)
         except ValidationError as e:

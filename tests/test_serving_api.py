@@ -250,6 +250,12 @@ def test_body_too_large_is_413(client):
     big = [{"role": "user", "content": "x" * (MAX_BODY + 10)}]
     assert_openai_error(chat(client, messages=big), 413)
 
+    def chunked():  # no Content-Length: refused once the bytes pass the limit, on every route
+        for _ in range(3 * MAX_BODY // 10_000 + 1):
+            yield b" " * 10_000
+    for path in ("/v1/chat/completions", "/v1/feedback"):
+        assert_openai_error(client.post(path, content=chunked(), headers={"content-type": "application/json"}), 413)
+
 
 def test_rate_limit_is_429_with_retry_after(duet_server):
     key = duet_server.create_key("--name", "slow", "--rate-limit", "2")
@@ -293,3 +299,27 @@ def test_metrics_exposed(client):
                  'duet_model_version_info{version="base"} 1.0'):
         assert name in text, name
     assert 'route="/v1/chat/completions",status="200"' in text
+
+
+def test_openapi_documents_every_body(duet_server):
+    doc = httpx.get(duet_server.url + "/openapi.json", timeout=30).json()
+    schemas = doc["components"]["schemas"]
+
+    def refs(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                yield node["$ref"]
+            for v in node.values():
+                yield from refs(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from refs(v)
+
+    assert all(r.rsplit("/", 1)[1] in schemas for r in refs(doc))  # every reference resolves
+    for path in ("/v1/chat/completions", "/v1/feedback", "/admin/evaluations", "/admin/rollouts"):
+        body = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert body["$ref"].rsplit("/", 1)[1] in schemas, path
+    vote = schemas["VoteRequest"]["properties"]
+    assert {"comparison_id", "completion_id", "vote_token", "choice", "ranking", "rating", "edited_answer",
+            "answer_index"} <= set(vote)
+    assert "duet" in schemas["ChatCompletionRequest"]["properties"]
