@@ -110,7 +110,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
     async def lifespan(app: FastAPI):
         redis = aioredis.from_url(s.redis_url, decode_responses=True)
         votes = VoteService(ComparisonStore(redis), Outbox(redis, s.outbox_max), s.resolved_secret(), s.max_edit_chars)
-        rt = Runtime(settings=s, redis=redis, keys=KeyStore(redis, s.admin_key, s.auth_disabled),
+        rt = Runtime(settings=s, redis=redis, keys=KeyStore(redis, s.admin_key, s.auth_disabled, dev_key=s.dev_key),
                      limiter=RateLimiter(redis, s.rate_limit_rpm), votes=votes, started=time.time())
         if not s.kafka_bootstrap:
             log.warning("DUET_KAFKA_BOOTSTRAP is unset: votes are kept in the Redis outbox until a broker is set")
@@ -122,8 +122,6 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
             rt.relay = OutboxRelay(s.redis_url, s.kafka_bootstrap, batch=s.relay_batch,
                                    partitions=s.kafka_partitions, replication=s.kafka_replication,
                                    min_insync=s.kafka_min_insync).start()
-        if s.dev_key:
-            await rt.keys.create("dev", key=s.dev_key)
         app.state.rt = rt
         loader = asyncio.create_task(_load_engine(rt, engine_factory))
         sampler = asyncio.create_task(_sample_gauges(rt))

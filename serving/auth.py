@@ -2,7 +2,8 @@
 
 Redis layout:
     duet:apikey:{sha256(key)}   STRING, JSON of `ApiKeyRecord` (no expiry)
-The admin key comes from DUET_ADMIN_KEY and never touches Redis.
+The admin key (DUET_ADMIN_KEY) and the dev key `duet up` prints (DUET_DEV_KEY) come from the settings and
+never depend on Redis: they keep working when Redis restarts empty.
 """
 
 from __future__ import annotations
@@ -43,9 +44,12 @@ class KeyStore:
     """Keys in Redis, with a short in-process cache: a revoked key keeps working for up to
     `cache_s` seconds, which saves a Redis round trip on every request."""
 
-    def __init__(self, redis: Redis, admin_key: str = "", auth_disabled: bool = False, cache_s: float = 10.0) -> None:
+    def __init__(self, redis: Redis, admin_key: str = "", auth_disabled: bool = False, cache_s: float = 10.0,
+                 dev_key: str = "") -> None:
         self.redis = redis
         self.admin_key = admin_key
+        self.dev_key = dev_key
+        self.dev_record = ApiKeyRecord(key_id=hash_key(dev_key)[:12], name="dev") if dev_key else None
         self.auth_disabled = auth_disabled
         self.cache_s = cache_s
         self._cache: dict[str, tuple[float, ApiKeyRecord]] = {}
@@ -65,6 +69,8 @@ class KeyStore:
         # bytes: compare_digest refuses str with non-ASCII characters (a header may carry any latin-1 byte)
         if self.admin_key and hmac.compare_digest(token.encode(), self.admin_key.encode()):
             return ApiKeyRecord(key_id="admin", name="admin", admin=True)
+        if self.dev_record is not None and hmac.compare_digest(token.encode(), self.dev_key.encode()):
+            return self.dev_record
         digest = hash_key(token)
         hit = self._cache.get(digest)
         now = time.monotonic()
