@@ -203,6 +203,10 @@ def cmd_relay(args: argparse.Namespace) -> None:
     from feedback.relay import OutboxRelay
 
     s = _settings()
+    if args.with_parent:
+        from duet.processes import die_with_parent
+
+        die_with_parent()
     if not s.kafka_bootstrap:
         raise CLIError("DUET_KAFKA_BOOTSTRAP is not set: the relay needs a broker")
     _check_redis(s.redis_url)
@@ -367,7 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--port", type=int)
         sp.set_defaults(fn=fn)
 
-    sub.add_parser("relay", help="publish the vote outbox to Kafka").set_defaults(fn=cmd_relay)
+    relay = sub.add_parser("relay", help="publish the vote outbox to Kafka")
+    relay.add_argument("--with-parent", action="store_true",
+                       help="exit when the parent process dies (how serving runs it as its child)")
+    relay.set_defaults(fn=cmd_relay)
     tr = sub.add_parser("train", help="run the reward-model trainer")
     tr.add_argument("--once", action="store_true", help="train on what is on Kafka now, then exit")
     tr.add_argument("--round", action="store_true", help="run one policy round now (gate, publish), then exit")

@@ -3,11 +3,17 @@ reverse order on Ctrl-C. Each child logs to its own file in the run folder.
 
 Children run in their own sessions, so a Ctrl-C reaches only the supervisor, which then stops the API
 before the trainer and the broker last (the API's relay still needs the broker while it drains).
+Each session is also the child's process group: when a child exits — even by SIGKILL, which gives it no
+chance to stop its own children — whatever it started (the vLLM engine core and workers, the relay, the
+resource tracker) is killed with the group before the child is started again, so the restart finds its
+memory and ports free.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import subprocess
 import threading
 import time
@@ -67,6 +73,7 @@ class Supervisor:
             if not child.next_start:
                 code = child.proc.returncode
                 child.exits.append(code)
+                kill_group(child.proc)
                 CHILD_UP.labels(child=child.name).set(0)
                 stable = now - child.started_at > 60
                 backoff = 1.0 if stable or child.restarts == 0 else min(self.max_backoff_s, 2.0 ** child.restarts)
@@ -93,7 +100,19 @@ class Supervisor:
         self.stopping.set()
         for child in reversed(self.children):
             stop_process(child.proc, timeout=child.stop_timeout_s)
+            kill_group(child.proc)  # anything it left behind
             CHILD_UP.labels(child=child.name).set(0)
+
+
+def kill_group(proc: subprocess.Popen | None) -> None:
+    """SIGKILL the process group `proc` leads (its session: see `spawn`), once `proc` itself has exited.
+    Linux does not reuse a process id while a group of that id has members, so this never hits strangers."""
+    if proc is None or proc.poll() is None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # nothing left in the group
 
 
 def spawn(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:

@@ -26,7 +26,8 @@ class RelayChild:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> RelayChild:
-        self.proc = subprocess.Popen([sys.executable, "-m", "duet.cli", "relay"], env=self.env)
+        # --with-parent: even a SIGKILLed serving process takes its relay (and its metrics port) with it
+        self.proc = subprocess.Popen([sys.executable, "-m", "duet.cli", "relay", "--with-parent"], env=self.env)
         return self
 
     def check(self) -> None:

@@ -3,7 +3,7 @@
 import sys
 import time
 
-from duet.supervisor import RESTARTS, Child, Supervisor, spawn
+from duet.supervisor import RESTARTS, Child, Supervisor, kill_group, spawn
 
 
 def _restarts(name: str) -> float:
@@ -73,3 +73,71 @@ def test_up_without_any_redis_says_how_to_get_one(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no redis-server to be found
     with pytest.raises(CLIError, match="no redis-server is on PATH"):
         _redis_for_up(Settings(redis_url="redis://127.0.0.1:1/0", home=tmp_path), Supervisor(), tmp_path)
+
+
+def test_a_killed_childs_own_children_die_with_it(tmp_path):
+    """What SIGKILL of the API did: its engine processes lived on as orphans. The supervisor now kills the
+    dead child's whole process group before restarting it."""
+    import os
+    import signal
+
+    pid_file = tmp_path / "grandchild.pid"
+    script = ("import subprocess, sys, time; "
+              "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+              f"open({str(pid_file)!r}, 'w').write(str(g.pid)); time.sleep(120)")
+    sup = Supervisor(poll_s=0.05)
+    parent = sup.add(Child("parent", lambda: spawn([sys.executable, "-c", script], {}, tmp_path / "p.log")))
+    try:
+        deadline = time.time() + 20
+        while not pid_file.exists() or not pid_file.read_text():
+            assert time.time() < deadline
+            time.sleep(0.05)
+        grandchild = int(pid_file.read_text())
+        first = parent.proc
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(10)
+        sup.check()  # sees the exit: reaps the group, schedules the restart
+        deadline = time.time() + 10
+        while _alive(grandchild) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not _alive(grandchild), "the killed child's own child outlived it"
+    finally:
+        sup.stop()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"  # a zombie waiting for its reaper is dead
+    except FileNotFoundError:
+        return False
+
+
+def test_die_with_parent_ends_a_child_when_its_parent_is_killed(tmp_path):
+    """How serving runs its relay (`duet relay --with-parent`): the kernel ends it with its parent."""
+    import os
+    import signal
+
+    pid_file = tmp_path / "child.pid"
+    child = ("import time; from duet.processes import die_with_parent; die_with_parent(); time.sleep(120)")
+    script = (f"import subprocess, sys, time; g = subprocess.Popen([sys.executable, '-c', {child!r}]); "
+              f"open({str(pid_file)!r}, 'w').write(str(g.pid)); time.sleep(120)")
+    parent = spawn([sys.executable, "-c", script], dict(os.environ), tmp_path / "p.log")
+    try:
+        deadline = time.time() + 20
+        while not pid_file.exists() or not pid_file.read_text():
+            assert time.time() < deadline
+            time.sleep(0.05)
+        time.sleep(1.0)  # let the child get past die_with_parent()
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(10)
+        grandchild = int(pid_file.read_text())
+        deadline = time.time() + 10
+        while _alive(grandchild) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not _alive(grandchild)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        kill_group(parent)
