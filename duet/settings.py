@@ -47,6 +47,7 @@ class Settings(BaseSettings):
 
     # --- services -------------------------------------------------------------------------
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_timeout_s: float = 1.0  # serving's Redis calls: a hung Redis costs this, then a 5 s breaker skips it
     kafka_bootstrap: str = ""  # empty: `duet up` starts the embedded broker
     kafka_partitions: int = 3  # of the feedback topic, when Duet creates it
     kafka_replication: int = 1  # 3 on a real cluster (deploy/)

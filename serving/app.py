@@ -42,6 +42,7 @@ from serving.prompting import PromptBuilder
 from serving.rollouts import rollouts
 from serving.protocol import ChatCompletionRequest, ModelCard, ModelList
 from serving.rate_limit import RateLimiter
+from serving.redis_health import RedisBreaker
 from serving.relay_child import RelayChild
 from serving.swap import WeightSwapper
 from serving.votes import VoteAccepted, VoteRequest, VoteService
@@ -67,6 +68,7 @@ class Runtime:
 
     settings: Settings
     redis: aioredis.Redis
+    breaker: RedisBreaker
     keys: KeyStore
     limiter: RateLimiter
     votes: VoteService
@@ -95,7 +97,7 @@ async def _load_engine(rt: Runtime, factory: EngineFactory) -> None:
         latest = rt.swapper.registry.latest()
         if latest is not None:  # published while this replica was down
             await rt.swapper.activate(latest.name)
-        rt.chat = ChatService(s, engine, prompts, ComparisonStore(rt.redis), s.resolved_secret())
+        rt.chat = ChatService(s, engine, prompts, ComparisonStore(rt.redis), s.resolved_secret(), rt.breaker)
         log.info("engine ready (%s, version %s) after %.1f s", model_path, engine.model_version,
                  time.time() - rt.started)
     except Exception as e:  # surfaced on /ready and in chat's 503, not as a crash loop
@@ -108,10 +110,14 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        redis = aioredis.from_url(s.redis_url, decode_responses=True)
+        # short timeouts: a hung Redis must not hang every request (see serving/redis_health.py)
+        redis = aioredis.from_url(s.redis_url, decode_responses=True, socket_timeout=s.redis_timeout_s,
+                                  socket_connect_timeout=s.redis_timeout_s)
+        breaker = RedisBreaker()
         votes = VoteService(ComparisonStore(redis), Outbox(redis, s.outbox_max), s.resolved_secret(), s.max_edit_chars)
-        rt = Runtime(settings=s, redis=redis, keys=KeyStore(redis, s.admin_key, s.auth_disabled, dev_key=s.dev_key),
-                     limiter=RateLimiter(redis, s.rate_limit_rpm), votes=votes, started=time.time())
+        rt = Runtime(settings=s, redis=redis, breaker=breaker, votes=votes, started=time.time(),
+                     keys=KeyStore(redis, s.admin_key, s.auth_disabled, dev_key=s.dev_key, breaker=breaker),
+                     limiter=RateLimiter(redis, s.rate_limit_rpm, breaker))
         if not s.kafka_bootstrap:
             log.warning("DUET_KAFKA_BOOTSTRAP is unset: votes are kept in the Redis outbox until a broker is set")
         elif s.relay == "process":
@@ -172,8 +178,11 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
         except Exception:
             redis_ok = False
         engine_ok = rt.chat is not None
-        body = {"ready": redis_ok and engine_ok, "engine": "ready" if engine_ok else (
+        # Ready as long as the engine answers: without Redis, chat still serves single answers (degraded);
+        # taking the replica out of the load balancer would turn a Redis outage into a full one.
+        body = {"ready": engine_ok, "engine": "ready" if engine_ok else (
             "failed" if rt.engine_error else "loading"), "redis": "ok" if redis_ok else "unreachable",
+            "degraded": not redis_ok,
             "model_version": rt.engine.model_version if rt.engine else None}
         return JSONResponse(body, status_code=200 if body["ready"] else 503)
 

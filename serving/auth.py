@@ -16,8 +16,10 @@ from datetime import UTC, datetime
 
 from pydantic import BaseModel, Field
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from serving.errors import APIError
+from serving.redis_health import RedisBreaker, unavailable
 
 KEY_PREFIX = "duet:apikey:"
 ANONYMOUS = "anonymous"
@@ -45,8 +47,9 @@ class KeyStore:
     `cache_s` seconds, which saves a Redis round trip on every request."""
 
     def __init__(self, redis: Redis, admin_key: str = "", auth_disabled: bool = False, cache_s: float = 10.0,
-                 dev_key: str = "") -> None:
+                 dev_key: str = "", breaker: RedisBreaker | None = None) -> None:
         self.redis = redis
+        self.breaker = breaker or RedisBreaker()
         self.admin_key = admin_key
         self.dev_key = dev_key
         self.dev_record = ApiKeyRecord(key_id=hash_key(dev_key)[:12], name="dev") if dev_key else None
@@ -76,7 +79,16 @@ class KeyStore:
         now = time.monotonic()
         if hit and hit[0] > now:
             return hit[1]
-        raw = await self.redis.get(KEY_PREFIX + digest)
+        try:
+            if self.breaker.tripped():
+                raise RedisError("breaker open")
+            raw = await self.redis.get(KEY_PREFIX + digest)
+        except RedisError as e:
+            if not self.breaker.tripped():
+                self.breaker.trip(e)
+            if hit:  # verified before: keep serving it while Redis is away
+                return hit[1]
+            raise unavailable("Checking this API key") from None
         if raw is None:
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
         record = ApiKeyRecord.model_validate_json(raw)

@@ -13,6 +13,8 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from redis.exceptions import RedisError
+
 from duet.settings import Settings
 from feedback.comparisons import Answer, ChatMessage, PendingComparison, SamplingSpec
 from serving import metrics
@@ -21,6 +23,7 @@ from serving.engine import Engine
 from serving.errors import APIError
 from serving.pairing import ComparisonStore, decide_pair, expiry, hash_user, new_record_id, pairs_mode, vote_token
 from serving.prompting import PromptBuilder
+from serving.redis_health import RedisBreaker
 from serving.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -68,12 +71,13 @@ class Collected:
 
 class ChatService:
     def __init__(self, settings: Settings, engine: Engine, prompts: PromptBuilder, store: ComparisonStore,
-                 secret: str) -> None:
+                 secret: str, breaker: RedisBreaker | None = None) -> None:
         self.s = settings
         self.engine = engine
         self.prompts = prompts
         self.store = store
         self.secret = secret
+        self.breaker = breaker or RedisBreaker()  # while Redis is away: no pairs, no thumbs (nowhere to keep them)
 
     # --- validation ---------------------------------------------------------------------
     def plan(self, req: ChatCompletionRequest, key: ApiKeyRecord, pairs_header: str | None) -> Plan:
@@ -93,7 +97,8 @@ class ChatService:
             raise APIError(400, "duet.pairs='force' needs n=1: the server chooses how many answers to return",
                            param="n", code="invalid_value")
         pair_rate = key.pair_rate if key.pair_rate is not None else s.pair_rate
-        paired = req.n == 1 and decide_pair(mode, pair_rate)
+        redis_up = not self.breaker.tripped()
+        paired = req.n == 1 and redis_up and decide_pair(mode, pair_rate)
 
         messages = [ChatMessage(role=m.role, content=m.content) for m in req.messages]
         prompt_ids = self.prompts.token_ids(messages)
@@ -121,7 +126,7 @@ class ChatService:
                                 stop=req.stop)
         return Plan(request_id="chatcmpl-" + uuid.uuid4().hex, request=req, key=key, messages=messages,
                     prompt_ids=prompt_ids, sampling=sampling, n=k if paired else req.n, paired=paired,
-                    keep_for_votes=paired or (duet_aware and req.n == 1))
+                    keep_for_votes=paired or (duet_aware and redis_up and req.n == 1))
 
     # --- engine ----------------------------------------------------------------------------
     async def _steps(self, plan: Plan, col: Collected) -> AsyncIterator[list]:
@@ -158,14 +163,18 @@ class ChatService:
         created, expires = expiry(self.s.comparison_ttl_s)
         cid = new_record_id(plan.paired)
         answer_version = "+".join(col.versions) if col.versions else version
-        await self.store.save(PendingComparison(
+        record = PendingComparison(
             comparison_id=cid, key_id=plan.key.key_id, user_hash=hash_user(plan.request.user),
             model=self.s.served_model_name, messages=plan.messages,
             answers=[Answer(index=i, text="".join(col.texts.get(i, [])), finish_reason=col.finish.get(i),
                             model_version=answer_version, completion_tokens=col.tokens.get(i, 0))
                      for i in range(plan.n)],
-            sampling=plan.sampling, prompt_tokens=len(plan.prompt_ids), created_at=created, expires_at=expires,
-        ))
+            sampling=plan.sampling, prompt_tokens=len(plan.prompt_ids), created_at=created, expires_at=expires)
+        try:
+            await self.store.save(record)
+        except RedisError as e:  # the answers stand; only voting on them is lost
+            self.breaker.trip(e)
+            return info
         exp = int(expires.timestamp())
         if plan.paired:
             metrics.PAIRED_RESPONSES.labels(k=str(plan.n)).inc()

@@ -5,6 +5,8 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 REQUESTS = Counter("duet_http_requests_total", "HTTP requests by route and status", ["route", "status"])
+REDIS_ERRORS = Counter("duet_redis_errors_total", "Redis calls that failed or timed out (serving then answers "
+                       "single answers only for a few seconds)")
 LATENCY = Histogram(
     "duet_http_request_duration_seconds", "Time to the full response (streams: to the last byte)", ["route"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80),

@@ -5,8 +5,10 @@ from __future__ import annotations
 import time
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from serving.errors import APIError
+from serving.redis_health import RedisBreaker
 
 WINDOW_S = 60
 # One round trip: count the request and make sure the window's key expires.
@@ -18,8 +20,9 @@ return n
 
 
 class RateLimiter:
-    def __init__(self, redis: Redis, default_rpm: int) -> None:
+    def __init__(self, redis: Redis, default_rpm: int, breaker: RedisBreaker | None = None) -> None:
         self.redis = redis
+        self.breaker = breaker or RedisBreaker()
         self.default_rpm = default_rpm
         self._incr = redis.register_script(_INCR_WITH_EXPIRY)
 
@@ -27,7 +30,13 @@ class RateLimiter:
         limit = rpm or self.default_rpm
         now = time.time()
         window = int(now // WINDOW_S)
-        count = await self._incr(keys=[f"duet:ratelimit:{key_id}:{window}"], args=[WINDOW_S * 2])
+        if self.breaker.tripped():
+            return  # not counted while Redis is away: answering beats refusing everyone
+        try:
+            count = await self._incr(keys=[f"duet:ratelimit:{key_id}:{window}"], args=[WINDOW_S * 2])
+        except RedisError as e:
+            self.breaker.trip(e)
+            return
         if count > limit:
             retry_after = max(1, int((window + 1) * WINDOW_S - now) + 1)
             raise APIError(

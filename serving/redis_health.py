@@ -1,0 +1,45 @@
+"""Serving without Redis for a while: a breaker that remembers Redis failed, so requests stop waiting on it.
+
+When a Redis call fails (refused, or no answer within DUET_REDIS_TIMEOUT_S), `tripped()` is true for
+`cool_down_s`: chat answers single answers without offering pairs or thumbs (nothing to store them in),
+keys already verified keep working from the in-process cache, the rate limit is not counted, and what
+needs Redis to be right (votes, new keys, the dashboard) answers 503 with Retry-After. The next call
+after the cool-down tries Redis again; redis-py reconnects by itself, so nothing needs a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from redis.exceptions import RedisError
+
+from serving import metrics
+from serving.errors import APIError
+
+log = logging.getLogger(__name__)
+RETRY_AFTER_S = 5
+
+
+class RedisBreaker:
+    def __init__(self, cool_down_s: float = RETRY_AFTER_S) -> None:
+        self.cool_down_s = cool_down_s
+        self.down_until = 0.0
+
+    def tripped(self) -> bool:
+        return time.monotonic() < self.down_until
+
+    def trip(self, error: Exception) -> None:
+        if not self.tripped():
+            log.warning("Redis unavailable (%s: %s): single answers only for %.0f s", type(error).__name__, error,
+                        self.cool_down_s)
+        self.down_until = time.monotonic() + self.cool_down_s
+        metrics.REDIS_ERRORS.inc()
+
+
+def unavailable(what: str) -> APIError:
+    return APIError(503, f"{what} needs Redis, which is not answering; retry shortly.", code="redis_unavailable",
+                    headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+__all__ = ["RedisBreaker", "RedisError", "unavailable"]

@@ -1,0 +1,134 @@
+"""Chaos: what survives what. A real `duet serve` (tiny model, real vLLM engine) on a private Redis that
+this test hangs (SIGSTOP), kills and restarts empty (no persistence), as an operator's Redis might."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+
+import httpx
+import pytest
+import redis
+
+from tests.conftest import duet_env, free_port
+
+pytestmark = pytest.mark.slow
+
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+class PrivateRedis:
+    """redis-server on its own port, nothing on disk: a restart comes back empty."""
+
+    def __init__(self, tmp_path) -> None:
+        self.port, self.dir, self.proc = free_port(), tmp_path, None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--save", "", "--appendonly", "no",
+                                      "--dir", str(self.dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 10
+        while True:
+            try:
+                if redis.Redis.from_url(self.url).ping():
+                    return
+            except redis.ConnectionError:
+                assert time.time() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait()
+
+
+@contextmanager
+def serve(tiny_model, tmp_path, redis_url: str):
+    port = free_port()
+    env = {**duet_env(tiny_model, tmp_path / "home", port, ""), "DUET_REDIS_URL": redis_url, "DUET_RELAY": "off",
+           "DUET_DEV_KEY": "duet-dev-chaos"}
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "duet.cli", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while True:
+            try:
+                if httpx.get(url + "/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(1)
+        yield url, env
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def chat(url: str, key: str, pairs: str = "force", timeout: float = 60) -> httpx.Response:
+    return httpx.post(url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=timeout,
+                      json={"model": "duet", "messages": HELLO, "max_tokens": 4, "duet": {"pairs": pairs}})
+
+
+def vote(url: str, key: str, resp: dict) -> httpx.Response:
+    return httpx.post(url + "/v1/feedback", headers={"Authorization": f"Bearer {key}"}, timeout=30,
+                      json={"comparison_id": resp["duet"]["comparison_id"], "vote_token": resp["duet"]["vote_token"],
+                            "choice": "a"})
+
+
+def test_redis_hung_down_and_restarted_empty(tiny_model, tmp_path):
+    store = PrivateRedis(tmp_path)
+    store.start()
+    try:
+        with serve(tiny_model, tmp_path, store.url) as (url, env):
+            made = subprocess.run([sys.executable, "-m", "duet.cli", "keys", "create", "--name", "team"], env=env,
+                                  capture_output=True, text=True, check=True, timeout=60)
+            team = made.stdout.strip()  # a key that lives in Redis
+            before = chat(url, team).json()
+            assert len(before["choices"]) == 2 and before["duet"]["comparison_id"]
+            unvoted = chat(url, team).json()
+
+            for outage in ("hung", "down"):
+                if outage == "hung":
+                    os.kill(store.proc.pid, signal.SIGSTOP)
+                else:
+                    store.stop()
+                t0 = time.time()
+                r = chat(url, team)  # verified before: served from the key cache, single answer, no pair
+                assert r.status_code == 200, r.text
+                assert len(r.json()["choices"]) == 1 and r.json()["duet"]["comparison_id"] is None
+                assert time.time() - t0 < 20, "a hung Redis hung the request"
+                assert chat(url, "duet-dev-chaos").status_code == 200  # the dev key needs no Redis
+                refused = vote(url, team, unvoted)
+                assert refused.status_code == 503 and refused.headers["Retry-After"], refused.text
+                assert refused.json()["error"]["code"] == "redis_unavailable"
+                stranger = chat(url, "duet-never-seen")  # a key that cannot be checked: 503, not 401 or 500
+                assert stranger.status_code == 503 and "Retry-After" in stranger.headers
+                ready = httpx.get(url + "/ready", timeout=10).json()
+                assert ready["ready"] and ready["degraded"] and ready["redis"] == "unreachable"
+                if outage == "hung":
+                    os.kill(store.proc.pid, signal.SIGCONT)
+                    time.sleep(6)  # past the breaker's cool-down: Redis is used again
+
+            store.start()  # back, and empty: every key and comparison is gone
+            deadline = time.time() + 30
+            while True:
+                r = chat(url, "duet-dev-chaos")
+                if r.status_code == 200 and len(r.json()["choices"]) == 2:
+                    break  # pairs are offered again, without a restart
+                assert time.time() < deadline, r.text
+                time.sleep(1)
+            assert vote(url, "duet-dev-chaos", r.json()).status_code == 202
+            assert httpx.get(url + "/ready", timeout=10).json()["degraded"] is False
+    finally:
+        store.stop()
