@@ -123,7 +123,9 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "DUET_PORT": str(port), "DUET_DEV_KEY": KEY, "DUET_SECRET": SECRET,
            "DUET_REDIS_URL": redis_url, "DUET_KAFKA_BOOTSTRAP": broker.bootstrap, "DUET_HOME": str(tmp),
-           "DUET_RATE_LIMIT_RPM": "100000000", "DUET_OUTBOX_MAX": str(args.votes * 2), "HF_HUB_OFFLINE": "1"}
+           "DUET_RATE_LIMIT_RPM": "100000000", "DUET_OUTBOX_MAX": str(args.votes * 2),
+           "DUET_VOTE_CAP_PER_KEY": "100000000",  # one key casts every vote here: throughput, not caps
+           "HF_HUB_OFFLINE": "1"}
     server = None
     try:
         # waits for the engine too: its loading would steal the CPU from the measurement

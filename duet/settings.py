@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     pair_min_temperature: float = 0.7  # K greedy answers would be identical
     comparison_ttl_s: int = 24 * 3600
     max_edit_chars: int = 4000  # longest `edited_answer` a user may send for an answer they saw
+    # Daily vote caps (UTC days), like Chatbot Arena's: per API key (one app may front many users) and per
+    # end user (the OpenAI `user` field, hashed). Past a cap: 429 until midnight UTC.
+    vote_cap_per_key: int = Field(20_000, ge=1)
+    vote_cap_per_user: int = Field(300, ge=1)
 
     # --- auth -----------------------------------------------------------------------------
     auth_disabled: bool = False  # only for local development

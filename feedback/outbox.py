@@ -7,10 +7,13 @@ Redis layout (besides `duet:cmp:*`, see feedback/comparisons.py):
     duet:outbox                  STREAM, fields event_id, key (Kafka key), payload (FeedbackEvent JSON)
     duet:outbox:relay-lock       STRING, lease held by the one relay publishing (several replicas may run)
     duet:stats:votes:{day}       HASH, votes per minute and choice for the dashboard (feedback/loop_status.py)
+    duet:votecap:{day}:{who}     STRING, votes accepted today from one API key ("key:<id>") or one end user
+                                 ("user:<sha256 of the OpenAI `user` field>"); expires after two days
 
 `record_vote` is one Lua script: it checks the comparison still exists, that it has no vote, that
-the outbox has room, then marks it voted and appends the event — all or nothing, so two concurrent
-votes can never both pass and an acknowledged vote is always in the outbox.
+the outbox has room and that neither the key nor the end user has reached today's vote cap, then marks
+it voted, counts it against both caps and appends the event — all or nothing, so two concurrent votes
+can never both pass, a cap is never overshot, and an acknowledged vote is always in the outbox.
 The relay (feedback/relay.py) sends entries in stream order and deletes each only after Kafka
 acknowledged it (acks=all): delivery is at-least-once, consumers de-duplicate by event_id.
 """
@@ -37,40 +40,61 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone'} end
 local prev = redis.call('GET', KEYS[2])
 if prev then return {'voted', prev} end
 if redis.call('XLEN', KEYS[3]) >= tonumber(ARGV[4]) then return {'full'} end
+if tonumber(redis.call('GET', KEYS[5]) or '0') >= tonumber(ARGV[8]) then return {'capped', 'key'} end
+if KEYS[6] ~= '' and tonumber(redis.call('GET', KEYS[6]) or '0') >= tonumber(ARGV[9]) then return {'capped', 'user'} end
 local ttl = redis.call('TTL', KEYS[1])
 if ttl < 1 then ttl = 1 end
 redis.call('SET', KEYS[2], ARGV[1] .. '\\n' .. ARGV[3], 'EX', ttl + 3600)
 redis.call('XADD', KEYS[3], '*', 'event_id', ARGV[1], 'key', ARGV[5], 'payload', ARGV[2])
 redis.call('HINCRBY', KEYS[4], ARGV[6], 1)
 redis.call('EXPIRE', KEYS[4], ARGV[7])
+for i = 5, 6 do
+  if KEYS[i] ~= '' then
+    redis.call('INCR', KEYS[i])
+    redis.call('EXPIRE', KEYS[i], 172800)
+  end
+end
 return {'ok'}
 """
 
 
 @dataclass
 class VoteResult:
-    status: Literal["ok", "gone", "voted", "full"]
+    status: Literal["ok", "gone", "voted", "full", "capped"]
     event_id: str | None = None  # for "voted": the event id of the earlier vote
     idempotency_key: str | None = None  # for "voted": the key the earlier vote came with
+    capped: Literal["key", "user"] | None = None  # for "capped": whose daily cap was reached
+
+
+def vote_cap_key(now: float, who: str) -> str:
+    return f"duet:votecap:{time.strftime('%Y%m%d', time.gmtime(now))}:{who}"
 
 
 class Outbox:
     """The vote side: used by serving's votes API (async Redis client)."""
 
-    def __init__(self, redis_client, max_entries: int) -> None:
+    def __init__(self, redis_client, max_entries: int, cap_per_key: int = 10**9, cap_per_user: int = 10**9) -> None:
         self.redis = redis_client
         self.max_entries = max_entries
+        self.cap_per_key = cap_per_key
+        self.cap_per_user = cap_per_user
         self._script = redis_client.register_script(_RECORD_VOTE)
 
     async def record_vote(self, record_id: str, event_id: str, payload: str, idempotency_key: str = "",
-                          choice: str = "unknown", mark_id: str | None = None) -> VoteResult:
-        """`mark_id` (default `record_id`) names the one-per-record mark: a verdict and an edit have their own."""
+                          choice: str = "unknown", mark_id: str | None = None, key_id: str = "",
+                          user_hash: str | None = None) -> VoteResult:
+        """`mark_id` (default `record_id`) names the one-per-record mark: a verdict and an edit have their own.
+        `key_id` and `user_hash` are counted against the daily caps (DUET_VOTE_CAP_PER_KEY / _PER_USER)."""
         now = time.time()
         res = await self._script(keys=[comparison_key(record_id), voted_key(mark_id or record_id), OUTBOX,
-                                       vote_stats_key(now)],
+                                       vote_stats_key(now), vote_cap_key(now, f"key:{key_id}"),
+                                       vote_cap_key(now, f"user:{user_hash}") if user_hash else ""],
                                  args=[event_id, payload, idempotency_key, self.max_entries, record_id,
-                                       vote_stats_field(now, choice), VOTE_STATS_TTL_S])
+                                       vote_stats_field(now, choice), VOTE_STATS_TTL_S, self.cap_per_key,
+                                       self.cap_per_user])
         status = res[0]
+        if status == "capped":
+            return VoteResult("capped", capped=res[1])
         if status == "voted":
             prev_event, _, prev_key = res[1].partition("\n")
             return VoteResult("voted", prev_event, prev_key or None)

@@ -9,6 +9,7 @@ atomic step (feedback/outbox.py); the relay takes it to Kafka from there.
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -90,7 +91,8 @@ class VoteService:
         # an edit has its own one-per-record mark, apart from the verdict's
         mark = f"{record_id}:edit" if req.edited_answer is not None else record_id
         result = await self.outbox.record_vote(record_id, event.event_id, event.model_dump_json(),
-                                               idempotency_key or "", choice=_choice_label(req), mark_id=mark)
+                                               idempotency_key or "", choice=_choice_label(req), mark_id=mark,
+                                               key_id=key.key_id, user_hash=record.user_hash)
         if result.status == "ok":
             metrics.VOTES.labels(choice=_choice_label(req)).inc()
             return 202, event.event_id
@@ -99,6 +101,12 @@ class VoteService:
                 return 200, result.event_id or ""
             what = "an edit" if req.edited_answer is not None else "a vote"
             raise self._reject(409, "already_voted", f"{param} '{record_id}' already has {what}", param)
+        if result.status == "capped":
+            who, cap = ("this API key", self.outbox.cap_per_key) if result.capped == "key" else (
+                "this user", self.outbox.cap_per_user)
+            raise self._reject(429, "vote_cap", f"{who} has cast {cap} votes today, the daily cap "
+                                                f"(DUET_VOTE_CAP_PER_{result.capped.upper()}); more count from "
+                                                "00:00 UTC", None, headers={"Retry-After": str(_to_midnight())})
         if result.status == "full":
             raise self._reject(503, "outbox_full", "Votes are queued faster than Kafka takes them; retry later.",
                                None, headers={"Retry-After": "30"})
@@ -144,6 +152,11 @@ class VoteService:
     def _reject(status: int, reason: str, message: str, param: str | None, **kw) -> APIError:
         metrics.VOTE_REJECTIONS.labels(reason=reason).inc()
         return APIError(status, message, param=param, code=reason, **kw)
+
+
+def _to_midnight() -> int:
+    now = time.time()
+    return int(86400 - now % 86400) + 1
 
 
 def _wrong_kind(record_id: str, k: int) -> str:
