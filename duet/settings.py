@@ -113,6 +113,9 @@ class Settings(BaseSettings):
     keep_versions: int = 5
     registry_dir: Path | None = None  # where versions are published; default <home>/registry
     swap_probe_timeout_s: float = 30.0
+    # After each in-place load the engine's log-probs on the manifest's probe tokens must be within this many
+    # nats per token (mean) of the trainer's, else the swap rolls back (feedback/probes.py)
+    swap_logprob_tolerance: float = 0.5
 
     def registry_root(self) -> Path:
         return self.registry_dir or self.home / "registry"

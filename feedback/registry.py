@@ -23,6 +23,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from feedback.probes import ProbeLogprobs
+
 MANIFEST = "manifest.json"
 LATEST = "latest"
 
@@ -39,6 +41,7 @@ class Manifest(BaseModel):
     train_metrics: dict[str, float | int | str | None] = Field(default_factory=dict)
     eval: dict[str, float | int | bool | str | None] = Field(default_factory=dict)
     kafka_offsets: dict[int, int] = Field(default_factory=dict)
+    probe: ProbeLogprobs | None = None  # what serving checks after loading it (feedback/probes.py)
 
 
 BASE_VERSION = "base"  # the name of the unmodified base model, in serving and on the dashboard
@@ -125,7 +128,8 @@ class Registry:
         return self.root / manifest.name
 
     def publish(self, write_weights, *, base_model: str, algorithm: str, hyperparameters: dict,
-                train_metrics: dict, eval: dict, kafka_offsets: dict[int, int]) -> tuple[Manifest, Path]:
+                train_metrics: dict, eval: dict, kafka_offsets: dict[int, int],
+                probe: ProbeLogprobs | None = None) -> tuple[Manifest, Path]:
         """`write_weights(folder)` saves the model and tokenizer into a folder; the registry does the rest."""
         self.root.mkdir(parents=True, exist_ok=True)
         current = self.latest()
@@ -140,7 +144,7 @@ class Registry:
             manifest = Manifest(version=version, name=name, parent_version=current.version if current else None,
                                 base_model=base_model, files=files, algorithm=algorithm,
                                 hyperparameters=hyperparameters, train_metrics=train_metrics, eval=eval,
-                                kafka_offsets=kafka_offsets)
+                                kafka_offsets=kafka_offsets, probe=probe)
             (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))
             _fsync_tree(tmp)
         except BaseException:

@@ -89,7 +89,8 @@ async def _load_engine(rt: Runtime, factory: EngineFactory) -> None:
         engine = await asyncio.to_thread(factory, s, model_path)
         rt.engine = engine
         rt.swapper = WeightSwapper(engine, prompts, model_path, s.registry_root(), s.swap_probe_timeout_s,
-                                   status_redis=rt.redis, replica=f"{socket.gethostname()}:{s.port}")
+                                   status_redis=rt.redis, replica=f"{socket.gethostname()}:{s.port}",
+                                   logprob_tolerance=s.swap_logprob_tolerance)
         metrics.set_model_version(engine.model_version)
         if s.kafka_bootstrap:
             rt.watcher = WeightsWatcher(s.kafka_bootstrap, asyncio.get_running_loop(),

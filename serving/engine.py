@@ -49,6 +49,10 @@ class Engine(Protocol):
 
     async def abort(self, request_id: str) -> None: ...
 
+    async def prompt_logprobs(self, token_ids: list[int], request_id: str) -> list[float]:
+        """log π(token_t | tokens_<t) for t = 1 .. len − 1, by the weights being served."""
+        ...
+
     async def load_weights(self, path: str, version: str) -> float:
         """Load `path` in place, return the generation pause in s; WeightsUnavailable if unreadable."""
         ...
@@ -142,6 +146,17 @@ class VLLMEngine:
 
     async def abort(self, request_id: str) -> None:
         await self._llm.abort(request_id)
+
+    async def prompt_logprobs(self, token_ids: list[int], request_id: str) -> list[float]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)  # 0: only the actual token
+        final = None
+        async for out in self._llm.generate(TokensPrompt(prompt_token_ids=token_ids), params, request_id):
+            final = out
+        per_position = final.prompt_logprobs  # [None, {token id: Logprob}, ...]
+        return [per_position[t][token_ids[t]].logprob for t in range(1, len(token_ids))]
 
     async def stage_weights(self, path: str, timeout_s: float = 600.0) -> None:
         """Read `path`'s weights into memory inside the workers while generation goes on

@@ -16,10 +16,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from feedback import loop_status
 from feedback.comparisons import ChatMessage, SamplingSpec
+from feedback.probes import mean_abs_diff
 from feedback.registry import MANIFEST, Registry, sha256_file, verify
 from serving import metrics
 from serving.engine import BASE_VERSION, Engine, WeightsUnavailable
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 SWAPS = Counter("duet_swaps_total", "Weight swaps, by result (ok, refused, rolled_back)", ["result"])
 SWAP_SECONDS = Histogram("duet_swap_duration_seconds", "Verify + load + probe of one swap",
                          buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
+LOGPROB_DIFF = Gauge("duet_swap_logprob_diff_nats", "After the last load, mean |log-prob the engine computes − the "
+                     "one the trainer recorded| per probe token")
 PAUSE_SECONDS = Histogram("duet_swap_pause_seconds", "Time generation was paused for a swap",
                           buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5))
 
@@ -47,6 +50,7 @@ class SwapRecord:
     seconds: float = 0.0  # verify + stage + pause + probe
     pause_s: float = 0.0
     live_s: float = 0.0  # from the start until the new weights answered requests (before the probe)
+    logprob_diff: float | None = None  # engine vs trainer on the manifest's probe tokens (None: no probe)
 
 
 def _tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
@@ -75,12 +79,14 @@ def _nonfinite(folder: Path) -> str | None:
 
 class WeightSwapper:
     def __init__(self, engine: Engine, prompts: PromptBuilder, base_path: str, registry_root: Path,
-                 probe_timeout_s: float = 30.0, status_redis=None, replica: str = "") -> None:
+                 probe_timeout_s: float = 30.0, status_redis=None, replica: str = "",
+                 logprob_tolerance: float = 0.5) -> None:
         self.engine = engine
         self.prompts = prompts
         self.base_path = Path(base_path)
         self.registry = Registry(registry_root)
         self.probe_timeout_s = probe_timeout_s
+        self.logprob_tolerance = logprob_tolerance
         self.status_redis = status_redis
         self.replica = replica or socket.gethostname()
         self.history: list[SwapRecord] = []
@@ -162,14 +168,20 @@ class WeightSwapper:
             t_probe = time.perf_counter()
             live = t_probe - t0
             healthy = not rollback_ok or await self.probe()
-            log.info("probe of %s: %s in %.3f s", version, "ok" if healthy else "FAILED", time.perf_counter() - t_probe)
-            if not healthy:
+            diff = await self.logprob_diff(version) if healthy else None
+            log.info("probe of %s: %s in %.3f s (log-prob diff %s)", version, "ok" if healthy else "FAILED",
+                     time.perf_counter() - t_probe, diff)
+            why = "health probe failed" if not healthy else (
+                f"log-probs differ from the trainer's by {diff:.3f} nats/token (tolerance {self.logprob_tolerance})"
+                if rollback_ok and diff is not None and not diff <= self.logprob_tolerance else "")
+            if why:
                 back_to, back = await self._roll_back(previous)
-                return self._record(SwapRecord(version, "rolled_back", f"health probe failed; serving {back_to}",
-                                               seconds=time.perf_counter() - t0, pause_s=pause + back, live_s=live))
+                return self._record(SwapRecord(version, "rolled_back", f"{why}; serving {back_to}",
+                                               seconds=time.perf_counter() - t0, pause_s=pause + back, live_s=live,
+                                               logprob_diff=diff))
             self._previous.append(previous)
             return self._record(SwapRecord(version, "ok", seconds=time.perf_counter() - t0, pause_s=pause,
-                                           live_s=live))
+                                           live_s=live, logprob_diff=diff))
 
     async def _roll_back(self, previous: str) -> tuple[str, float]:
         """Back to `previous`; to base if its files are gone (the registry keeps only the newest
@@ -202,6 +214,19 @@ class WeightSwapper:
             return all(a.strip() for a in answers)
         except TimeoutError:
             return False
+
+    async def logprob_diff(self, version: str) -> float | None:
+        """Mean |engine − manifest| log-prob per probe token for `version`; None when its manifest has no probe
+        (base, or a version published without one). NaN when the engine's log-probs are not finite."""
+        manifest = self.registry.show(version) if version != BASE_VERSION else None
+        if manifest is None or manifest.probe is None:
+            return None
+        got = await asyncio.gather(*(self.engine.prompt_logprobs(ids, f"logprobs-{time.time_ns()}-{i}")
+                                     for i, ids in enumerate(manifest.probe.token_ids)))
+        diff = mean_abs_diff(manifest.probe.logprobs, got)
+        if diff == diff:  # not NaN
+            LOGPROB_DIFF.set(diff)
+        return diff
 
     def _record(self, rec: SwapRecord) -> SwapRecord:
         SWAPS.labels(result=rec.result).inc()

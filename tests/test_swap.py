@@ -24,12 +24,12 @@ from tests.test_serving_api import HELLO, assert_openai_error
 pytestmark = pytest.mark.slow
 
 
-def publish(registry: Path, source: Path) -> str:
+def publish(registry: Path, source: Path, probe=None) -> str:
     def write(folder):
         for f in source.iterdir():
             shutil.copy(f, folder / f.name)
     manifest, _ = Registry(registry).publish(write, base_model="tiny", algorithm="test", hyperparameters={},
-                                             train_metrics={}, eval={}, kafka_offsets={})
+                                             train_metrics={}, eval={}, kafka_offsets={}, probe=probe)
     return manifest.name
 
 
@@ -153,6 +153,38 @@ def test_failed_probe_rolls_back(client, admin, duet_server, tmp_path):
     assert_openai_error(r, 409, "version")
     assert greedy(client)[1] == "base"
     assert admin.get("/admin/models").json()["history"][-1]["result"] == "rolled_back"
+
+
+def test_served_log_probs_must_match_the_manifest(client, admin, duet_server, other_weights, tiny_model):
+    """The trainer's probe log-probs of what it exported travel in the manifest; after the load the engine
+    computes the same or the swap rolls back. A manifest made from other weights (what a silent load bug
+    looks like from outside: the files say one thing, the engine computes another) is rolled back."""
+    from trainer.policy import PolicyConfig, PolicyTrainer
+    from trainer.probe import probe_logprobs
+
+    pt = PolicyTrainer(PolicyConfig(), str(tiny_model))
+    right = publish(duet_server.registry, other_weights, probe=probe_logprobs(pt, other_weights))
+    wrong = publish(duet_server.registry, other_weights, probe=probe_logprobs(pt, tiny_model))
+    admin.post("/admin/models/base/activate")
+
+    assert admin.post(f"/admin/models/{right}/activate").status_code == 200
+    ok = admin.get("/admin/models").json()["history"][-1]
+    assert ok["result"] == "ok" and ok["logprob_diff"] < duet_server_tolerance(duet_server), ok
+    admin.post("/admin/models/base/activate")
+
+    r = admin.post(f"/admin/models/{wrong}/activate")
+    assert_openai_error(r, 409, "version")
+    bad = admin.get("/admin/models").json()["history"][-1]
+    assert bad["result"] == "rolled_back" and "log-probs differ" in bad["reason"], bad
+    assert bad["logprob_diff"] > duet_server_tolerance(duet_server)
+    assert greedy(client)[1] == "base"  # the incumbent keeps serving
+    assert "duet_swap_logprob_diff_nats" in admin.get("/metrics").text
+
+
+def duet_server_tolerance(server) -> float:
+    from duet.settings import Settings
+
+    return float(server.env.get("DUET_SWAP_LOGPROB_TOLERANCE", Settings().swap_logprob_tolerance))
 
 
 def test_announcements_are_followed_unless_paused(client, admin, duet_server, broker, other_weights):

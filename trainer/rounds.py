@@ -27,6 +27,7 @@ from trainer import metrics
 from trainer.examples import PromptGroup
 from trainer.gate import GateConfig, GateResult, evaluate
 from trainer.judge import JudgeEnsemble, SentenceEncoder
+from trainer.probe import probe_logprobs
 from trainer.policy import PolicyConfig, PolicyTrainer, RewardFn, Rollouts, changed_fraction
 from trainer.rollouts import ServingRollouts
 
@@ -124,7 +125,8 @@ class PolicyRounds:
             manifest, folder = self.registry.publish(
                 lambda dst: _copy_files(Path(tmp), dst), base_model=cfg.base_model,
                 algorithm=cfg.policy.algorithm, hyperparameters=asdict(cfg.policy), train_metrics=train_metrics,
-                eval={**result.metrics, "passed": True}, kafka_offsets=kafka_offsets or {})
+                eval={**result.metrics, "passed": True}, kafka_offsets=kafka_offsets or {},
+                probe=probe_logprobs(self.pt, Path(tmp)))
         metrics.PUBLISHED_VERSION.set(manifest.version)
         if oldest_vote_ts:
             metrics.VOTE_TO_PUBLISH.observe(time.time() - oldest_vote_ts)
