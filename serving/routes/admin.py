@@ -1,0 +1,62 @@
+"""Admin routes (the admin key): model versions and swaps, update pause/resume, outside judges' verdicts,
+and rollouts for the trainer."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from feedback import loop_status
+from feedback.registry import parse_version
+from feedback.rollouts import RolloutRequest, RolloutResponse
+from serving.deps import AdminDep, EngineDep, RuntimeDep, SwapperDep
+from serving.engine import BASE_VERSION
+from serving.errors import APIError
+from serving.rollouts import rollouts
+
+router = APIRouter(prefix="/admin")
+
+
+@router.get("/models")
+async def admin_models(swapper: SwapperDep) -> dict:
+    return {**swapper.status(), "versions": [m.model_dump(mode="json", include={"version", "name", "parent_version",
+                                                                                  "created_at", "eval"})
+                                             for m in swapper.registry.versions()]}
+
+
+@router.post("/models/{version}/activate")
+async def admin_activate(version: str, swapper: SwapperDep) -> JSONResponse:
+    version = parse_version(version)
+    if version != BASE_VERSION and swapper.registry.show(version) is None:
+        raise APIError(404, f"no version '{version}' in the registry", param="version", code="unknown_version")
+    rec = await swapper.activate(version)
+    status = 200 if rec.result == "ok" else (409 if rec.result == "rolled_back" else 422)
+    if status != 200:
+        raise APIError(status, f"{version} not activated ({rec.result}): {rec.reason}", param="version",
+                       code=f"swap_{rec.result}")
+    return JSONResponse({"current": swapper.engine.model_version, "swap": asdict(rec)})
+
+
+@router.post("/updates/{action}")
+async def admin_updates(action: str, swapper: SwapperDep) -> dict:
+    if action not in ("pause", "resume"):
+        raise APIError(404, f"unknown action '{action}': use pause or resume", param="action")
+    swapper.paused = action == "pause"
+    return {"updates_paused": swapper.paused}
+
+
+@router.post("/evaluations", status_code=201)
+async def admin_evaluation(_: AdminDep, battle: loop_status.Battle, rt: RuntimeDep) -> loop_status.Battle:
+    """Verdicts between two versions from an outside judge (raters, `duet simulate`): on the leaderboard.
+    The key is checked (a dependency) before the body is validated."""
+    await loop_status.arecord(rt.redis, loop_status.BATTLES, battle)
+    return battle
+
+
+@router.post("/rollouts")
+async def admin_rollouts(_: AdminDep, body: RolloutRequest, engine: EngineDep) -> RolloutResponse:
+    """The live engine samples for the trainer's policy rounds (token ids in, token ids out).
+    The key is checked (a dependency) before the body is validated."""
+    return await rollouts(engine, body)

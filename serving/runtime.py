@@ -1,0 +1,114 @@
+"""What one serving process holds (`Runtime`) and its background work: loading the engine after the server
+is listening, following weight announcements, sampling gauges."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from duet.model_assets import resolve_model
+from duet.settings import Settings
+from feedback import metrics as feedback_metrics
+from feedback.events import WeightsAnnouncement
+from feedback.outbox import async_outbox_stats
+from serving import metrics
+from serving.auth import KeyStore
+from serving.chat import ChatService
+from serving.engine import Engine, VLLMEngine
+from serving.pairing import ComparisonStore
+from serving.prompting import PromptBuilder
+from serving.rate_limit import RateLimiter
+from serving.redis_health import RedisBreaker
+from serving.relay_child import RelayChild
+from serving.swap import WeightSwapper
+from serving.votes import VoteService
+from serving.weights_watcher import WeightsWatcher
+
+log = logging.getLogger(__name__)
+
+EngineFactory = Callable[[Settings, str], Engine]
+
+
+def vllm_engine_factory(s: Settings, model_path: str) -> Engine:
+    return VLLMEngine.start(
+        model_path, served_model_name=s.served_model_name, max_model_len=s.max_model_len, dtype=s.dtype,
+        enforce_eager=s.enforce_eager, seed=s.seed, kv_cache_gb=s.kv_cache_gb,
+        gpu_memory_utilization=s.gpu_memory_utilization, cache_root=str(s.home / "vllm-cache"),
+    )
+
+
+@dataclass
+class Runtime:
+    """What the routes need; `chat` is None until the engine has loaded."""
+
+    settings: Settings
+    redis: aioredis.Redis
+    breaker: RedisBreaker
+    keys: KeyStore
+    limiter: RateLimiter
+    votes: VoteService
+    relay: Any = None  # RelayChild, or an OutboxRelay thread with DUET_RELAY=thread
+    swapper: WeightSwapper | None = None
+    watcher: WeightsWatcher | None = None
+    engine: Engine | None = None
+    chat: ChatService | None = None
+    engine_error: str | None = None
+    started: float = 0.0
+
+
+async def load_engine(rt: Runtime, factory: EngineFactory) -> None:
+    s = rt.settings
+    try:
+        model_path = await asyncio.to_thread(resolve_model, s.model, s.home)
+        prompts = await asyncio.to_thread(PromptBuilder, model_path)
+        engine = await asyncio.to_thread(factory, s, model_path)
+        rt.engine = engine
+        rt.swapper = WeightSwapper(engine, prompts, model_path, s.registry_root(), s.swap_probe_timeout_s,
+                                   status_redis=rt.redis, replica=f"{socket.gethostname()}:{s.port}",
+                                   logprob_tolerance=s.swap_logprob_tolerance)
+        metrics.set_model_version(engine.model_version)
+        if s.kafka_bootstrap:
+            rt.watcher = WeightsWatcher(s.kafka_bootstrap, asyncio.get_running_loop(),
+                                        lambda ann: on_announcement(rt, ann)).start()
+        latest = rt.swapper.registry.latest()
+        if latest is not None:  # published while this replica was down
+            await rt.swapper.activate(latest.name)
+        rt.chat = ChatService(s, engine, prompts, ComparisonStore(rt.redis), s.resolved_secret(), rt.breaker)
+        log.info("engine ready (%s, version %s) after %.1f s", model_path, engine.model_version,
+                 time.time() - rt.started)
+    except Exception as e:  # surfaced on /ready and in chat's 503, not as a crash loop
+        log.exception("engine failed to load")
+        rt.engine_error = f"{type(e).__name__}: {e}"
+
+
+async def on_announcement(rt: Runtime, ann: WeightsAnnouncement) -> None:
+    swapper = rt.swapper
+    if swapper is None or ann.name == swapper.engine.model_version:
+        return
+    if swapper.paused:
+        log.info("updates paused: not swapping to %s", ann.name)
+        return
+    await swapper.activate(ann.name, ann.manifest_sha256)
+
+
+async def sample_gauges(rt: Runtime) -> None:
+    """Once a second: engine queue and outbox gauges, and the relay child's health."""
+    while True:
+        try:
+            if rt.engine is not None:
+                metrics.ENGINE_QUEUE.set(rt.engine.num_unfinished())
+            depth, age = await async_outbox_stats(rt.redis)
+            feedback_metrics.OUTBOX_DEPTH.set(depth)
+            feedback_metrics.OUTBOX_OLDEST_AGE.set(age)
+            if isinstance(rt.relay, RelayChild):
+                rt.relay.check()
+        except Exception as e:  # Redis briefly away: /ready reports it; keep sampling
+            log.debug("gauge sampling failed: %s", e)
+        await asyncio.sleep(1.0)
