@@ -14,6 +14,8 @@ import httpx
 import pytest
 import redis
 
+from duet.processes import stop_process
+
 TEST_REDIS_DB = int(os.environ.get("DUET_TEST_REDIS_DB", "13"))
 REDIS_URL = f"redis://127.0.0.1:6379/{TEST_REDIS_DB}"
 ADMIN_KEY = "test-admin-key"
@@ -116,6 +118,20 @@ def duet_env(tiny_model: Path, home: Path, port: int, bootstrap: str) -> dict[st
     return env
 
 
+def wait_for(url: str, proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    """Until GET `url` answers 200; fails with the end of `log` if `proc` exits or time runs out."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.time() > deadline or proc.poll() is not None:
+            raise RuntimeError(f"{url} did not answer 200: " + log.read_text()[-3000:])
+        time.sleep(0.5)
+
+
 class DuetServer:
     def __init__(self, url: str, env: dict[str, str], first_chat: httpx.Response) -> None:
         self.url = url
@@ -139,29 +155,13 @@ def duet_server(tiny_model, tmp_path_factory, redis_client, broker):
                             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                httpx.get(url + "/health", timeout=1)
-                break
-            except httpx.TransportError:
-                if time.time() > deadline or proc.poll() is not None:
-                    raise RuntimeError("server did not start: " + (home / "server.log").read_text()[-3000:])
-                time.sleep(0.2)
+        wait_for(url + "/health", proc, home / "server.log", 60)
         first = httpx.post(url + "/v1/chat/completions", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
                            json={"model": "duet", "messages": [{"role": "user", "content": "hi"}]})
-        deadline = time.time() + 240
-        while httpx.get(url + "/ready", timeout=5).status_code != 200:
-            if time.time() > deadline or proc.poll() is not None:
-                raise RuntimeError("engine did not load: " + (home / "server.log").read_text()[-3000:])
-            time.sleep(1)
+        wait_for(url + "/ready", proc, home / "server.log", 240)
         yield DuetServer(url, env, first)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, timeout=30)
         log.close()
 
 

@@ -14,7 +14,9 @@ import httpx
 import pytest
 import redis
 
-from tests.conftest import duet_env, free_port
+from duet.processes import stop_process
+
+from tests.conftest import duet_env, free_port, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -56,22 +58,10 @@ def serve(tiny_model, tmp_path, redis_url: str):
     proc = subprocess.Popen([sys.executable, "-m", "duet.cli", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                if httpx.get(url + "/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
-            time.sleep(1)
+        wait_for(url + "/ready", proc, tmp_path / "serve.log", 300)
         yield url, env
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, timeout=30)
         log.close()
 
 
