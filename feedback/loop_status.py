@@ -51,6 +51,8 @@ class RewardModelStatus(BaseModel):
     held_out_accuracy: float | None
     loss: float | None
     consumer_lag: int | None = None
+    votes_quarantined: int = 0  # from voters whose agreement is below chance with confidence (not trained)
+    voters_quarantined: int = 0
 
 
 class RoundStatus(BaseModel):

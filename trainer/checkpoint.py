@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field
 from safetensors.torch import load_file, save_file
 
 from trainer.examples import PromptGroup
+from trainer.voters import VoterScreen
 
 PREFIX = "ckpt-"
 
@@ -44,6 +45,8 @@ class TrainerState(BaseModel):
     last_round_at: float = 0.0
     last_loss: float | None = None
     held_out_accuracy: float | None = None
+    screen: VoterScreen = Field(default_factory=VoterScreen)  # per-voter agreement; quarantined voters
+    events_quarantined: int = 0  # votes from quarantined voters: counted, not trained on
 
 
 def _fsync(path: Path) -> None:

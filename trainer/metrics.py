@@ -3,7 +3,9 @@
 from prometheus_client import Counter, Gauge, Histogram
 
 EVENTS = Counter("duet_trainer_events_total", "Vote events consumed, by what became of them",
-                 ["outcome"])  # trained, held_out
+                 ["outcome"])  # trained, held_out, quarantined
+QUARANTINED_VOTERS = Counter("duet_trainer_quarantined_voters_total", "Voters quarantined: their agreement with "
+                             "the reward model fell below chance with confidence (trainer/voters.py)")
 VOTES_BY_CHOICE = Counter("duet_trainer_votes_total", "Vote events consumed, by choice, rating or edit", ["choice"])
 RM_LOSS = Gauge("duet_rm_loss", "Reward-model loss of the last training step")
 RM_ACCURACY = Gauge("duet_rm_heldout_accuracy", "Reward-model accuracy on held-out comparisons (0-1)")

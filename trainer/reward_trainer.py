@@ -95,6 +95,17 @@ class RewardTrainer:
         return {"loss": float(loss.detach()), "new": len(new), "replayed": len(replayed)}
 
     @torch.no_grad()
+    def agreement(self, g: PromptGroup) -> float | None:
+        """How far the model agrees with one group's verdicts (its share of pairs ranked the same way and of
+        labels on the same side of 0); None when the group has neither (ties only, or an edit)."""
+        if not (g.pairs or g.labelled):
+            return None
+        self.model.eval()
+        r = self._rewards([g])[0]
+        hits = [float(r[w] > r[l]) for w, l in g.pairs] + [float((r[j] > 0) == good) for j, good in g.labelled]
+        return sum(hits) / len(hits)
+
+    @torch.no_grad()
     def accuracy(self, groups: list[PromptGroup], batch: int = 16) -> float | None:
         """Share of verdicts the model agrees with: ordered pairs ranked as the voter ranked them (ties ignored),
         and labelled answers on the right side of 0 (σ(r) > ½ for a thumbs-up)."""

@@ -32,6 +32,7 @@ from trainer.checkpoint import Snapshot, TrainerState
 from trainer.examples import PromptGroup, is_held_out, to_prompt_group
 from trainer.reward_trainer import ReplayBuffer, RewardTrainer, RewardTrainerConfig
 from trainer.rounds import PolicyRounds, RoundConfig, RoundResult, reward_model_fn
+from trainer.voters import voter_of
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,8 @@ class TrainerService:
         self.state.counts[label] = self.state.counts.get(label, 0) + 1
         self.dirty = True
         group = to_prompt_group(event)
+        if self.screened_out(event, group):
+            return
         if is_held_out(group.comparison_id, self.cfg.held_out_pct):
             self.held_out.append(group)
             self.state.events_held_out += 1
@@ -141,6 +144,24 @@ class TrainerService:
             voted = event.voted_at.timestamp()
             if self.state.oldest_unrounded_vote is None or voted < self.state.oldest_unrounded_vote:
                 self.state.oldest_unrounded_vote = voted
+
+    def screened_out(self, event, group: PromptGroup) -> bool:
+        """Score the vote's agreement with the reward model (trainer/voters.py); True if its voter is
+        quarantined (then it is counted, not trained on)."""
+        screen, voter = self.state.screen, voter_of(event)
+        if not screen.is_quarantined(voter):
+            score = self.reward.agreement(group) if self.state.step > 0 else None  # an untrained model: no evidence
+            if score is not None and screen.record(voter, score):
+                log.warning("voter %s quarantined: agreement %.2f over %d votes, below chance with confidence",
+                            voter, screen.voters[voter].agreement / screen.voters[voter].votes,
+                            screen.voters[voter].votes)
+                metrics.QUARANTINED_VOTERS.inc()
+            if not screen.is_quarantined(voter):
+                return False
+        screen.voters[voter].quarantined_votes += 1
+        self.state.events_quarantined += 1
+        metrics.EVENTS.labels(outcome="quarantined").inc()
+        return True
 
     # --- the reward model ---------------------------------------------------------------------------
     def reward_step_due(self, flush: bool = False) -> bool:
@@ -166,7 +187,9 @@ class TrainerService:
             loop_status.record(self.status, loop_status.REWARD_MODEL, loop_status.RewardModelStatus(
                 step=self.state.step, votes_trained=self.state.events_trained,
                 votes_held_out=self.state.events_held_out, held_out_accuracy=self.state.held_out_accuracy,
-                loss=self.state.last_loss, consumer_lag=self.last_lag))
+                loss=self.state.last_loss, consumer_lag=self.last_lag,
+                votes_quarantined=self.state.events_quarantined,
+                voters_quarantined=self.state.screen.summary()["quarantined_voters"]))
 
     def _maybe_evaluate(self, out: dict) -> None:
         # show an accuracy as soon as there is one (cheap while the held-out set is small)

@@ -119,6 +119,8 @@
     $("rm-acc").textContent = rm.length ? `${pct(rm[rm.length - 1].held_out_accuracy)} (of ${rm[rm.length - 1].votes_held_out} held out)` : "–";
     $("lag").textContent = data.consumer_lag ?? "–";
     $("outbox").textContent = data.outbox_depth;
+    const last = data.reward_model[data.reward_model.length - 1];
+    $("quarantined").textContent = last ? `${last.votes_quarantined ?? 0} (${last.voters_quarantined ?? 0} voters)` : "–";
     votesChart(data);
     winRateChart(data);
     rmChart(data);
