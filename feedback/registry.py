@@ -119,7 +119,7 @@ class Registry:
 
     def show(self, name_or_version: str | int) -> Manifest | None:
         name = version_name(name_or_version) if isinstance(name_or_version, int) else parse_version(name_or_version)
-        if "/" in name or name.startswith("."):
+        if version_number(name) is None:  # not a version name: nothing to look for on disk
             return None
         path = self.root / name / MANIFEST
         return Manifest.model_validate_json(path.read_text()) if path.exists() else None

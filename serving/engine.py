@@ -39,6 +39,10 @@ class WeightsUnavailable(RuntimeError):
     """A version's weights could not be read; nothing was changed in the running engine."""
 
 
+class EngineInputError(ValueError):
+    """The engine refused a request's input (e.g. a token id outside the vocabulary): the caller's fault."""
+
+
 class Engine(Protocol):
     model_version: str
     max_model_len: int
@@ -70,6 +74,17 @@ def _prepare_cpu_env(kv_cache_gb: int, cache_root: str) -> None:
     os.environ.setdefault("VLLM_CACHE_ROOT", cache_root)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+
+
+async def _input_errors(outputs):
+    """vLLM's request outputs, with its input validation errors as EngineInputError."""
+    from vllm.exceptions import VLLMValidationError
+
+    try:
+        async for out in outputs:
+            yield out
+    except VLLMValidationError as e:
+        raise EngineInputError(str(e)) from None
 
 
 class VLLMEngine:
@@ -131,7 +146,8 @@ class VLLMEngine:
         )
         # AsyncLLM.generate aborts the request itself when this generator is closed or
         # cancelled (client gone), so no request outlives its HTTP connection.
-        async for out in self._llm.generate(TokensPrompt(prompt_token_ids=prompt_token_ids), params, request_id):
+        async for out in _input_errors(self._llm.generate(TokensPrompt(prompt_token_ids=prompt_token_ids), params,
+                                                          request_id)):
             deltas = [
                 ChoiceDelta(
                     index=c.index,

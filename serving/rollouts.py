@@ -7,7 +7,7 @@ import uuid
 
 from feedback.comparisons import SamplingSpec
 from feedback.rollouts import RolloutRequest, RolloutResponse, RolloutSample
-from serving.engine import Engine
+from serving.engine import Engine, EngineInputError
 from serving.errors import APIError
 
 
@@ -32,7 +32,10 @@ async def rollouts(engine: Engine, req: RolloutRequest) -> RolloutResponse:
     if too_long:
         raise APIError(400, f"prompt {too_long[0]} plus max_tokens exceeds the engine's {engine.max_model_len} tokens",
                        param="prompts", code="context_length_exceeded")
-    results = await asyncio.gather(*(_one(engine, p, req) for p in req.prompts))
+    try:
+        results = await asyncio.gather(*(_one(engine, p, req) for p in req.prompts))
+    except EngineInputError as e:  # the engine's own checks, e.g. a token id outside the vocabulary
+        raise APIError(400, f"prompts: {e}", param="prompts", code="invalid_value") from None
     versions = set().union(*(v for _, v in results))
     if len(versions) != 1 or (req.model_version is not None and versions != {req.model_version}):
         raise APIError(409, f"the live version changed during the rollout ({sorted(versions)})",

@@ -1,32 +1,51 @@
-"""Property-based fuzzing of every documented route (schemathesis over the served OpenAPI document), with
-bodies that fit the schema and bodies that don't: never a server error. Bounded for CI: a few dozen
-cases per operation against the session's tiny-model server."""
+"""Property-based fuzzing of every documented route (schemathesis strategies over the served OpenAPI
+document, driven by hypothesis), with bodies that fit the schema and bodies that don't, under an API key
+and the admin key: never a server error. Bounded for CI: a few dozen cases per operation and mode
+against the session's tiny-model server."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
+from hypothesis.errors import Unsatisfiable
+from schemathesis import GenerationMode
 
 from tests.conftest import ADMIN_KEY
 
 pytestmark = pytest.mark.slow
 
-schema = schemathesis.pytest.from_fixture("api_schema")
+# not fuzzed: admin actions that change what every later test sees (pausing updates, swapping weights)
+SKIP = re.compile(r"^/admin/(updates|models/\{version\}/activate)")
 
 
-@pytest.fixture(scope="session")
-def api_schema(duet_server):
-    loaded = schemathesis.openapi.from_url(duet_server.url + "/openapi.json")
-    # not fuzzed: admin actions that change what every later test sees (pausing updates, swapping weights)
-    return loaded.exclude(path_regex=r"^/admin/(updates|models/\{version\}/activate)")
+def operations(url: str):
+    schema = schemathesis.openapi.from_url(url + "/openapi.json")
+    ops = [result.ok() for result in schema.get_all_operations()]
+    return [op for op in ops if not SKIP.match(op.path)]
 
 
-@schema.parametrize()
-@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
-def test_no_route_answers_a_server_error(case, api_key):
-    for key in (api_key, ADMIN_KEY):  # the API key meets admin routes' 403; the admin key reaches their bodies
-        if key == ADMIN_KEY and not case.path.startswith("/admin"):
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
+def test_no_route_answers_a_server_error(duet_server, api_key, mode):
+    ops = operations(duet_server.url)
+    assert {"/v1/chat/completions", "/v1/feedback", "/admin/evaluations"} <= {op.path for op in ops}
+    failures = []
+    for op in ops:
+        keys = (api_key, ADMIN_KEY) if op.path.startswith("/admin") else (api_key,)
+
+        @settings(max_examples=15, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @given(case=op.as_strategy(generation_mode=mode))
+        def fuzz(case):
+            for key in keys:  # the API key meets admin routes' 403; the admin key reaches their bodies
+                response = case.call(base_url=duet_server.url, headers={"Authorization": f"Bearer {key}"},
+                                     timeout=120)
+                if response.status_code >= 500:
+                    failures.append((case.method, case.path, case.body, response.status_code, response.text[:300]))
+
+        try:
+            fuzz()
+        except Unsatisfiable:  # no request of this mode exists for the operation (e.g. no body, no params)
             continue
-        response = case.call(headers={"Authorization": f"Bearer {key}"}, timeout=120)
-        assert response.status_code < 500, (case.method, case.path, response.status_code, response.text[:400])
+    assert not failures, failures[:5]

@@ -157,14 +157,18 @@ def test_failed_probe_rolls_back(client, admin, duet_server, tmp_path):
 
 def test_served_log_probs_must_match_the_manifest(client, admin, duet_server, other_weights, tiny_model):
     """The trainer's probe log-probs of what it exported travel in the manifest; after the load the engine
-    computes the same or the swap rolls back. A manifest made from other weights (what a silent load bug
-    looks like from outside: the files say one thing, the engine computes another) is rolled back."""
+    computes the same or the swap rolls back; a manifest whose log-probs the engine does not reproduce is
+    rolled back and the incumbent keeps serving."""
     from trainer.policy import PolicyConfig, PolicyTrainer
     from trainer.probe import probe_logprobs
 
     pt = PolicyTrainer(PolicyConfig(), str(tiny_model))
-    right = publish(duet_server.registry, other_weights, probe=probe_logprobs(pt, other_weights))
-    wrong = publish(duet_server.registry, other_weights, probe=probe_logprobs(pt, tiny_model))
+    probe = probe_logprobs(pt, other_weights)
+    right = publish(duet_server.registry, other_weights, probe=probe)
+    # what a silent load bug looks like from outside: the files say one thing, the engine computes another
+    # (a tiny random model's outputs are near-uniform, so other weights would hardly differ: shift instead)
+    off = probe.model_copy(update={"logprobs": [[x - 1.0 for x in seq] for seq in probe.logprobs]})
+    wrong = publish(duet_server.registry, other_weights, probe=off)
     admin.post("/admin/models/base/activate")
 
     assert admin.post(f"/admin/models/{right}/activate").status_code == 200
