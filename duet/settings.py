@@ -115,7 +115,7 @@ class Settings(BaseSettings):
     swap_probe_timeout_s: float = 30.0
     # After each in-place load the engine's log-probs on the manifest's probe tokens must be within this many
     # nats per token (mean) of the trainer's, else the swap rolls back (feedback/probes.py)
-    swap_logprob_tolerance: float = 0.5
+    swap_logprob_tolerance: float = 0.2  # measured: 0.05 for the same weights, 1.3 for one MLP scaled by 1.5
 
     def registry_root(self) -> Path:
         return self.registry_dir or self.home / "registry"

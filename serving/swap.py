@@ -80,7 +80,7 @@ def _nonfinite(folder: Path) -> str | None:
 class WeightSwapper:
     def __init__(self, engine: Engine, prompts: PromptBuilder, base_path: str, registry_root: Path,
                  probe_timeout_s: float = 30.0, status_redis=None, replica: str = "",
-                 logprob_tolerance: float = 0.5) -> None:
+                 logprob_tolerance: float = 0.2) -> None:
         self.engine = engine
         self.prompts = prompts
         self.base_path = Path(base_path)
