@@ -29,6 +29,11 @@ def children(pid: int, pattern: str) -> list[int]:
     return [int(p) for p in out.stdout.split()]
 
 
+def group_members(pgid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
 def restarts(port: int) -> float:
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     lines = [ln for ln in text.splitlines() if ln.startswith('duet_child_restarts_total{child="trainer"}')]
@@ -132,3 +137,20 @@ def test_thumbs_alone_move_the_served_model_toward_the_users_taste(tmp_path):
         dash = httpx.get(f"{url}/v1/dashboard", headers={"Authorization": f"Bearer {(home / 'dev_key').read_text().strip()}"},
                          timeout=30).json()
         assert dash["votes_total"].get("up", 0) + dash["votes_total"].get("down", 0) == 300
+
+        # SIGKILL of the API: its engine processes die with it, and it comes back, ready, on the same port
+        [serving] = children(up.pid, "duet.cli serve")
+        group = group_members(serving)
+        assert len(group) > 1, "the API runs its engine in processes of its own group"
+        os.kill(serving, signal.SIGKILL)
+        deadline = time.time() + 240
+        while True:
+            try:
+                if httpx.get(url + "/ready", timeout=5).status_code == 200 and children(up.pid, "duet.cli serve"):
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline, (tmp_path / "up.log").read_text()[-2000:]
+            time.sleep(1)
+        assert children(up.pid, "duet.cli serve") != [serving]
+        assert group_members(serving) == [], "processes of the killed API outlived it"
