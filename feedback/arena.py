@@ -124,3 +124,26 @@ def leaderboard(battles: Iterable[Battle], anchor: str = "base", rounds: int = 3
         count[int(j)] += int(m)
     ratings = [Rating(name, float(point[i]), float(lo[i]), float(hi[i]), count[i]) for name, i in names.items()]
     return sorted(ratings, key=lambda r: -r.score)
+
+
+def length_controlled(outcomes: np.ndarray, len_a: np.ndarray, len_b: np.ndarray, iters: int = 50,
+                      l2: float = 1e-3) -> tuple[float, float]:
+    """Style control (Chatbot Arena's, for length): a Bradley–Terry model of a's win with the answers'
+    length difference as a covariate,
+        P(a wins) = σ(θ + γ · d),   d = log(1 + len_a) − log(1 + len_b),
+    fitted by Newton's method on the log-likelihood Σ s log p + (1 − s) log(1 − p) (s = 1 win, ½ tie,
+    0 loss; a small ridge keeps it finite when one side always wins). Returns (σ(θ), γ): σ(θ) is the win
+    rate a would have against b at equal lengths — the length-controlled win rate."""
+    s = np.asarray(outcomes, dtype=float)
+    d = np.log1p(np.asarray(len_a, dtype=float)) - np.log1p(np.asarray(len_b, dtype=float))
+    x = np.stack([np.ones_like(d), d], axis=1)
+    w = np.zeros(2)
+    for _ in range(iters):
+        p = 1 / (1 + np.exp(-(x @ w)))
+        grad = x.T @ (s - p) - l2 * w
+        hess = -(x.T * (p * (1 - p))) @ x - l2 * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        w = w - step
+        if np.abs(step).max() < 1e-10:
+            break
+    return float(1 / (1 + np.exp(-w[0]))), float(w[1])
