@@ -293,10 +293,11 @@ def plot_curve(result: SimulationResult, path: Path) -> None:
         ax.plot(*zip(*rm), "o-", color="C2", ms=3, label="reward model held-out accuracy")
     for p in pts:
         if p is not pts[0] and p.model_version != pts[pts.index(p) - 1].model_version:
-            ax.annotate(p.model_version, (p.votes, p.win_rate), textcoords="offset points", xytext=(0, 8),
-                        fontsize=7, ha="center")
+            ax.annotate(p.model_version, (p.votes, p.win_rate), textcoords="offset points", xytext=(2, 6),
+                        fontsize=6.5, ha="left", rotation=35)  # slanted: versions often go live close together
     ax.axhline(0.5, color="grey", ls="--", lw=0.8)
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.18)  # room above 1.0 for the version labels
+    ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     ax.set_xlabel("votes" if result.feedback == "pairs" else "feedback (votes, ratings, edits)")
     ax.set_title(f"duet simulate: rule '{result.rule}', {result.feedback}, noise {result.noise}")
     ax.legend(loc="lower right", fontsize=8)
