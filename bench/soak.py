@@ -1,0 +1,167 @@
+"""Soak (prints JSON): `duet up` at its defaults under steady load — chats, pairs and votes at a fixed
+concurrency — with a weight swap every minute; then waits for the trainer to consume every vote.
+
+Reports failed requests (target 0), chat latency p50 / p99 outside and inside the seconds around a swap,
+swaps done, and votes accepted (202) against votes the trainer has consumed (trained + held out +
+quarantined, from the dashboard; target: equal).
+
+The swaps alternate between base and a copy of the base weights published as a version (with the
+trainer's probe log-probs, so the full check runs): what is measured is the swap machinery, not a policy.
+
+Usage: python bench/soak.py [--minutes 30] [--concurrency 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)  # keep bench/ from shadowing packages
+
+import httpx  # noqa: E402
+import redis  # noqa: E402
+
+import feedback  # noqa: E402,F401  (the package, before bench/ joins the path)
+
+sys.path.append(str(Path(__file__).resolve().parent))
+from benchlib import free_port, scratch_home, start_server  # noqa: E402
+
+REDIS_DB = 10
+PROMPTS = ["Say hello.", "Name a colour.", "What is 2 + 2?", "Give me a tip for sleeping well.",
+           "Write one sentence about the sea.", "What is the capital of France?"]
+
+
+def publish_copy_of_base(home: Path, model: str) -> str:
+    from feedback.registry import Registry
+    from trainer.policy import PolicyConfig, PolicyTrainer
+    from trainer.probe import probe_logprobs
+
+    probe = probe_logprobs(PolicyTrainer(PolicyConfig(), model), Path(model))
+
+    def write(folder: Path) -> None:
+        for f in Path(model).iterdir():
+            if f.is_file():
+                shutil.copy(f, folder / f.name)
+    manifest, _ = Registry(home / "registry").publish(write, base_model=model, algorithm="soak-copy",
+                                                      hyperparameters={}, train_metrics={}, eval={},
+                                                      kafka_offsets={}, probe=probe)
+    return manifest.name
+
+
+async def run_load(url: str, key: str, minutes: float, concurrency: int, swap_times: list[float]) -> dict:
+    chats, failures, votes = [], [], 0
+    deadline = time.time() + minutes * 60
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120) as c:
+        async def worker(i: int) -> None:
+            nonlocal votes
+            rng = random.Random(i)
+            while time.time() < deadline:
+                pairs = "force" if rng.random() < 0.5 else "never"
+                t0 = time.time()
+                try:
+                    r = await c.post("/v1/chat/completions", json={
+                        "model": "duet", "messages": [{"role": "user", "content": rng.choice(PROMPTS)}],
+                        "max_tokens": 32, "temperature": 0.8, "duet": {"pairs": pairs}})
+                    if r.status_code != 200:
+                        failures.append(("chat", r.status_code, r.text[:200]))
+                        continue
+                    chats.append((t0, time.time() - t0))
+                    d = r.json()["duet"]
+                    body = ({"comparison_id": d["comparison_id"], "choice": rng.choice("ab")} if d["comparison_id"]
+                            else {"completion_id": d["completion_id"], "rating": rng.choice(("up", "down"))})
+                    v = await c.post("/v1/feedback", json={**body, "vote_token": d["vote_token"]})
+                    if v.status_code == 202:
+                        votes += 1
+                    else:
+                        failures.append(("vote", v.status_code, v.text[:200]))
+                except httpx.HTTPError as e:
+                    failures.append(("transport", 0, repr(e)[:200]))
+        await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    near = [dt for t0, dt in chats if any(s - 5 <= t0 <= s + 10 for s in swap_times)]
+    away = [dt for t0, dt in chats if not any(s - 5 <= t0 <= s + 10 for s in swap_times)]
+
+    def pct(xs, q):
+        return round(statistics.quantiles(xs, n=100)[q - 1], 3) if len(xs) >= 2 else None
+    return {"chats": len(chats), "votes_accepted": votes, "failed": len(failures), "failures": failures[:5],
+            "p50_s": pct(away, 50), "p99_s": pct(away, 99), "p50_near_swap_s": pct(near, 50),
+            "p99_near_swap_s": pct(near, 99)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--minutes", type=float, default=30.0)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--out", default="bench/results/soak.json")
+    args = ap.parse_args()
+
+    from duet.model_assets import resolve_model
+    from duet.settings import Settings
+
+    home, port = scratch_home("duet-soak-"), free_port()
+    url, redis_url = f"http://127.0.0.1:{port}", f"redis://127.0.0.1:6379/{REDIS_DB}"
+    redis.Redis.from_url(redis_url).flushdb()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DUET_")}
+    env.update({"DUET_HOME": str(home), "DUET_PORT": str(port), "DUET_REDIS_URL": redis_url, "HF_HUB_OFFLINE": "1",
+                "DUET_TRAINER_METRICS_PORT": "0", "DUET_RELAY_METRICS_PORT": "0", "DUET_SUPERVISOR_METRICS_PORT": "0",
+                "DUET_RATE_LIMIT_RPM": "1000000"})
+    version = publish_copy_of_base(home, resolve_model(Settings().model, home))
+    up = start_server([sys.executable, "-m", "duet.cli", "up"], env, url, home / "up.log", timeout_s=900)
+    swaps: list[dict] = []
+    swap_times: list[float] = []
+    try:
+        key, admin = ((home / f).read_text().strip() for f in ("dev_key", "admin_key"))
+
+        async def swapper() -> None:
+            async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {admin}"}, timeout=120) as c:
+                await c.post("/admin/updates/pause")  # only the bench swaps: the trainer's versions wait
+                target = version
+                end = time.time() + args.minutes * 60
+                while time.time() + 60 < end:
+                    await asyncio.sleep(60)
+                    swap_times.append(time.time())
+                    r = await c.post(f"/admin/models/{target}/activate")
+                    swaps.append({"to": target, "status": r.status_code, **r.json().get("swap", {})})
+                    target = "base" if target == version else version
+
+        async def both():
+            return (await asyncio.gather(run_load(url, key, args.minutes, args.concurrency, swap_times), swapper()))[0]
+        load = asyncio.run(both())
+        deadline = time.time() + 600  # the trainer consumes every vote
+        consumed = None
+        while time.time() < deadline:
+            rm = httpx.get(f"{url}/v1/dashboard?hours=24", headers={"Authorization": f"Bearer {key}"},
+                           timeout=30).json()["reward_model"]
+            if rm:
+                last = rm[-1]
+                consumed = last["votes_trained"] + last["votes_held_out"] + last.get("votes_quarantined", 0)
+                if consumed >= load["votes_accepted"]:
+                    break
+            time.sleep(10)
+    finally:
+        up.send_signal(signal.SIGTERM)
+        try:
+            up.wait(120)
+        except subprocess.TimeoutExpired:
+            up.kill()
+    result = {"minutes": args.minutes, "concurrency": args.concurrency, **load, "votes_consumed_by_trainer": consumed,
+              "swaps": len(swaps), "swaps_ok": sum(s.get("result") == "ok" for s in swaps),
+              "swap_pause_s": [round(s.get("pause_s", 0), 3) for s in swaps],
+              "targets": {"failed": 0, "votes_consumed_by_trainer": "== votes_accepted"}}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
