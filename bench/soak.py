@@ -114,7 +114,8 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DUET_")}
     env.update({"DUET_HOME": str(home), "DUET_PORT": str(port), "DUET_REDIS_URL": redis_url, "HF_HUB_OFFLINE": "1",
                 "DUET_TRAINER_METRICS_PORT": "0", "DUET_RELAY_METRICS_PORT": "0", "DUET_SUPERVISOR_METRICS_PORT": "0",
-                "DUET_RATE_LIMIT_RPM": "1000000"})
+                # one key stands for all the simulated users: no per-key caps on it
+                "DUET_RATE_LIMIT_RPM": "1000000", "DUET_VOTE_CAP_PER_KEY": "100000000"})
     version = publish_copy_of_base(home, resolve_model(Settings().model, home))
     up = start_server([sys.executable, "-m", "duet.cli", "up"], env, url, home / "up.log", timeout_s=900)
     swaps: list[dict] = []
