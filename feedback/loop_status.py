@@ -78,19 +78,21 @@ class SwapStatus(BaseModel):
 
 
 MAX_VERDICTS = 100_000  # per outcome in one Battle
+NAME = r"^[A-Za-z0-9][A-Za-z0-9._:+/@-]*$"
 
 
 class Battle(BaseModel):
     """Verdicts between two model versions, from model_a's side: how often a's answer won, tied, lost."""
 
     ts: float = Field(default_factory=time.time)
-    model_a: str = Field(min_length=1, max_length=64)
-    model_b: str = Field(min_length=1, max_length=64)
+    # names as versions and judges are written ("v000003", "base", "simulated:shorter"), no spaces or controls
+    model_a: str = Field(min_length=1, max_length=64, pattern=NAME)
+    model_b: str = Field(min_length=1, max_length=64, pattern=NAME)
     # bounded: one report is one evaluation's verdicts, not a way to outvote everyone else
     wins: int = Field(ge=0, le=MAX_VERDICTS)
     ties: int = Field(ge=0, le=MAX_VERDICTS)
     losses: int = Field(ge=0, le=MAX_VERDICTS)
-    judge: str = Field(min_length=1, max_length=64)  # "gate_judges" (the gate), "simulated:<rule>", "human", ...
+    judge: str = Field(min_length=1, max_length=64, pattern=NAME)  # "gate_judges" (the gate), "simulated:<rule>", "human", ...
 
 
 M = TypeVar("M", bound=BaseModel)
