@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -38,6 +37,8 @@ import feedback  # noqa: E402,F401  (the package, before bench/ joins the path: 
 
 sys.path.append(str(Path(__file__).resolve().parent))
 from benchlib import free_port, scratch_home, start_server  # noqa: E402
+
+from duet.processes import stop_process  # noqa: E402
 
 REDIS_DB = 11  # not the tests' databases
 
@@ -83,11 +84,7 @@ def main() -> None:
         dev_key = (home / "dev_key").read_text().strip() if (home / "dev_key").exists() else ""
         board = dashboard(url, dev_key)
     finally:
-        up.send_signal(signal.SIGTERM)
-        try:
-            up.wait(120)
-        except subprocess.TimeoutExpired:
-            up.kill()
+        stop_process(up, timeout=120)  # SIGTERM: duet up stops its children in order
     rounds = board.get("rounds", [])
     final, aa = res["final"], res["curve"][0]
     voting = [p for p in res["curve"] if p["votes"] > 0]

@@ -19,9 +19,7 @@ import json
 import os
 import random
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,6 +34,8 @@ import feedback  # noqa: E402,F401  (the package, before bench/ joins the path)
 
 sys.path.append(str(Path(__file__).resolve().parent))
 from benchlib import free_port, scratch_home, start_server  # noqa: E402
+
+from duet.processes import stop_process  # noqa: E402
 
 REDIS_DB = 10
 PROMPTS = ["Say hello.", "Name a colour.", "What is 2 + 2?", "Give me a tip for sleeping well.",
@@ -150,11 +150,7 @@ def main() -> None:
                     break
             time.sleep(10)
     finally:
-        up.send_signal(signal.SIGTERM)
-        try:
-            up.wait(120)
-        except subprocess.TimeoutExpired:
-            up.kill()
+        stop_process(up, timeout=120)  # SIGTERM: duet up stops its children in order
     result = {"minutes": args.minutes, "concurrency": args.concurrency, **load, "votes_consumed_by_trainer": consumed,
               "swaps": len(swaps), "swaps_ok": sum(s.get("result") == "ok" for s in swaps),
               "swap_pause_s": [round(s.get("pause_s", 0), 3) for s in swaps],
