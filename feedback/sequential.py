@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 
 def mixture_boundary(v: float, rho: float, alpha: float) -> float:
@@ -26,6 +27,7 @@ def mixture_boundary(v: float, rho: float, alpha: float) -> float:
     return math.sqrt((v + rho) * math.log((v + rho) / (rho * (alpha / 2) ** 2)))
 
 
+@lru_cache(maxsize=64)  # every ConfidenceSequence asks again (the voter screen builds one per vote)
 def rho_for(n: int, alpha: float) -> float:
     """The ρ that makes the boundary tightest (smallest u(v)/v) at v = n/4, by a log-spaced search."""
     v = n / 4

@@ -10,6 +10,7 @@ import time
 from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
@@ -21,7 +22,7 @@ from serving.middleware import LimitsAndMetrics
 from serving.openapi import install_openapi
 from serving.pairing import ComparisonStore
 from serving.rate_limit import RateLimiter
-from serving.redis_health import RedisBreaker
+from serving.redis_health import RedisBreaker, on_redis_error
 from serving.relay_child import RelayChild
 from serving.routes import admin, chat, dashboard, feedback, health
 from serving.runtime import EngineFactory, Runtime, load_engine, sample_gauges, vllm_engine_factory
@@ -74,6 +75,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
 
     app = FastAPI(title="Duet", lifespan=lifespan, docs_url=None, redoc_url=None)
     install_error_handlers(app)
+    app.add_exception_handler(RedisError, on_redis_error)
     install_openapi(app)
     app.add_middleware(LimitsAndMetrics, max_body_bytes=s.max_body_bytes)
     for module in (health, chat, dashboard, admin):

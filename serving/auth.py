@@ -79,16 +79,16 @@ class KeyStore:
         now = time.monotonic()
         if hit and hit[0] > now:
             return hit[1]
-        try:
-            if self.breaker.tripped():
-                raise RedisError("breaker open")
-            raw = await self.redis.get(KEY_PREFIX + digest)
-        except RedisError as e:
-            if not self.breaker.tripped():
+        raw, reached = None, False
+        if not self.breaker.tripped():
+            try:
+                raw, reached = await self.redis.get(KEY_PREFIX + digest), True
+            except RedisError as e:
                 self.breaker.trip(e)
+        if not reached:
             if hit:  # verified before: keep serving it while Redis is away
                 return hit[1]
-            raise unavailable("Checking this API key") from None
+            raise unavailable("Checking this API key")
         if raw is None:
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
         record = ApiKeyRecord.model_validate_json(raw)

@@ -7,7 +7,6 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.protocol import ErrorBody, ErrorResponse
@@ -71,14 +70,6 @@ def install_error_handlers(app: FastAPI) -> None:
         if param and param.startswith("messages") and "role" in param:
             return error_response(400, f"{param}: unknown role; expected system, user or assistant", param, "invalid_role")
         return error_response(400, f"{param}: {msg}" if param else msg, param, "invalid_value")
-
-    @app.exception_handler(RedisError)
-    async def _redis(request: Request, exc: RedisError) -> JSONResponse:
-        breaker = getattr(getattr(request.app.state, "rt", None), "breaker", None)
-        if breaker is not None:
-            breaker.trip(exc)
-        return error_response(503, "This needs Redis, which is not answering; retry shortly.",
-                              code="redis_unavailable", headers={"Retry-After": "5"})
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -15,7 +15,7 @@ import time
 from redis.exceptions import RedisError
 
 from serving import metrics
-from serving.errors import APIError
+from serving.errors import APIError, error_response
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = 5
@@ -42,4 +42,10 @@ def unavailable(what: str) -> APIError:
                     headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
-__all__ = ["RedisBreaker", "RedisError", "unavailable"]
+async def on_redis_error(request, exc: RedisError):
+    """The app's handler for a Redis error no route caught: trip the breaker, answer 503 + Retry-After."""
+    breaker = getattr(getattr(request.app.state, "rt", None), "breaker", None)
+    if breaker is not None:
+        breaker.trip(exc)
+    err = unavailable("This")
+    return error_response(err.status, err.message, code=err.code, headers=err.headers)
