@@ -212,7 +212,7 @@ def cmd_relay(args: argparse.Namespace) -> None:
     _check_redis(s.redis_url)
     _serve_metrics(s.relay_metrics_port, s.host, "relay")
     OutboxRelay(s.redis_url, s.kafka_bootstrap, batch=s.relay_batch, partitions=s.kafka_partitions,
-                replication=s.kafka_replication, min_insync=s.kafka_min_insync).run_forever()
+                replication=s.kafka_replication, min_insync=s.kafka_min_insync, keep_s=s.outbox_keep_s).run_forever()
 
 
 def _section(s, prefix: str, config_cls, **extra):

@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     kafka_min_insync: int | None = None  # 2 on a real cluster
     outbox_max: int = 100_000  # votes waiting for Kafka; past it votes get 503 + Retry-After
     relay_batch: int = 500
+    # Votes Kafka acknowledged stay in Redis until a trainer checkpoint covers them (at most this long), so
+    # a broker that loses its log (the embedded one keeps it in memory) loses none; 0: drop them on the ack
+    # (a replicated Apache Kafka with acks=all does not lose acknowledged writes).
+    outbox_keep_s: float = 7 * 24 * 3600
     # Where the outbox relay runs: "process" (a child of the serving process, so kafka-python's CPU
     # work does not compete with the API for the GIL), "thread" (in the serving process), or "off"
     # (run `duet relay` yourself, e.g. as its own Deployment).

@@ -1,10 +1,11 @@
-"""Consumer helper for the trainer: a consumer group with manual offsets that yields validated,
-de-duplicated FeedbackEvents and sends anything it cannot use to the dead-letter topic."""
+"""Consumer helper for the trainer: reads every partition with manual offsets and yields validated,
+de-duplicated FeedbackEvents; anything it cannot use goes to the dead-letter topic."""
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -75,43 +76,68 @@ class SeenIds:
 
 
 class FeedbackConsumer:
+    """Reads every partition of the topic by manual assignment, not group membership: a single trainer
+    gains nothing from rebalances, and a group outlives no broker restart (the embedded broker forgets
+    its members: "member_id was not recognized", commits failing, nothing consumed until a restart).
+    `group_id` is used only to commit offsets for lag monitoring; the trainer's checkpoint holds the
+    offsets that count."""
+
     def __init__(self, bootstrap: str, group_id: str, *, topic: str = FEEDBACK,
                  start_offsets: dict[int, int] | None = None, seen: SeenIds | None = None,
                  client_id: str = "duet-trainer") -> None:
         from kafka import KafkaConsumer, KafkaProducer
-        from kafka.consumer.subscription_state import ConsumerRebalanceListener
 
         self.topic = topic
         self.seen = seen or SeenIds()
         self.start_offsets = dict(start_offsets or {})
+        self.delivered_ids: list[str] = []  # every event id read since `take_delivered` (duplicates too)
         self.consumer = KafkaConsumer(
             bootstrap_servers=bootstrap, group_id=group_id, client_id=client_id, enable_auto_commit=False,
-            auto_offset_reset="earliest", session_timeout_ms=10_000, heartbeat_interval_ms=1_000,
-            max_poll_records=500,
-            # a policy round between polls can take minutes on a CPU: don't get evicted from the group
-            max_poll_interval_ms=3_600_000,
+            # a restarted broker may hold a shorter log than our position: read it from the start
+            # (duplicates are skipped by event id)
+            auto_offset_reset="earliest", max_poll_records=500,
+            metadata_max_age_ms=5_000,  # notice partitions a new broker created within seconds
         )
         self.dlq = KafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, retries=10,
                                  client_id=client_id + "-dlq")
-        outer = self
+        self._partitions_checked = 0.0
+        self._assign_new_partitions()
 
-        class _SeekOnAssign(ConsumerRebalanceListener):
-            # Offsets stored in the trainer's checkpoint win over the group's committed ones.
-            def on_partitions_assigned(self, assigned):
-                from kafka import TopicPartition
+    def _assign_new_partitions(self) -> None:
+        from kafka import TopicPartition
 
-                for tp in assigned:
-                    if tp.partition in outer.start_offsets:
-                        outer.consumer.seek(TopicPartition(outer.topic, tp.partition),
-                                            outer.start_offsets[tp.partition])
+        self._partitions_checked = time.monotonic()
+        found = self.consumer.partitions_for_topic(self.topic) or set()
+        have = {tp.partition for tp in self.consumer.assignment()}
+        if found <= have:
+            return
+        self.consumer.assign([TopicPartition(self.topic, p) for p in sorted(found | have)])
+        for p in sorted(found - have):
+            tp = TopicPartition(self.topic, p)
+            if p in self.start_offsets:  # the checkpoint's offset, not the group's committed one
+                self.consumer.seek(tp, self.start_offsets[p])
+            else:
+                self.consumer.seek_to_beginning(tp)
 
-            def on_partitions_revoked(self, revoked):
-                pass
+    def read_from_start(self) -> None:
+        """The broker lost its log and another now begins: read every partition of it from offset 0."""
+        self.start_offsets = {}
+        self._assign_new_partitions()
+        if self.consumer.assignment():
+            self.consumer.seek_to_beginning(*self.consumer.assignment())
 
-        self.consumer.subscribe([topic], listener=_SeekOnAssign())
+    def take_delivered(self) -> list[str]:
+        """Event ids read since the last call (new, duplicate or dead-lettered): what a checkpoint covers."""
+        ids, self.delivered_ids = self.delivered_ids, []
+        return ids
 
     def poll(self, timeout_ms: int = 1000, max_records: int = 500) -> list[Delivered]:
         out: list[Delivered] = []
+        if time.monotonic() - self._partitions_checked > 5.0:
+            self._assign_new_partitions()
+        if not self.consumer.assignment():  # no topic yet
+            time.sleep(timeout_ms / 1000)
+            return out
         batches = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
         for tp, messages in batches.items():
             for m in messages:
@@ -119,7 +145,11 @@ class FeedbackConsumer:
                     event = decode_event(m.value)
                 except PoisonMessage as e:
                     self._dead_letter(m, e)
+                    header_id = dict(m.headers or []).get("event_id")
+                    if header_id:
+                        self.delivered_ids.append(header_id.decode(errors="replace"))
                     continue
+                self.delivered_ids.append(event.event_id)
                 if not self.seen.add(event.event_id):
                     metrics.DUPLICATES.inc()
                     continue

@@ -1,5 +1,9 @@
-"""The outbox relay: publishes the Redis outbox (feedback/outbox.py) to Kafka, deleting each entry
-only once Kafka acknowledged it. Runs as `duet relay` (a child of serving by default) or a thread."""
+"""The outbox relay: publishes the Redis outbox (feedback/outbox.py) to Kafka, moving each entry out
+of the outbox only once Kafka acknowledged it — into the unconfirmed set (feedback/unconfirmed.py)
+until a trainer checkpoint covers it, so that a broker that loses its log loses no vote: when the
+relay sees the log shorter than what Kafka acknowledged (an ack at a lower offset, or end offsets that
+went down), it sends every unconfirmed vote again. Runs as `duet relay` (a child of serving by
+default) or a thread."""
 
 from __future__ import annotations
 
@@ -12,8 +16,10 @@ import redis
 
 from feedback import metrics
 from feedback.outbox import OUTBOX, RELAY_LOCK, outbox_stats, stream_id_ms
-from feedback.relay_metrics import PRODUCE_ERRORS, PRODUCE_LATENCY, RELAY_DELAY, RELAYED
+from feedback.relay_metrics import (LOG_LOSSES, PRODUCE_ERRORS, PRODUCE_LATENCY, RELAY_DELAY, RELAYED,
+                                    REPUBLISHED, UNCONFIRMED_AGE, UNCONFIRMED_DEPTH)
 from feedback.topics import FEEDBACK, ensure_topics
+from feedback.unconfirmed import Unconfirmed
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +31,21 @@ class OutboxRelay:
 
     def __init__(self, redis_url: str, bootstrap: str, *, topic: str = FEEDBACK, batch: int = 500,
                  partitions: int = 3, replication: int = 1, min_insync: int | None = None,
-                 lock_ttl_ms: int = 10_000) -> None:
+                 lock_ttl_ms: int = 10_000, keep_s: float = 7 * 24 * 3600, log_check_s: float = 2.0) -> None:
         self.redis = redis.Redis.from_url(redis_url, decode_responses=True)
         self.bootstrap = bootstrap
         self.topic = topic
         self.batch = batch
         self.partitions, self.replication, self.min_insync = partitions, replication, min_insync
         self.lock_ttl_ms = lock_ttl_ms
+        # How long acknowledged votes wait for a trainer's confirmation (0: not at all — for a durable,
+        # replicated Kafka that cannot lose an acknowledged write).
+        self.keep_s = keep_s
+        self.log_check_s = log_check_s
+        self.unconfirmed = Unconfirmed(self.redis)
+        self._offsets = None  # a group-less consumer, only to read end offsets
+        self._checked = 0.0
+        self._expired = 0.0
         self.owner = f"{os.uname().nodename}:{os.getpid()}:{id(self)}"
         self._producer = None
         self._stop = threading.Event()
@@ -75,6 +89,8 @@ class OutboxRelay:
                     self._stop.wait(1.0)
                     continue
                 sent = self.drain_once()
+                if sent == 0 and self.keep_s and time.monotonic() - self._checked > self.log_check_s:
+                    self.check_log()  # idle: nothing would reveal a lost log but a look at it
                 backoff = 0.2
                 if sent == 0:
                     # Wake as soon as a new vote arrives (or after 200 ms to refresh gauges and the lock).
@@ -103,6 +119,14 @@ class OutboxRelay:
         depth, age = outbox_stats(self.redis)
         metrics.OUTBOX_DEPTH.set(depth)
         metrics.OUTBOX_OLDEST_AGE.set(age)
+        count, oldest = self.unconfirmed.stats()
+        UNCONFIRMED_DEPTH.set(count)
+        UNCONFIRMED_AGE.set(oldest)
+        if self.keep_s and time.monotonic() - self._expired > 60:
+            if dropped := self.unconfirmed.expire(self.keep_s):
+                log.warning("dropped %d votes no trainer confirmed within %.0f s (DUET_OUTBOX_KEEP_S)",
+                            dropped, self.keep_s)
+            self._expired = time.monotonic()
 
     def _producer_or_connect(self):
         if self._producer is None:
@@ -117,15 +141,47 @@ class OutboxRelay:
         return self._producer
 
     def _close_producer(self) -> None:
-        if self._producer is not None:
-            try:
+        try:
+            if self._producer is not None:
                 self._producer.close(timeout=1)
-            except Exception:
-                pass
-            self._producer = None
+            if self._offsets is not None:
+                self._offsets.close()
+        except Exception:
+            pass
+        self._producer = self._offsets = None
+
+    # --- a lost log -----------------------------------------------------------------------
+    def check_log(self) -> bool:
+        """Compare the topic's end offsets with what Kafka acknowledged; True if the log was lost
+        (and every unconfirmed vote is back in the outbox)."""
+        self._checked = time.monotonic()
+        floor = self.unconfirmed.log_floor()
+        if not floor:
+            return False
+        if self._offsets is None:
+            from kafka import KafkaConsumer
+
+            self._offsets = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, request_timeout_ms=5_000,
+                                          client_id="duet-outbox-relay-offsets", metadata_max_age_ms=1_000)
+        from kafka import TopicPartition
+
+        # a partition the log no longer has counts as empty (a new broker may create the topic anew)
+        have = self._offsets.partitions_for_topic(self.topic) or set()
+        ends = self._offsets.end_offsets([TopicPartition(self.topic, p) for p in floor if p in have])
+        now = {p: 0 for p in floor} | {tp.partition: end for tp, end in ends.items()}
+        if all(now[p] > first for p, first in floor.items()):
+            return False
+        self._log_lost(f"end offsets {now}, last sends began at {floor}")
+        return True
+
+    def _log_lost(self, evidence: str) -> None:
+        n = self.unconfirmed.requeue_all()
+        LOG_LOSSES.inc()
+        REPUBLISHED.inc(n)
+        log.warning("the broker lost the feedback log (%s): sending %d unconfirmed votes again", evidence, n)
 
     def drain_once(self) -> int:
-        """Send up to `batch` outbox entries, delete those Kafka acknowledged. Returns how many."""
+        """Send up to `batch` outbox entries; move those Kafka acknowledged out of the outbox. Returns how many."""
         entries = self.redis.xrange(OUTBOX, count=self.batch)
         if not entries:
             return 0
@@ -135,12 +191,18 @@ class OutboxRelay:
                                             headers=[("event_id", f["event_id"].encode())]))
                    for entry_id, f in entries]
         producer.flush(timeout=20)
-        acked = [entry_id for entry_id, fut in futures if fut.is_done and fut.succeeded()]
+        accepted = {entry_id: int(f.get("accepted_ms") or stream_id_ms(entry_id)) for entry_id, f in entries}
+        acked = [(entry_id, fut.value.partition, fut.value.offset, accepted[entry_id])
+                 for entry_id, fut in futures if fut.is_done and fut.succeeded()]
         if acked:
-            self.redis.xdel(OUTBOX, *acked)
+            known = self.unconfirmed.log_end() if self.keep_s else {}
+            if lower := [(p, o) for _, p, o, _ in acked if o < known.get(p, 0)]:
+                # Kafka handed out an offset it had handed out before: a new log
+                self._log_lost(f"acks at {lower[:3]} below the acknowledged end {known}")
+            self.unconfirmed.record_sent(acked, keep=self.keep_s > 0)
             now = time.time()
-            for entry_id in acked:
-                RELAY_DELAY.observe(max(0.0, now - stream_id_ms(entry_id) / 1000))
+            for *_, accepted_ms in acked:
+                RELAY_DELAY.observe(max(0.0, now - accepted_ms / 1000))
             RELAYED.inc(len(acked))
         PRODUCE_LATENCY.observe(time.perf_counter() - t0)
         failed = next((fut.exception for _, fut in futures if fut.is_done and fut.failed()), None)

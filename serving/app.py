@@ -56,7 +56,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
 
             rt.relay = OutboxRelay(s.redis_url, s.kafka_bootstrap, batch=s.relay_batch,
                                    partitions=s.kafka_partitions, replication=s.kafka_replication,
-                                   min_insync=s.kafka_min_insync).start()
+                                   min_insync=s.kafka_min_insync, keep_s=s.outbox_keep_s).start()
         app.state.rt = rt
         loader = asyncio.create_task(load_engine(rt, engine_factory))
         sampler = asyncio.create_task(sample_gauges(rt))

@@ -22,7 +22,7 @@ class RelayChild:
         # The child reads the same settings; pass the ones that may have come from overrides.
         self.env = {**os.environ, "DUET_REDIS_URL": s.redis_url, "DUET_KAFKA_BOOTSTRAP": s.kafka_bootstrap,
                     "DUET_RELAY_BATCH": str(s.relay_batch), "DUET_KAFKA_PARTITIONS": str(s.kafka_partitions),
-                    "DUET_KAFKA_REPLICATION": str(s.kafka_replication)}
+                    "DUET_KAFKA_REPLICATION": str(s.kafka_replication), "DUET_OUTBOX_KEEP_S": str(s.outbox_keep_s)}
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> RelayChild:

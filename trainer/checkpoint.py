@@ -39,6 +39,7 @@ class TrainerState(BaseModel):
     rounds: int = 0  # policy rounds run (published or refused)
     counts: dict[str, int] = Field(default_factory=dict)  # by choice / rating
     offsets: dict[int, int] = Field(default_factory=dict)  # partition -> next offset to read
+    log_epoch: int = 0  # the feedback log these offsets belong to (feedback/unconfirmed.py)
     seen_ids: list[str] = Field(default_factory=list)
     votes_since_round: int = 0  # trained votes since the last policy round
     oldest_unrounded_vote: float | None = None  # unix time of the oldest of those votes

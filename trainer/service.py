@@ -12,6 +12,12 @@ votes consumed but not yet trained (`pending`), so "consumed up to the offsets" 
 pending in the checkpoint" and a checkpoint may be written at any moment. After a crash the trainer
 restarts from the newest checkpoint, seeks every partition to its offset, and skips any event id it has
 already seen. Offsets are committed to the consumer group only after a checkpoint, for lag monitoring.
+
+A broker that loses its log (the embedded one keeps it in memory): after each checkpoint the trainer
+confirms the event ids it covers, so the relay keeps every vote no checkpoint covers and sends those
+again into the new log; the relay also bumps the log epoch, and the trainer, seeing it change, reads
+the new log from offset 0 (feedback/unconfirmed.py). Its consumer holds partitions by assignment, not
+group membership, so a restarted broker needs no rejoin.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from feedback import loop_status
 from feedback.consumer import FeedbackConsumer, SeenIds
 from feedback.registry import BASE_VERSION, version_name
 from feedback.topics import FEEDBACK
+from feedback.unconfirmed import Unconfirmed
 from trainer import checkpoint, metrics
 from trainer.checkpoint import Snapshot, TrainerState
 from trainer.examples import PromptGroup, is_held_out, to_prompt_group
@@ -88,7 +95,10 @@ class TrainerService:
         self.pending_since = time.time()
         self.dirty = False  # consumed events not yet in a checkpoint
         self.last_checkpoint = time.time()
-        self.status = _status_client(cfg.redis_url)
+        self.redis = _redis_client(cfg.redis_url)
+        self.unconfirmed = Unconfirmed(self.redis) if self.redis is not None else None
+        self.to_confirm: list[str] = []  # event ids in a checkpoint, not yet confirmed to the relay
+        self.epoch_checked = 0.0
         self.last_lag: int | None = None
 
     # --- the loop -----------------------------------------------------------------------------------
@@ -99,6 +109,7 @@ class TrainerService:
         bar = _progress(self.state)
         try:
             while not self.stop.is_set():
+                self.follow_log(consumer)
                 self.consume(consumer)
                 caught_up = self._lag(consumer) == 0
                 if self.reward_step_due(flush=once and caught_up):
@@ -121,9 +132,28 @@ class TrainerService:
         return self.state
 
     # --- consume ------------------------------------------------------------------------------------
+    def follow_log(self, consumer: FeedbackConsumer) -> None:
+        """Once a second: if the relay found the broker's log lost, read the new one from the start."""
+        if self.unconfirmed is None or time.monotonic() - self.epoch_checked < 1.0:
+            return
+        self.epoch_checked = time.monotonic()
+        try:
+            epoch = self.unconfirmed.epoch()
+        except Exception as e:  # Redis away: the broker's own offsets still guide us
+            log.warning("cannot read the feedback log epoch: %s: %s", type(e).__name__, e)
+            return
+        if epoch != self.state.log_epoch:
+            log.warning("the feedback log was lost and begun anew (epoch %d → %d): reading it from the start",
+                        self.state.log_epoch, epoch)
+            consumer.read_from_start()
+            self.state.log_epoch = epoch
+            self.dirty = True
+
     def consume(self, consumer: FeedbackConsumer) -> None:
         for d in consumer.poll(timeout_ms=500):
             self.classify(d.event)
+        if consumer.delivered_ids:  # duplicates too: the relay waits for a checkpoint to confirm them
+            self.dirty = True
 
     def classify(self, event) -> None:
         label = "edit" if event.kind == "edit" else event.choice or event.rating or "ranking"
@@ -183,8 +213,8 @@ class TrainerService:
         self.state.step = self.reward.steps
         self.state.last_loss = out["loss"]
         self._maybe_evaluate(out)
-        if self.status is not None:
-            loop_status.record(self.status, loop_status.REWARD_MODEL, loop_status.RewardModelStatus(
+        if self.redis is not None:
+            loop_status.record(self.redis, loop_status.REWARD_MODEL, loop_status.RewardModelStatus(
                 step=self.state.step, votes_trained=self.state.events_trained,
                 votes_held_out=self.state.events_held_out, held_out_accuracy=self.state.held_out_accuracy,
                 loss=self.state.last_loss, consumer_lag=self.last_lag,
@@ -246,43 +276,55 @@ class TrainerService:
         return result
 
     def _report_round(self, result: RoundResult | None) -> None:
-        if self.status is None:
+        if self.redis is None:
             return
         if result is None:
-            loop_status.record(self.status, loop_status.ROUNDS, loop_status.RoundStatus(result="failed"))
+            loop_status.record(self.redis, loop_status.ROUNDS, loop_status.RoundStatus(result="failed"))
             return
         m, g = result.published, result.gate.metrics
         parent = (version_name(m.parent_version) if m.parent_version else BASE_VERSION) if m else None
-        loop_status.record(self.status, loop_status.ROUNDS, loop_status.RoundStatus(
+        loop_status.record(self.redis, loop_status.ROUNDS, loop_status.RoundStatus(
             result="published" if m else "rejected", version=m.name if m else None, parent_version=parent,
             reward_mean=result.train_metrics.get("reward_mean"), kl=g.get("kl"), win_rate=g.get("win_rate"),
             reasons=result.gate.reasons))
         if m and g.get("wins") is not None:
-            loop_status.record(self.status, loop_status.BATTLES, loop_status.Battle(
+            loop_status.record(self.redis, loop_status.BATTLES, loop_status.Battle(
                 model_a=m.name, model_b=parent, wins=int(g["wins"]), ties=int(g["ties"]), losses=int(g["losses"]),
                 judge="gate_judges"))
 
     # --- checkpoint ---------------------------------------------------------------------------------
     def checkpoint(self, consumer: FeedbackConsumer) -> None:
+        covered = consumer.take_delivered()  # read before the positions: all of them are in this checkpoint
         self.state.offsets = {**self.state.offsets, **consumer.positions()}
         self.state.seen_ids = self.seen.to_list()
         snap = Snapshot(self.state, list(self.reward.replay.items), self.held_out, self.pending,
                         self.rounds.state_dict() if self.rounds is not None else None)
         checkpoint.save(self.cfg.checkpoint_dir, snap, self.reward.model, self.reward.optimizer,
                         keep=self.cfg.keep_checkpoints)
-        # After a rebalance, resume from this checkpoint, not from where this process started.
         consumer.start_offsets = dict(self.state.offsets)
+        self.confirm(covered)
         try:
             consumer.commit(self.state.offsets)
-        except Exception as e:  # e.g. a rebalance in progress: the checkpoint is what counts
+        except Exception as e:  # the checkpoint is what counts
             log.warning("offset commit failed (lag metrics only): %s: %s", type(e).__name__, e)
         self.dirty = False
         self.last_checkpoint = time.time()
         metrics.CHECKPOINT_TIME.set(self.last_checkpoint)
 
+    def confirm(self, covered: list[str]) -> None:
+        """Tell the relay a checkpoint covers these votes: it need not keep them for a lost log any more."""
+        if self.unconfirmed is None:
+            return
+        self.to_confirm += covered
+        try:
+            self.unconfirmed.confirm_trained(self.to_confirm)
+            self.to_confirm = []
+        except Exception as e:  # Redis away: confirm them with the next checkpoint
+            log.warning("cannot confirm %d votes to the relay: %s: %s", len(self.to_confirm), type(e).__name__, e)
+
     def _lag(self, consumer: FeedbackConsumer) -> int | None:
         """Events not yet consumed; None until this consumer holds every partition of the topic
-        (after a crash, the dead member keeps some until its session times out: not caught up)."""
+        (a new broker may create the topic with more partitions than the last one had)."""
         assigned = list(consumer.consumer.assignment())
         if not assigned:
             return None
@@ -295,7 +337,7 @@ class TrainerService:
         return lag
 
 
-def _status_client(url: str):
+def _redis_client(url: str):
     if not url:
         return None
     import redis
