@@ -3,12 +3,15 @@ concurrency — with a weight swap every minute; then waits for the trainer to c
 
 Reports failed requests (target 0), chat latency p50 / p99 outside and inside the seconds around a swap,
 swaps done, and votes accepted (202) against votes the trainer has consumed (trained + held out +
-quarantined, from the dashboard; target: equal).
+quarantined, from the dashboard; target: equal). With --kill-broker-every, the embedded broker is
+SIGKILLed that often (`duet up` restarts it, empty): every accepted vote must still be accounted for —
+read by the trainer (in its checkpoint), or waiting in the outbox or the unconfirmed set (target:
+`votes_unaccounted` 0).
 
 The swaps alternate between base and a copy of the base weights published as a version (with the
 trainer's probe log-probs, so the full check runs): what is measured is the swap machinery, not a policy.
 
-Usage: python bench/soak.py [--minutes 30] [--concurrency 16]
+Usage: python bench/soak.py [--minutes 30] [--concurrency 16] [--kill-broker-every 10]
 """
 
 from __future__ import annotations
@@ -59,6 +62,33 @@ def publish_copy_of_base(home: Path, model: str) -> str:
     return manifest.name
 
 
+def kill_broker(up_pid: int) -> bool:
+    """SIGKILL the embedded broker `duet up` started (its supervisor starts a new, empty one)."""
+    import signal
+    import subprocess
+
+    pids = subprocess.run(["pgrep", "-P", str(up_pid), "tansu"], capture_output=True, text=True).stdout.split()
+    for pid in pids:
+        os.kill(int(pid), signal.SIGKILL)
+    return bool(pids)
+
+
+def account_votes(home: Path, redis_url: str) -> dict[str, int]:
+    """Where every accepted vote is after the run: read by the trainer (its newest checkpoint's event
+    ids), still in the outbox, or acknowledged by Kafka and not yet confirmed by a checkpoint."""
+    from feedback.outbox import OUTBOX
+    from feedback.unconfirmed import UNCONFIRMED
+    from trainer import checkpoint
+
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    last = checkpoint.latest(home / "trainer" / "checkpoints")
+    seen = set(checkpoint.read_state(last).seen_ids) if last else set()
+    waiting = {f["event_id"] for _, f in r.xrange(OUTBOX)}
+    unconfirmed = set(r.hkeys(UNCONFIRMED)) - seen - waiting
+    return {"votes_in_trainer_checkpoint": len(seen), "votes_in_outbox": len(waiting - seen),
+            "votes_unconfirmed": len(unconfirmed)}
+
+
 async def run_load(url: str, key: str, minutes: float, concurrency: int, swap_times: list[float]) -> dict:
     chats, failures, votes = [], [], 0
     deadline = time.time() + minutes * 60
@@ -102,6 +132,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--minutes", type=float, default=30.0)
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--kill-broker-every", type=float, default=0.0, help="minutes; 0: never")
     ap.add_argument("--out", default="bench/results/soak.json")
     args = ap.parse_args()
 
@@ -120,6 +151,7 @@ def main() -> None:
     up = start_server([sys.executable, "-m", "duet.cli", "up"], env, url, home / "up.log", timeout_s=900)
     swaps: list[dict] = []
     swap_times: list[float] = []
+    kills: list[bool] = []
     try:
         key, admin = ((home / f).read_text().strip() for f in ("dev_key", "admin_key"))
 
@@ -135,8 +167,17 @@ def main() -> None:
                     swaps.append({"to": target, "status": r.status_code, **r.json().get("swap", {})})
                     target = "base" if target == version else version
 
+        async def broker_killer() -> None:
+            if not args.kill_broker_every:
+                return
+            end = time.time() + args.minutes * 60
+            while time.time() + args.kill_broker_every * 60 < end:
+                await asyncio.sleep(args.kill_broker_every * 60)
+                kills.append(kill_broker(up.pid))
+
         async def both():
-            return (await asyncio.gather(run_load(url, key, args.minutes, args.concurrency, swap_times), swapper()))[0]
+            return (await asyncio.gather(run_load(url, key, args.minutes, args.concurrency, swap_times), swapper(),
+                                         broker_killer()))[0]
         load = asyncio.run(both())
         deadline = time.time() + 600  # the trainer consumes every vote
         consumed = None
@@ -151,10 +192,13 @@ def main() -> None:
             time.sleep(10)
     finally:
         stop_process(up, timeout=120)  # SIGTERM: duet up stops its children in order
+    accounted = account_votes(home, redis_url)
     result = {"minutes": args.minutes, "concurrency": args.concurrency, **load, "votes_consumed_by_trainer": consumed,
+              "broker_kills": sum(kills), **accounted,
+              "votes_unaccounted": load["votes_accepted"] - sum(accounted.values()),
               "swaps": len(swaps), "swaps_ok": sum(s.get("result") == "ok" for s in swaps),
               "swap_pause_s": [round(s.get("pause_s", 0), 3) for s in swaps],
-              "targets": {"failed": 0, "votes_consumed_by_trainer": "== votes_accepted"}}
+              "targets": {"failed": 0, "votes_consumed_by_trainer": "== votes_accepted", "votes_unaccounted": 0}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

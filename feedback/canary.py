@@ -1,0 +1,187 @@
+"""Canary tests: users judge a candidate version against the incumbent in blind cross-version pairs,
+and an anytime-valid confidence sequence (feedback/sequential.py) decides.
+
+One test at a time, kept in Redis so that every replica sees the same test and a decision survives a
+restart of any process:
+
+    duet:canary            HASH  the current (or last) test: CanaryTest's fields
+    duet:canary:votes      LIST  "<outcome> <candidate chars> <incumbent chars>" per cross-version vote
+                                 (outcome 1 win, 0.5 tie or both bad, 0 loss, for the candidate)
+    duet:canary:history    LIST  earlier tests as JSON, newest first (the last 100); a test moves there
+                                 when the next candidate's test begins
+
+Every change is one Lua script that checks the test's state first (compare and set): a vote counts only
+for the running test of its candidate, and a test is decided once — by the votes, its budget, or an
+admin — whoever comes first; the others get "already decided".
+
+The decision (`decide`) is a pure function of the tallies: promote once the lower bound of the win
+probability (ties ½) clears the margin, reject once the upper bound falls below it, reject as
+undecided when the vote or time budget is spent (the incumbent stays: the burden of proof is on the
+candidate). Looking after every vote is allowed: the sequence is valid at all times at once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Literal
+
+from pydantic import BaseModel
+
+from feedback.sequential import ConfidenceSequence
+
+CANARY = "duet:canary"
+CANARY_VOTES = "duet:canary:votes"
+CANARY_HISTORY = "duet:canary:history"
+HISTORY_KEEP = 100
+
+Status = Literal["running", "paused", "promoted", "rejected"]
+Reason = Literal["votes", "budget", "admin", "superseded", "load_failed"]
+
+
+class CanaryConfig(BaseModel):
+    """Settings' canary_* fields, unchanged (DUET_CANARY_*)."""
+    pair_share: float = 0.5  # of paired answers while a test runs: one answer from each version
+    margin: float = 0.5  # the candidate must beat the incumbent's win probability by this much
+    alpha: float = 0.1  # two-sided: a candidate equal to the incumbent is promoted ≤ α/2 of the time
+    max_votes: int = 2000  # undecided after this many cross-version votes: rejected
+    max_hours: float = 72.0  # ...or after this long
+    tuned_for: int = 200  # votes at which the confidence sequence is tightest
+
+
+class CanaryTest(BaseModel):
+    candidate: str
+    incumbent: str
+    status: Status = "running"
+    reason: Reason | None = None
+    started_at: float
+    decided_at: float | None = None
+    wins: int = 0
+    ties: int = 0  # ties and both-bad
+    losses: int = 0
+
+    @property
+    def votes(self) -> int:
+        return self.wins + self.ties + self.losses
+
+    @property
+    def decided(self) -> bool:
+        return self.status in ("promoted", "rejected")
+
+    def sequence(self, cfg: CanaryConfig) -> ConfidenceSequence:
+        cs = ConfidenceSequence(alpha=cfg.alpha, tuned_for=cfg.tuned_for)
+        cs.n, cs.total = self.votes, self.wins + self.ties / 2
+        return cs
+
+    def summary(self, cfg: CanaryConfig) -> dict:
+        cs = self.sequence(cfg)
+        low, high = cs.interval()
+        return {**self.model_dump(), "votes": self.votes, "win_rate": cs.mean, "lower": low, "upper": high,
+                "margin": cfg.margin, "max_votes": cfg.max_votes, "max_hours": cfg.max_hours}
+
+
+def outcome(choice: str, candidate_position: int) -> float:
+    """The candidate's score in one cross-version vote: 1 if its answer was chosen, ½ for a tie or both
+    bad, 0 if the incumbent's was."""
+    if choice in ("tie", "both_bad"):
+        return 0.5
+    return 1.0 if "ab".index(choice) == candidate_position else 0.0
+
+
+def decide(test: CanaryTest, cfg: CanaryConfig, now: float) -> tuple[Status, Reason] | None:
+    """What the tallies say now: (status, reason) to move to, or None to keep going."""
+    if test.status != "running":
+        return None
+    verdict = test.sequence(cfg).decide(cfg.margin)
+    if verdict == "above":
+        return "promoted", "votes"
+    if verdict == "below":
+        return "rejected", "votes"
+    if test.votes >= cfg.max_votes or now - test.started_at >= cfg.max_hours * 3600:
+        return "rejected", "budget"
+    return None
+
+
+# --- Redis ------------------------------------------------------------------------------------------
+_START = """
+-- a new candidate: the running test (if any) is superseded and archived; a new one begins
+local cur = redis.call('HGETALL', KEYS[1])
+if #cur > 0 then
+  local t = {}
+  for i = 1, #cur, 2 do t[cur[i]] = cur[i+1] end
+  if t['candidate'] == ARGV[1] then
+    return 0  -- the same candidate again (a replayed announcement): its test stands, decided or not
+  end
+  if t['status'] == 'running' or t['status'] == 'paused' then
+    t['status'] = 'rejected'; t['reason'] = 'superseded'; t['decided_at'] = ARGV[3]
+  end
+  redis.call('LPUSH', KEYS[3], cjson.encode(t))
+  redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[4]) - 1)
+end
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('HSET', KEYS[1], 'candidate', ARGV[1], 'incumbent', ARGV[2], 'status', 'running',
+           'started_at', ARGV[3], 'wins', 0, 'ties', 0, 'losses', 0)
+return 1
+"""
+
+_TALLY = """
+-- ARGV: candidate, field (wins/ties/losses), vote line
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+if redis.call('HGET', KEYS[1], 'candidate') ~= ARGV[1] then return 0 end
+redis.call('HINCRBY', KEYS[1], ARGV[2], 1)
+redis.call('RPUSH', KEYS[2], ARGV[3])
+return 1
+"""
+
+_MOVE = """
+-- ARGV: candidate, allowed current statuses (comma separated), new status, reason, now
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 'none' end
+if redis.call('HGET', KEYS[1], 'candidate') ~= ARGV[1] then return 'other' end
+if not string.find(',' .. ARGV[2] .. ',', ',' .. status .. ',', 1, true) then return status end
+redis.call('HSET', KEYS[1], 'status', ARGV[3])
+if ARGV[3] == 'promoted' or ARGV[3] == 'rejected' then
+  redis.call('HSET', KEYS[1], 'reason', ARGV[4], 'decided_at', ARGV[5])
+end
+return 'ok'
+"""
+
+
+class CanaryStore:
+    """The test in Redis; async client with decode_responses (serving)."""
+
+    def __init__(self, redis_client) -> None:
+        self.redis = redis_client
+        self._start = redis_client.register_script(_START)
+        self._tally = redis_client.register_script(_TALLY)
+        self._move = redis_client.register_script(_MOVE)
+
+    async def current(self) -> CanaryTest | None:
+        raw = await self.redis.hgetall(CANARY)
+        return CanaryTest.model_validate(raw) if raw else None
+
+    async def start(self, candidate: str, incumbent: str) -> bool:
+        """Begin testing `candidate` (superseding a test still running). False if it is already tested."""
+        return bool(await self._start(keys=[CANARY, CANARY_VOTES, CANARY_HISTORY],
+                                      args=[candidate, incumbent, time.time(), HISTORY_KEEP]))
+
+    async def tally(self, candidate: str, score: float, candidate_chars: int, incumbent_chars: int) -> bool:
+        """Count one cross-version vote for the running test of `candidate`; False if none runs."""
+        field = "wins" if score == 1.0 else "losses" if score == 0.0 else "ties"
+        return bool(await self._tally(keys=[CANARY, CANARY_VOTES],
+                                      args=[candidate, field, f"{score} {candidate_chars} {incumbent_chars}"]))
+
+    async def move(self, candidate: str, allowed: tuple[Status, ...], to: Status, reason: Reason | None = None) -> str:
+        """Compare and set: 'ok', or why not ('none', 'other' candidate, or the test's current status)."""
+        return await self._move(keys=[CANARY], args=[candidate, ",".join(allowed), to, reason or "", time.time()])
+
+    async def history(self) -> list[CanaryTest]:
+        return [CanaryTest.model_validate(json.loads(x)) for x in await self.redis.lrange(CANARY_HISTORY, 0, -1)]
+
+    async def votes(self) -> list[tuple[float, int, int]]:
+        """(outcome, candidate chars, incumbent chars) per counted vote, for the length-controlled rate."""
+        out = []
+        for line in await self.redis.lrange(CANARY_VOTES, 0, -1):
+            s, a, b = line.split()
+            out.append((float(s), int(a), int(b)))
+        return out
