@@ -121,6 +121,22 @@ class Settings(BaseSettings):
     # nats per token (mean) of the trainer's, else the swap rolls back (feedback/probes.py)
     swap_logprob_tolerance: float = 0.2  # measured: 0.05 for the same weights, 1.3 for one MLP scaled by 1.5
 
+    # --- canary tests: users judge each new version (feedback/canary.py, serving/canary.py) --------------------
+    # "users": a published version is served beside the live one (a second engine) and promoted or rejected by
+    # users' votes on blind cross-version pairs; "off": every version that passes the trainer's gate goes live.
+    canary: Literal["off", "users"] = "off"
+    canary_pair_share: float = Field(0.5, ge=0.0, le=1.0, description="Share of pairs that are cross-version")
+    canary_margin: float = Field(0.5, gt=0.0, lt=1.0)  # promote once the win rate's lower bound clears it
+    canary_alpha: float = Field(0.1, gt=0.0, lt=1.0)  # two-sided; A/A promotions ≤ α/2
+    canary_max_votes: int = Field(2000, ge=1)  # undecided after this many cross-version votes: rejected
+    canary_max_hours: float = Field(72.0, gt=0.0)  # ...or after this long
+    canary_tuned_for: int = Field(200, ge=1)  # votes where the confidence sequence is tightest
+
+    def canary_config(self):
+        from feedback.canary import CanaryConfig
+
+        return CanaryConfig(**{f: getattr(self, "canary_" + f) for f in CanaryConfig.model_fields})
+
     def registry_root(self) -> Path:
         return self.registry_dir or self.home / "registry"
 

@@ -175,6 +175,13 @@ class CanaryStore:
         """Compare and set: 'ok', or why not ('none', 'other' candidate, or the test's current status)."""
         return await self._move(keys=[CANARY], args=[candidate, ",".join(allowed), to, reason or "", time.time()])
 
+    async def last_promoted(self) -> str | None:
+        """The newest candidate users promoted: what a restarted replica serves."""
+        cur = await self.current()
+        if cur is not None and cur.status == "promoted":
+            return cur.candidate
+        return next((h.candidate for h in await self.history() if h.status == "promoted"), None)
+
     async def history(self) -> list[CanaryTest]:
         return [CanaryTest.model_validate(json.loads(x)) for x in await self.redis.lrange(CANARY_HISTORY, 0, -1)]
 

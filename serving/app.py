@@ -24,7 +24,7 @@ from serving.pairing import ComparisonStore
 from serving.rate_limit import RateLimiter
 from serving.redis_health import RedisBreaker, on_redis_error
 from serving.relay_child import RelayChild
-from serving.routes import admin, chat, dashboard, feedback, health
+from serving.routes import admin, canary, chat, dashboard, feedback, health
 from serving.runtime import EngineFactory, Runtime, load_engine, sample_gauges, vllm_engine_factory
 from serving.votes import VoteService
 
@@ -65,12 +65,16 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
         finally:
             sampler.cancel()
             loader.cancel()
+            if rt.canary_task is not None:
+                rt.canary_task.cancel()
             if rt.relay is not None:
                 await asyncio.to_thread(rt.relay.stop)
             if rt.watcher is not None:
                 await asyncio.to_thread(rt.watcher.stop)
             if rt.engine is not None:
                 rt.engine.shutdown()
+            if rt.canary is not None and rt.canary.candidate is not None:
+                rt.canary.candidate.engine.shutdown()
             await redis.aclose()
 
     app = FastAPI(title="Duet", lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -78,7 +82,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
     app.add_exception_handler(RedisError, on_redis_error)
     install_openapi(app)
     app.add_middleware(LimitsAndMetrics, max_body_bytes=s.max_body_bytes)
-    for module in (health, chat, dashboard, admin):
+    for module in (health, chat, dashboard, admin, canary):
         app.include_router(module.router)
     app.router.routes.append(feedback.route)
     app.mount("/static", StaticFiles(directory=dashboard.STATIC), name="static")

@@ -19,6 +19,7 @@ from duet.settings import Settings
 from feedback.comparisons import Answer, ChatMessage, PendingComparison, SamplingSpec
 from serving import metrics
 from serving.auth import ApiKeyRecord
+from serving.canary import CanaryRunner, CrossPair, generate_cross
 from serving.engine import Engine
 from serving.errors import APIError
 from serving.pairing import ComparisonStore, decide_pair, expiry, hash_user, new_record_id, pairs_mode, vote_token
@@ -54,6 +55,7 @@ class Plan:
     n: int
     paired: bool
     keep_for_votes: bool  # store what was shown so a vote can refer to it (pairs, and singles for thumbs)
+    cross: CrossPair | None = None  # a canary's blind pair: one answer from the candidate, one from the incumbent
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -63,6 +65,7 @@ class Collected:
     tokens: dict[int, int] = field(default_factory=dict)
     finish: dict[int, str | None] = field(default_factory=dict)
     versions: list[str] = field(default_factory=list)  # in order of first appearance
+    answer_versions: dict[int, str] = field(default_factory=dict)  # cross-version pairs: each answer's own
 
     def add_version(self, v: str) -> None:
         if v not in self.versions:
@@ -71,13 +74,14 @@ class Collected:
 
 class ChatService:
     def __init__(self, settings: Settings, engine: Engine, prompts: PromptBuilder, store: ComparisonStore,
-                 secret: str, breaker: RedisBreaker | None = None) -> None:
+                 secret: str, breaker: RedisBreaker | None = None, canary: CanaryRunner | None = None) -> None:
         self.s = settings
         self.engine = engine
         self.prompts = prompts
         self.store = store
         self.secret = secret
         self.breaker = breaker or RedisBreaker()  # while Redis is away: no pairs, no thumbs (nowhere to keep them)
+        self.canary = canary
 
     # --- validation ---------------------------------------------------------------------
     def plan(self, req: ChatCompletionRequest, key: ApiKeyRecord, pairs_header: str | None) -> Plan:
@@ -124,9 +128,11 @@ class ChatService:
             temperature = max(temperature, s.pair_min_temperature)
         sampling = SamplingSpec(temperature=temperature, top_p=req.top_p, max_tokens=max_tokens, seed=req.seed,
                                 stop=req.stop)
+        # single answers always come from the incumbent; a share of pairs of two, one from each version
+        cross = self.canary.cross_pair() if paired and k == 2 and self.canary is not None else None
         return Plan(request_id="chatcmpl-" + uuid.uuid4().hex, request=req, key=key, messages=messages,
                     prompt_ids=prompt_ids, sampling=sampling, n=k if paired else req.n, paired=paired,
-                    keep_for_votes=paired or (duet_aware and redis_up and req.n == 1))
+                    keep_for_votes=paired or (duet_aware and redis_up and req.n == 1), cross=cross)
 
     # --- engine ----------------------------------------------------------------------------
     async def _steps(self, plan: Plan, col: Collected) -> AsyncIterator[list]:
@@ -136,9 +142,13 @@ class ChatService:
         metrics.INFLIGHT.inc()
         metrics.PROMPT_TOKENS.inc(len(plan.prompt_ids))
         try:
-            async for step in self.engine.generate(plan.prompt_ids, plan.sampling, plan.n, plan.request_id):
+            steps = (generate_cross(plan.cross, plan.prompt_ids, plan.sampling, plan.request_id) if plan.cross
+                     else self.engine.generate(plan.prompt_ids, plan.sampling, plan.n, plan.request_id))
+            async for step in steps:
                 col.add_version(step.model_version)
                 for d in step.deltas:
+                    if plan.cross is not None:
+                        col.answer_versions[d.index] = step.model_version
                     if first and d.new_tokens:
                         metrics.TTFT.observe(time.perf_counter() - t0)
                         first = False
@@ -156,8 +166,11 @@ class ChatService:
 
     async def _finish(self, plan: Plan, col: Collected) -> DuetResponseInfo:
         """Build the duet object; store what was shown first, so a vote can never miss it."""
-        version = col.versions[-1] if col.versions else self.engine.model_version
-        info = DuetResponseInfo(model_version=version, model_versions=col.versions if len(col.versions) > 1 else None)
+        # a cross-version pair names both versions, never which answer came from which
+        version = (self.engine.model_version if plan.cross else col.versions[-1] if col.versions
+                   else self.engine.model_version)
+        versions = sorted(col.versions) if plan.cross else col.versions
+        info = DuetResponseInfo(model_version=version, model_versions=versions if len(versions) > 1 else None)
         if not plan.keep_for_votes:
             return info
         created, expires = expiry(self.s.comparison_ttl_s)
@@ -167,7 +180,8 @@ class ChatService:
             comparison_id=cid, key_id=plan.key.key_id, user_hash=hash_user(plan.request.user),
             model=self.s.served_model_name, messages=plan.messages,
             answers=[Answer(index=i, text="".join(col.texts.get(i, [])), finish_reason=col.finish.get(i),
-                            model_version=answer_version, completion_tokens=col.tokens.get(i, 0))
+                            model_version=col.answer_versions.get(i, answer_version),
+                            completion_tokens=col.tokens.get(i, 0))
                      for i in range(plan.n)],
             sampling=plan.sampling, prompt_tokens=len(plan.prompt_ids), created_at=created, expires_at=expires)
         try:

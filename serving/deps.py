@@ -10,6 +10,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from serving.auth import ApiKeyRecord
+from serving.canary import CanaryRunner
 from serving.chat import ChatService
 from serving.engine import Engine
 from serving.errors import APIError
@@ -59,9 +60,21 @@ async def swapper(_: Annotated[ApiKeyRecord, Depends(admin_key)],
     return rt.swapper
 
 
+async def canary(_: Annotated[ApiKeyRecord, Depends(admin_key)],
+                 rt: Annotated[Runtime, Depends(get_runtime)]) -> CanaryRunner:
+    """The canary runner, for admin routes (the admin key is checked first)."""
+    if rt.settings.canary != "users":
+        raise APIError(409, "canary tests are off (DUET_CANARY=off): published versions go live when the "
+                            "trainer's gate passes them", code="canary_off")
+    if rt.canary is None:
+        raise _not_ready("the engine is loading")
+    return rt.canary
+
+
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 ApiKeyDep = Annotated[ApiKeyRecord, Depends(api_key)]
 AdminDep = Annotated[ApiKeyRecord, Depends(admin_key)]
 ChatDep = Annotated[ChatService, Depends(chat_service)]
 EngineDep = Annotated[Engine, Depends(engine)]
 SwapperDep = Annotated[WeightSwapper, Depends(swapper)]
+CanaryDep = Annotated[CanaryRunner, Depends(canary)]

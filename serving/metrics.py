@@ -29,3 +29,17 @@ def set_model_version(version: str) -> None:
     MODEL_VERSION.labels(version=version).set(1)
 VOTES = Counter("duet_votes_total", "Votes accepted, by choice (a, b, tie, both_bad, ranking, up, down, edit)", ["choice"])
 VOTE_REJECTIONS = Counter("duet_vote_rejections_total", "Votes refused, by reason", ["reason"])
+
+# --- canary tests (serving/canary.py) ---------------------------------------------------------------
+CANARY_RUNNING = Gauge("duet_canary_running", "1 while a canary test of a candidate version is running")
+CANARY_CANDIDATE_LOADED = Gauge("duet_canary_candidate_loaded",
+                                "1 if this replica holds the candidate under test (else it serves the incumbent alone)")
+CANARY_LOAD_FAILURES = Counter("duet_canary_load_failures_total", "Candidates this replica could not load")
+CANARY_VOTES = Counter("duet_canary_votes_total", "Cross-version votes counted, by the candidate's outcome",
+                       ["outcome"])
+CANARY_TEST_VOTES = Gauge("duet_canary_test_votes", "Cross-version votes in the current test")
+CANARY_WIN_RATE = Gauge("duet_canary_win_rate", "The candidate's win rate against the incumbent (ties 1/2)")
+CANARY_BOUND = Gauge("duet_canary_win_rate_bound", "The anytime-valid confidence sequence's bounds", ["side"])
+CANARY_AGE = Gauge("duet_canary_age_seconds", "How long the running test has run (0: none running)")
+CANARY_BUDGET = Gauge("duet_canary_budget_seconds", "A test's time budget (DUET_CANARY_MAX_HOURS)")
+CANARY_DECISIONS = Counter("duet_canary_decisions_total", "Tests decided by this replica", ["decision", "reason"])

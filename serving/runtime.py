@@ -16,10 +16,12 @@ import redis.asyncio as aioredis
 from duet.model_assets import resolve_model
 from duet.settings import Settings
 from feedback import metrics as feedback_metrics
+from feedback.canary import CanaryStore
 from feedback.events import WeightsAnnouncement
 from feedback.outbox import async_outbox_stats
 from serving import metrics
 from serving.auth import KeyStore
+from serving.canary import CanaryRunner
 from serving.chat import ChatService
 from serving.engine import Engine, VLLMEngine
 from serving.pairing import ComparisonStore
@@ -60,6 +62,8 @@ class Runtime:
     engine: Engine | None = None
     chat: ChatService | None = None
     engine_error: str | None = None
+    canary: CanaryRunner | None = None  # with DUET_CANARY=users
+    canary_task: asyncio.Task | None = None
     started: float = 0.0
 
 
@@ -77,10 +81,20 @@ async def load_engine(rt: Runtime, factory: EngineFactory) -> None:
         if s.kafka_bootstrap:
             rt.watcher = WeightsWatcher(s.kafka_bootstrap, asyncio.get_running_loop(),
                                         lambda ann: on_announcement(rt, ann)).start()
+        if s.canary == "users":
+            rt.canary = CanaryRunner(CanaryStore(rt.redis), s.canary_config(), rt.swapper,
+                                     lambda: factory(s, model_path))
+            rt.votes.canary = rt.canary
         latest = rt.swapper.registry.latest()
-        if latest is not None:  # published while this replica was down
+        if latest is not None and rt.canary is None:  # published while this replica was down
             await rt.swapper.activate(latest.name)
-        rt.chat = ChatService(s, engine, prompts, ComparisonStore(rt.redis), s.resolved_secret(), rt.breaker)
+        elif rt.canary is not None:  # the live version is the last one users promoted (or base)
+            promoted = await rt.canary.store.last_promoted()
+            if promoted and promoted != engine.model_version:
+                await rt.swapper.activate(promoted)
+            rt.canary_task = asyncio.create_task(rt.canary.run())
+        rt.chat = ChatService(s, engine, prompts, ComparisonStore(rt.redis), s.resolved_secret(), rt.breaker,
+                              canary=rt.canary)
         log.info("engine ready (%s, version %s) after %.1f s", model_path, engine.model_version,
                  time.time() - rt.started)
     except Exception as e:  # surfaced on /ready and in chat's 503, not as a crash loop
@@ -94,6 +108,10 @@ async def on_announcement(rt: Runtime, ann: WeightsAnnouncement) -> None:
         return
     if swapper.paused:
         log.info("updates paused: not swapping to %s", ann.name)
+        return
+    if rt.canary is not None:  # users decide: a test against the live version, not a swap
+        if await rt.canary.store.start(ann.name, swapper.engine.model_version):
+            log.info("canary: testing %s against %s", ann.name, swapper.engine.model_version)
         return
     await swapper.activate(ann.name, ann.manifest_sha256)
 

@@ -70,6 +70,7 @@ class VoteService:
         self.outbox = outbox
         self.secret = secret
         self.max_edit_chars = max_edit_chars
+        self.canary = None  # serving.canary.CanaryRunner while DUET_CANARY=users: counts cross-version votes
 
     async def vote(self, req: VoteRequest, key: ApiKeyRecord, idempotency_key: str | None) -> tuple[int, str]:
         """Returns (HTTP status, event id): 202 for a new vote, 200 for an idempotent retry."""
@@ -95,6 +96,8 @@ class VoteService:
                                                key_id=key.key_id, user_hash=record.user_hash)
         if result.status == "ok":
             metrics.VOTES.labels(choice=_choice_label(req)).inc()
+            if self.canary is not None and req.edited_answer is None:
+                await self.canary.on_vote(record, req.choice)
             return 202, event.event_id
         if result.status == "voted":
             if idempotency_key and result.idempotency_key == idempotency_key:

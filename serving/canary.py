@@ -1,0 +1,192 @@
+"""The serving side of a canary test (feedback/canary.py): a second engine holds the candidate's weights
+beside the incumbent's, a share of pairs shows one answer from each, their votes are counted, and the
+decision — by the votes, the budget or an admin — is carried out on this replica.
+
+Why a second engine and not a runtime LoRA adapter: measured on the 2-core CPU (bench/README.md), and the
+trainer exports full weights; the candidate's engine then only answers the cross-version share of pairs.
+Roles are fixed: the first engine always serves the incumbent and takes a promoted candidate by the
+existing in-place swap (with all its checks); the second loads each new candidate in place too.
+
+Every replica runs `CanaryRunner.run`: once a second it reads the test from Redis, decides it if the
+tallies say so (compare and set: the first replica to see it decides, the rest find it decided), and
+follows it — loading the candidate, or swapping it in on promotion. A replica that cannot load the
+candidate keeps serving the incumbent alone and says so (/admin/canary, duet_canary_candidate_loaded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+
+from feedback.arena import length_controlled
+from feedback.canary import CanaryConfig, CanaryStore, CanaryTest, decide, outcome
+from feedback.comparisons import PendingComparison, SamplingSpec
+from serving import metrics
+from serving.engine import Engine, GenerationStep
+from serving.swap import WeightSwapper
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CrossPair:
+    """One answer from each version; the candidate's answer at `candidate_position` (0 = "a")."""
+    incumbent: Engine
+    candidate: Engine
+    candidate_position: int
+
+    def engines(self) -> list[Engine]:
+        return [self.candidate, self.incumbent] if self.candidate_position == 0 else [self.incumbent, self.candidate]
+
+
+async def generate_cross(pair: CrossPair, prompt_ids: list[int], sampling: SamplingSpec,
+                         request_id: str) -> AsyncIterator[GenerationStep]:
+    """Both engines answer at once (one sample each); their steps are merged as they come, answer i from
+    engine i. Closing this generator cancels both requests (each engine aborts its own on close)."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, engine: Engine) -> None:
+        try:
+            async for step in engine.generate(prompt_ids, sampling, 1, f"{request_id}-{i}"):
+                await queue.put((i, step))
+            await queue.put((i, done))
+        except Exception as e:  # handed to the consumer, raised there
+            await queue.put((i, e))
+
+    tasks = [asyncio.create_task(pump(i, e)) for i, e in enumerate(pair.engines())]
+    try:
+        finished = 0
+        while finished < len(tasks):
+            i, item = await queue.get()
+            if item is done:
+                finished += 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield GenerationStep(deltas=[replace(d, index=i) for d in item.deltas],
+                                     model_version=item.model_version)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class CanaryRunner:
+    def __init__(self, store: CanaryStore, cfg: CanaryConfig, incumbent: WeightSwapper,
+                 start_candidate_engine: Callable[[], Engine], rng: random.Random | None = None) -> None:
+        self.store = store
+        self.cfg = cfg
+        self.incumbent = incumbent
+        self._start_engine = start_candidate_engine  # blocking: run in a thread, once
+        self.candidate: WeightSwapper | None = None  # the second engine's swapper, once started
+        self.test: CanaryTest | None = None  # as last read from Redis
+        self.load_error: str | None = None
+        self._failed: str | None = None  # the candidate this replica could not load (not retried)
+        self.rng = rng or random.Random()
+
+    # --- what chat and votes ask ------------------------------------------------------------
+    def cross_pair(self) -> CrossPair | None:
+        """For a new pair: one answer from each version (at the configured share), or None."""
+        t = self.test
+        if (t is None or t.status != "running" or self.candidate is None
+                or self.candidate.engine.model_version != t.candidate
+                or self.incumbent.engine.model_version != t.incumbent
+                or self.rng.random() >= self.cfg.pair_share):
+            return None
+        return CrossPair(self.incumbent.engine, self.candidate.engine, self.rng.randrange(2))
+
+    async def on_vote(self, record: PendingComparison, choice: str | None) -> None:
+        """Count a verdict on a cross-version pair for the running test of its candidate."""
+        t = self.test
+        if t is None or choice is None or len(record.answers) != 2:
+            return
+        versions = [a.model_version for a in record.answers]
+        if sorted(versions) != sorted([t.candidate, t.incumbent]) or t.candidate == t.incumbent:
+            return
+        pos = versions.index(t.candidate)
+        score = outcome(choice, pos)
+        if await self.store.tally(t.candidate, score, len(record.answers[pos].text),
+                                  len(record.answers[1 - pos].text)):
+            metrics.CANARY_VOTES.labels(outcome={1.0: "win", 0.5: "tie", 0.0: "loss"}[score]).inc()
+
+    # --- the loop ---------------------------------------------------------------------------
+    async def run(self, every_s: float = 1.0) -> None:
+        while True:
+            try:
+                await self.step()
+            except Exception as e:  # Redis away, a failed load: report, keep the incumbent, try again
+                log.warning("canary: %s: %s", type(e).__name__, e)
+            await asyncio.sleep(every_s)
+
+    async def step(self) -> None:
+        t = await self.store.current()
+        if t is not None and (verdict := decide(t, self.cfg, time.time())) is not None:
+            status, reason = verdict
+            if await self.store.move(t.candidate, ("running",), status, reason) == "ok":
+                metrics.CANARY_DECISIONS.labels(decision=status, reason=reason).inc()
+                log.info("canary: %s %s by %s (%d votes)", t.candidate, status, reason, t.votes)
+            t = await self.store.current()
+        self.test = t
+        self._export(t)
+        if t is None:
+            return
+        if t.status == "promoted" and self.incumbent.engine.model_version != t.candidate:
+            rec = await self.incumbent.activate(t.candidate)
+            log.info("canary: promoted %s swapped in: %s", t.candidate, rec.result)
+        elif t.status in ("running", "paused"):
+            await self._load_candidate(t.candidate)
+
+    async def _load_candidate(self, version: str) -> None:
+        if self._failed == version or (self.candidate and self.candidate.engine.model_version == version):
+            return
+        try:
+            if self.candidate is None:
+                engine = await asyncio.to_thread(self._start_engine)
+                inc = self.incumbent
+                self.candidate = WeightSwapper(engine, inc.prompts, str(inc.base_path), inc.registry.root,
+                                               inc.probe_timeout_s, logprob_tolerance=inc.logprob_tolerance)
+            rec = await self.candidate.activate(version, rollback_ok=False)
+            if rec.result != "ok":
+                raise RuntimeError(f"{rec.result}: {rec.reason}")
+            self.load_error = None
+        except Exception as e:
+            self._failed, self.load_error = version, f"{type(e).__name__}: {e}"
+            metrics.CANARY_LOAD_FAILURES.inc()
+            log.warning("canary: cannot load candidate %s; serving the incumbent alone: %s", version, e)
+
+    def _export(self, t: CanaryTest | None) -> None:
+        running = t is not None and t.status == "running"
+        metrics.CANARY_RUNNING.set(1 if running else 0)
+        metrics.CANARY_CANDIDATE_LOADED.set(
+            1 if t is not None and self.candidate is not None and self.candidate.engine.model_version == t.candidate
+            else 0)
+        if t is None:
+            return
+        s = t.summary(self.cfg)
+        metrics.CANARY_TEST_VOTES.set(t.votes)
+        metrics.CANARY_WIN_RATE.set(s["win_rate"] if s["win_rate"] is not None else float("nan"))
+        metrics.CANARY_BOUND.labels(side="lower").set(s["lower"])
+        metrics.CANARY_BOUND.labels(side="upper").set(s["upper"])
+        metrics.CANARY_AGE.set(time.time() - t.started_at if running else 0)
+        metrics.CANARY_BUDGET.set(self.cfg.max_hours * 3600)
+
+    # --- admin ------------------------------------------------------------------------------
+    async def status(self) -> dict:
+        t = await self.store.current()
+        out: dict = {"test": None, "history": [h.summary(self.cfg) for h in await self.store.history()],
+                     "candidate_loaded": (self.candidate.engine.model_version if self.candidate else None),
+                     "load_error": self.load_error, "pair_share": self.cfg.pair_share}
+        if t is not None:
+            out["test"] = t.summary(self.cfg)
+            votes = await self.store.votes()
+            if votes:
+                import numpy as np
+
+                s, a, b = (np.array(x) for x in zip(*votes))
+                out["test"]["length_controlled_win_rate"] = length_controlled(s, a, b)[0]
+        return out

@@ -1,0 +1,173 @@
+"""Users judge every new version, end to end on the tiny model: a real server with DUET_CANARY=users (two
+real vLLM engines), real Redis, its own broker. Simulated users prefer answers that say " blue":
+(a) a candidate that says it far more often is promoted by their votes and swapped in;
+(b) then a candidate that does not (published by hand, no gate) is rejected by their votes;
+(c) an admin's hand on a test: pause (votes not counted), promote, and clear 4xx for what cannot be done.
+Both (a) and (b) fail if promotion ignored the votes: the budget would reject (a), and nothing would
+reject (b) before its budget of 400 votes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import redis
+
+from duet.processes import stop_process
+from feedback.broker import EmbeddedBroker
+from feedback.events import WeightsAnnouncement
+from feedback.registry import manifest_checksum
+from feedback.topics import WEIGHTS, ensure_topics
+from tests.conftest import ADMIN_KEY, TEST_REDIS_DB, duet_env, free_port, make_tiny_llama, wait_for
+from tests.test_serving_api import assert_openai_error
+from tests.test_swap import publish
+
+pytestmark = pytest.mark.slow
+REDIS_URL = f"redis://127.0.0.1:6379/{TEST_REDIS_DB - 1}"  # not the session server's
+PROMPTS = ["Say something.", "Tell me a colour.", "Describe the sky.", "What do you like?"]
+
+
+def make_very_blue_llama(out):
+    """Like conftest's blue Llama, but " blue" comes in most answers."""
+    from transformers import AutoTokenizer
+
+    from duet.model_assets import gguf_path
+
+    src = gguf_path()
+    blue = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name).encode(" blue", add_special_tokens=False)[0]
+
+    def edit(model):
+        emb = model.model.embed_tokens.weight
+        emb[:, 0] = 0.5
+        emb[blue, 0] = 4.0
+
+    return make_tiny_llama(out, edit=edit)
+
+
+@pytest.fixture(scope="module")
+def canary_server(tiny_model, tmp_path_factory):
+    home = tmp_path_factory.mktemp("canary-home")
+    r = redis.Redis.from_url(REDIS_URL)
+    r.flushdb()
+    broker = EmbeddedBroker(log_path=home / "tansu.log").start()
+    ensure_topics(broker.bootstrap)
+    port = free_port()
+    env = duet_env(tiny_model, home, port, broker.bootstrap)
+    env.update({"DUET_REDIS_URL": REDIS_URL, "DUET_CANARY": "users", "DUET_CANARY_PAIR_SHARE": "1.0",
+                "DUET_CANARY_MAX_VOTES": "400", "DUET_CANARY_TUNED_FOR": "60", "DUET_DEFAULT_MAX_TOKENS": "12"})
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "duet.cli", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(url + "/ready", proc, home / "server.log", 300)
+        key = subprocess.run([sys.executable, "-m", "duet.cli", "keys", "create", "--name", "users"], env=env,
+                             capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+        yield url, key, home / "registry", broker, home / "server.log"
+    finally:
+        stop_process(proc, timeout=30)
+        log.close()
+        broker.stop()
+        r.flushdb()
+
+
+def announce(broker: EmbeddedBroker, registry, name: str) -> None:
+    from kafka import KafkaProducer
+
+    folder = registry / name
+    m = json.loads((folder / "manifest.json").read_text())
+    ann = WeightsAnnouncement(version=m["version"], name=name, manifest_location=str(folder / "manifest.json"),
+                              manifest_sha256=manifest_checksum(folder))
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
+    producer.send(WEIGHTS, value=ann.model_dump_json().encode()).get(10)
+    producer.close()
+
+
+def wait_test(admin: httpx.Client, candidate: str, cond, timeout_s: float = 240) -> dict:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        st = admin.get("/admin/canary").json()
+        t = st.get("test")
+        if t and t["candidate"] == candidate and cond(st):
+            return st
+        time.sleep(0.5)
+    raise AssertionError(f"canary of {candidate}: condition not met; last status {st}")
+
+
+def blue_user(c: httpx.Client, i: int) -> tuple[dict, int | None]:
+    """One pair and a vote by the users' taste: the answer with more " blue" wins, else a tie."""
+    r = c.post("/v1/chat/completions", json={"model": "duet", "messages": [{"role": "user",
+               "content": PROMPTS[i % len(PROMPTS)]}], "temperature": 1.0, "duet": {"pairs": "force"}})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    texts = [ch["message"]["content"].lower().count("blue") for ch in body["choices"]]
+    choice = "a" if texts[0] > texts[1] else "b" if texts[1] > texts[0] else "tie"
+    v = c.post("/v1/feedback", json={"comparison_id": body["duet"]["comparison_id"],
+                                     "vote_token": body["duet"]["vote_token"], "choice": choice})
+    assert v.status_code == 202, v.text
+    return body, v.status_code
+
+
+def vote_until(url: str, key: str, admin: httpx.Client, candidate: str, limit: int = 400) -> dict:
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120) as c:
+        for i in range(limit):
+            body, _ = blue_user(c, i)
+            st = admin.get("/admin/canary").json()
+            if st["test"]["status"] != "running":
+                return st
+    raise AssertionError(f"undecided after {limit} votes: {st}")
+
+
+def test_users_promote_a_better_candidate_and_reject_a_worse_one(canary_server, tmp_path):
+    url, key, registry, broker, log = canary_server
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=120) as admin:
+        # (a) a better candidate
+        blue = publish(registry, make_very_blue_llama(tmp_path / "blue"))
+        announce(broker, registry, blue)
+        wait_test(admin, blue, lambda st: st["candidate_loaded"] == blue)
+        assert admin.get("/admin/models").json()["current"] == "base"  # not live before users decide
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120) as c:
+            body, _ = blue_user(c, 0)
+        assert sorted(body["duet"]["model_versions"]) == sorted(["base", blue])  # both, never which is which
+        st = vote_until(url, key, admin, blue)
+        t = st["test"]
+        assert (t["status"], t["reason"]) == ("promoted", "votes"), t
+        assert t["lower"] > 0.5 and t["votes"] < 400
+        assert 0.0 <= t["length_controlled_win_rate"] <= 1.0
+        deadline = time.time() + 60
+        while admin.get("/admin/models").json()["current"] != blue and time.time() < deadline:
+            time.sleep(0.5)
+        assert admin.get("/admin/models").json()["current"] == blue
+        metrics = httpx.get(url + "/metrics").text
+        assert 'duet_canary_decisions_total{decision="promoted",reason="votes"} 1.0' in metrics
+
+        # (b) a worse candidate: the plain tiny model again, published by hand (no gate)
+        plain = publish(registry, make_tiny_llama(tmp_path / "plain"))
+        announce(broker, registry, plain)
+        wait_test(admin, plain, lambda st: st["candidate_loaded"] == plain)
+        st = vote_until(url, key, admin, plain)
+        t = st["test"]
+        assert (t["status"], t["reason"]) == ("rejected", "votes"), t
+        assert t["upper"] < 0.5
+        assert admin.get("/admin/models").json()["current"] == blue  # the incumbent keeps serving
+        assert [h["candidate"] for h in st["history"]] == [blue]
+
+        # (c) by hand
+        third = publish(registry, make_tiny_llama(tmp_path / "third", seed=3))
+        announce(broker, registry, third)
+        wait_test(admin, third, lambda st: st["candidate_loaded"] == third)
+        assert admin.post(f"/admin/canary/{third}/pause").json()["test"]["status"] == "paused"
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120) as c:
+            body, _ = blue_user(c, 1)  # while paused: single-version pairs, nothing counted
+        assert set(body["duet"].get("model_versions") or [body["duet"]["model_version"]]) == {blue}
+        assert admin.get("/admin/canary").json()["test"]["votes"] == 0
+        assert_openai_error(admin.post(f"/admin/canary/{third}/pause"), 409)
+        assert_openai_error(admin.post(f"/admin/canary/{plain}/promote"), 404)  # not the test under way
+        assert_openai_error(admin.post(f"/admin/canary/{third}/explode"), 400)
+        assert admin.post(f"/admin/canary/{third}/reject").json()["test"]["status"] == "rejected"
+        assert_openai_error(admin.post(f"/admin/canary/{third}/promote"), 409)  # decided already
+        assert admin.get("/admin/models").json()["current"] == blue
+        assert_openai_error(httpx.get(url + "/admin/canary", headers={"Authorization": f"Bearer {key}"}), 403)
