@@ -147,6 +147,23 @@ return 'ok'
 """
 
 
+def read_canary(r) -> tuple[CanaryTest | None, list[CanaryTest]]:
+    """The current test and the history, with a sync client (the trainer)."""
+    raw = r.hgetall(CANARY)
+    raw = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+           for k, v in raw.items()}
+    history = [CanaryTest.model_validate(json.loads(x)) for x in r.lrange(CANARY_HISTORY, 0, -1)]
+    return (CanaryTest.model_validate(raw) if raw else None), history
+
+
+def users_incumbent(current: CanaryTest | None, history: list[CanaryTest]) -> str | None:
+    """The version users last promoted (None: none yet, the base model serves)."""
+    for t in ([current] if current else []) + history:
+        if t.status == "promoted":
+            return t.candidate
+    return None
+
+
 class CanaryStore:
     """The test in Redis; async client with decode_responses (serving)."""
 
@@ -177,10 +194,7 @@ class CanaryStore:
 
     async def last_promoted(self) -> str | None:
         """The newest candidate users promoted: what a restarted replica serves."""
-        cur = await self.current()
-        if cur is not None and cur.status == "promoted":
-            return cur.candidate
-        return next((h.candidate for h in await self.history() if h.status == "promoted"), None)
+        return users_incumbent(await self.current(), await self.history())
 
     async def history(self) -> list[CanaryTest]:
         return [CanaryTest.model_validate(json.loads(x)) for x in await self.redis.lrange(CANARY_HISTORY, 0, -1)]

@@ -129,10 +129,11 @@ class Registry:
 
     def publish(self, write_weights, *, base_model: str, algorithm: str, hyperparameters: dict,
                 train_metrics: dict, eval: dict, kafka_offsets: dict[int, int],
-                probe: ProbeLogprobs | None = None) -> tuple[Manifest, Path]:
-        """`write_weights(folder)` saves the model and tokenizer into a folder; the registry does the rest."""
+                probe: ProbeLogprobs | None = None, parent: Manifest | None | str = "latest") -> tuple[Manifest, Path]:
+        """`write_weights(folder)` saves the model and tokenizer into a folder; the registry does the rest.
+        `parent`: the version this one was trained from (default the latest; None: the base model)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        current = self.latest()
+        current = self.latest() if parent == "latest" else parent
         version = self._highest_issued() + 1
         name = version_name(version)
         tmp = self.root / f".tmp-{name}-{os.getpid()}"

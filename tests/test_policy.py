@@ -3,6 +3,7 @@ refuses broken candidates; the registry publishes atomically and the announcemen
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -362,3 +363,29 @@ def test_gate_kl_estimates_the_true_kl(tiny_model, judges):
                     GateConfig(min_win_rate=0.0, max_kl=1e9, samples_per_prompt=400, max_length_ratio=1e9,
                                max_empty_share=1.0))
     assert exact > 0.01 and gate.metrics["kl"] == pytest.approx(exact, rel=0.3)
+
+
+def test_rounds_continue_from_users_incumbent_not_a_rejected_candidate(tiny_model, tmp_path):
+    """Under canary tests, users may reject the last candidate: the next round starts from the policy state
+    of the version they kept (saved beside its weights), or afresh from the base model."""
+    cfg = RoundConfig(base_model=str(tiny_model), registry_root=tmp_path / "registry",
+                      policy=PolicyConfig(lr=2e-3, max_new_tokens=8, prompts_per_step=2),
+                      gate=GateConfig(min_win_rate=0.0, max_kl=1e9, max_length_ratio=1e9, max_empty_share=1.0))
+    from transformers import AutoTokenizer
+
+    reward = low_id_reward(AutoTokenizer.from_pretrained(str(tiny_model)))
+    rounds = PolicyRounds(cfg)
+    votes = _synthetic_votes(10)
+    v1 = rounds.run(PROMPTS[:4], PROMPTS[4:6], reward, recent=votes, judge_votes=votes).published
+    at_v1 = copy.deepcopy(rounds.pt.state_dict())
+    v2 = rounds.run(PROMPTS[:4], PROMPTS[4:6], reward, recent=votes, judge_votes=votes).published
+    assert rounds.version == v2.name and rounds.pt.updates > at_v1["updates"]
+    rounds.follow(v1.name)  # users rejected v2 and kept v1
+    assert rounds.version == v1.name and rounds.pt.updates == at_v1["updates"]
+    assert all(torch.equal(at_v1["adapters"][k], rounds.pt.state_dict()["adapters"][k]) for k in at_v1["adapters"])
+    v3 = rounds.run(PROMPTS[:4], PROMPTS[4:6], reward, recent=votes, judge_votes=votes, live_name=v1.name).published
+    assert v3.parent_version == v1.version  # judged against and trained from v1, not v2
+    rounds.follow(None)  # users kept the base model
+    assert rounds.version == "base" and rounds.pt.updates == 0
+    v4 = rounds.run(PROMPTS[:4], PROMPTS[4:6], reward, recent=votes, judge_votes=votes, live_name=None).published
+    assert v4.parent_version is None

@@ -28,3 +28,31 @@ def test_round_trigger(tiny_model, tmp_path):
     assert svc.round_due()
     svc.rounds = None
     assert not svc.round_due()  # reward model only
+
+
+def test_no_round_while_users_judge_the_last_candidate(tiny_model, tmp_path):
+    import redis
+
+    from feedback.canary import CANARY
+    from tests.conftest import TEST_REDIS_DB
+
+    url = f"redis://127.0.0.1:6379/{TEST_REDIS_DB + 2}"
+    r = redis.Redis.from_url(url)
+    r.flushdb()
+    try:
+        svc = TrainerService(ServiceConfig(kafka_bootstrap="unused:9092", checkpoint_dir=tmp_path / "ckpt",
+                                          round=RoundConfig(base_model=str(tiny_model), registry_root=tmp_path / "reg"),
+                                          policy_every_votes=64, redis_url=url, canary="users"),
+                            RewardTrainerConfig(backbone=str(tiny_model)))
+        svc.state.votes_since_round = 64
+        assert svc.round_due()  # no test yet
+        r.hset(CANARY, mapping={"candidate": "v000001", "incumbent": "base", "status": "running",
+                                "started_at": time.time()})
+        assert not svc.round_due()
+        r.hset(CANARY, "status", "paused")
+        assert not svc.round_due()
+        r.hset(CANARY, mapping={"status": "rejected", "reason": "votes", "decided_at": time.time()})
+        assert svc.round_due()
+    finally:
+        r.flushdb()
+        r.close()

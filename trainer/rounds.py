@@ -33,6 +33,8 @@ from trainer.rollouts import ServingRollouts
 
 log = logging.getLogger(__name__)
 
+POLICY_STATE = "policy_state.pt"  # in each published version's folder: adapters + optimizer it was exported from
+
 
 @dataclass
 class RoundConfig:
@@ -85,21 +87,45 @@ class PolicyRounds:
         self.cfg = cfg
         self.registry = Registry(cfg.registry_root, keep=cfg.keep_versions)
         self.pt = PolicyTrainer(cfg.policy, cfg.base_model)
+        self.version = BASE_VERSION  # the version this policy state was published as (or the base model)
         self.judges = JudgeEnsemble(SentenceEncoder(cfg.judge_encoder or minilm_path()), seed=cfg.policy.seed)
         self.serving = ServingRollouts(cfg.rollout_url, cfg.rollout_key) if cfg.rollout_url else None
 
     def state_dict(self) -> dict:
-        return self.pt.state_dict()
+        return {**self.pt.state_dict(), "version": self.version}
 
     def load_state_dict(self, state: dict) -> None:
         self.pt.load_state_dict(state)
+        self.version = state.get("version", BASE_VERSION)
+
+    def follow(self, live: str | None) -> None:
+        """Continue from `live` (users' incumbent; None: the base model) if this state is another version's
+        — a candidate users rejected: its policy state (kept beside its weights) is left behind."""
+        target = live or BASE_VERSION
+        if target == self.version:
+            return
+        if target == BASE_VERSION:
+            self.pt = PolicyTrainer(self.cfg.policy, self.cfg.base_model)
+        else:
+            m = self.registry.show(target)
+            path = self.registry.path(m) / POLICY_STATE if m else None
+            if path is None or not path.exists():
+                log.warning("no policy state for %s: continuing from %s's", target, self.version)
+                return
+            self.pt.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        log.info("policy: continuing from %s (users' incumbent), leaving %s", target, self.version)
+        self.version = target
 
     def run(self, prompts: list[list[ChatMessage]], eval_prompts: list[list[ChatMessage]], reward_fn: RewardFn,
             recent: list[PromptGroup], judge_votes: list[PromptGroup], kafka_offsets: dict[int, int] | None = None,
-            oldest_vote_ts: float | None = None, signals: list[PromptGroup] = ()) -> RoundResult:
+            oldest_vote_ts: float | None = None, signals: list[PromptGroup] = (),
+            live_name: str | None = "latest") -> RoundResult:
+        """`live_name`: the version serving answers with, which the candidate is judged against and trained
+        from — the registry's latest by default; users' incumbent under canary tests (None: the base)."""
         cfg = self.cfg
         before = copy.deepcopy(self.pt.state_dict())
-        live = self.registry.latest()
+        live = self.registry.latest() if live_name == "latest" else (
+            self.registry.show(live_name) if live_name else None)
         live_path = self.registry.path(live) if live else Path(cfg.base_model)
         train_metrics = self.update(prompts, reward_fn, recent, self._live_rollouts(live, cfg.policy.temperature),
                                     list(signals))
@@ -122,11 +148,18 @@ class PolicyRounds:
                 self.pt.load_state_dict(before)  # continue from the live version's state
                 log.warning("gate refused the candidate: %s %s", result.reasons, result.metrics)
                 return RoundResult(None, result, train_metrics)
+            state = self.pt.state_dict()
+
+            def write(dst: Path) -> None:
+                _copy_files(Path(tmp), dst)
+                torch.save(state, dst / POLICY_STATE)  # to continue from this version if it becomes the incumbent
+
             manifest, folder = self.registry.publish(
-                lambda dst: _copy_files(Path(tmp), dst), base_model=cfg.base_model,
+                write, base_model=cfg.base_model, parent=live,
                 algorithm=cfg.policy.algorithm, hyperparameters=asdict(cfg.policy), train_metrics=train_metrics,
                 eval={**result.metrics, "passed": True}, kafka_offsets=kafka_offsets or {},
                 probe=probe_logprobs(self.pt, Path(tmp)))
+        self.version = manifest.name
         metrics.PUBLISHED_VERSION.set(manifest.version)
         if oldest_vote_ts:
             metrics.VOTE_TO_PUBLISH.observe(time.time() - oldest_vote_ts)

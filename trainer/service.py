@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from feedback import loop_status
+from feedback.canary import read_canary, users_incumbent
 from feedback.consumer import FeedbackConsumer, SeenIds
 from feedback.registry import BASE_VERSION, version_name
 from feedback.topics import FEEDBACK
@@ -66,6 +67,9 @@ class ServiceConfig:
     policy_prompts: int = 16
     gate_prompts: int = 16
     redis_url: str = ""  # where the dashboard's loop status goes (feedback/loop_status.py); "" = nowhere
+    # "users": serving tests each published version against users' incumbent (feedback/canary.py): no new
+    # round while a test runs, and each round continues from the incumbent — a rejected candidate is left behind
+    canary: str = "off"
 
 
 class TrainerService:
@@ -239,10 +243,20 @@ class TrainerService:
         costs seconds — but for at most as many votes again: neither side can starve the other."""
         if self.rounds is None or not self.state.votes_since_round:
             return False
+        if self.cfg.canary == "users" and self._canary_test_running():
+            return False  # users are judging the last candidate: a newer one would cut their test short
         every, trained = self.cfg.policy_every_votes, self.state.votes_since_round
         if trained >= every and len(self.pending) > every and trained < 2 * every:
             return False  # catching up
         return trained >= every or time.time() - self.state.last_round_at >= self.cfg.policy_every_s
+
+    def _canary_test_running(self) -> bool:
+        try:
+            current, _ = read_canary(self.redis)
+        except Exception as e:  # Redis away: cannot tell, so wait
+            log.warning("cannot read the canary test: %s: %s", type(e).__name__, e)
+            return True
+        return current is not None and current.status in ("running", "paused")
 
     def policy_round(self) -> RoundResult | None:
         """Improve the policy with the current reward model on recent user prompts; gate; publish."""
@@ -258,10 +272,14 @@ class TrainerService:
         log.info("policy round: %d prompts, gate on %d held-out prompts", len(prompts), len(eval_prompts))
         t0 = time.time()
         try:
+            live = "latest"
+            if self.cfg.canary == "users":
+                live = users_incumbent(*read_canary(self.redis))
+                self.rounds.follow(live)
             result = self.rounds.run(prompts, eval_prompts, reward_model_fn(self.reward.model),
                                      recent=trained[-self.cfg.policy_prompts:], judge_votes=trained + self.held_out,
                                      kafka_offsets=self.state.offsets, oldest_vote_ts=self.state.oldest_unrounded_vote,
-                                     signals=signals)
+                                     signals=signals, live_name=live)
         except Exception:
             metrics.POLICY_ROUNDS.labels(result="failed").inc()
             log.exception("policy round failed")
