@@ -131,6 +131,8 @@ class Settings(BaseSettings):
     canary_max_votes: int = Field(2000, ge=1)  # undecided after this many cross-version votes: rejected
     canary_max_hours: float = Field(72.0, gt=0.0)  # ...or after this long
     canary_tuned_for: int = Field(200, ge=1)  # votes where the confidence sequence is tightest
+    # "length_controlled": a promotion also needs the win rate at equal answer lengths above the margin
+    canary_rule: Literal["raw", "length_controlled"] = "raw"
 
     def canary_config(self):
         from feedback.canary import CanaryConfig

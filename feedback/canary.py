@@ -34,6 +34,7 @@ CANARY = "duet:canary"
 CANARY_VOTES = "duet:canary:votes"
 CANARY_HISTORY = "duet:canary:history"
 HISTORY_KEEP = 100
+USERS_JUDGE = "users"  # the judge name of users' cross-version votes on the leaderboard
 
 Status = Literal["running", "paused", "promoted", "rejected"]
 Reason = Literal["votes", "budget", "admin", "superseded", "load_failed"]
@@ -47,6 +48,9 @@ class CanaryConfig(BaseModel):
     max_votes: int = 2000  # undecided after this many cross-version votes: rejected
     max_hours: float = 72.0  # ...or after this long
     tuned_for: int = 200  # votes at which the confidence sequence is tightest
+    # "length_controlled": promote only if, besides the raw rule, the win rate at equal answer lengths also
+    # clears the margin — a candidate that wins by writing longer is not promoted (users favour length)
+    rule: Literal["raw", "length_controlled"] = "raw"
 
 
 class CanaryTest(BaseModel):
@@ -88,18 +92,43 @@ def outcome(choice: str, candidate_position: int) -> float:
     return 1.0 if "ab".index(choice) == candidate_position else 0.0
 
 
-def decide(test: CanaryTest, cfg: CanaryConfig, now: float) -> tuple[Status, Reason] | None:
-    """What the tallies say now: (status, reason) to move to, or None to keep going."""
+def decide(test: CanaryTest, cfg: CanaryConfig, now: float,
+           length_controlled_win_rate: float | None = None) -> tuple[Status, Reason] | None:
+    """What the tallies say now: (status, reason) to move to, or None to keep going. Under the
+    length-controlled rule a promotion also needs `length_controlled_win_rate` above the margin; this
+    only ever withholds promotions, so the raw rule's A/A guarantee still holds."""
     if test.status != "running":
         return None
     verdict = test.sequence(cfg).decide(cfg.margin)
-    if verdict == "above":
+    if verdict == "above" and (cfg.rule == "raw" or (length_controlled_win_rate or 0.0) > cfg.margin):
         return "promoted", "votes"
     if verdict == "below":
         return "rejected", "votes"
     if test.votes >= cfg.max_votes or now - test.started_at >= cfg.max_hours * 3600:
         return "rejected", "budget"
     return None
+
+
+def trajectory(scores: list[float], cfg: CanaryConfig, points: int = 200) -> list[tuple[int, float, float, float]]:
+    """(votes, win rate, lower, upper) after each vote — at most `points` of them, evenly spaced, the last
+    always — for the dashboard's chart of the confidence sequence closing in."""
+    cs = ConfidenceSequence(alpha=cfg.alpha, tuned_for=cfg.tuned_for)
+    step = max(1, len(scores) // points)
+    out = []
+    for i, x in enumerate(scores, 1):
+        cs.update(x)
+        if i % step == 0 or i == len(scores):
+            low, high = cs.interval()
+            out.append((i, cs.mean, low, high))
+    return out
+
+
+def users_battle(test: CanaryTest, length_controlled_win_rate: float | None = None):
+    """The test as a battle on the leaderboard, judged by users (feedback/loop_status.py)."""
+    from feedback.loop_status import Battle
+
+    return Battle(model_a=test.candidate, model_b=test.incumbent, wins=test.wins, ties=test.ties, losses=test.losses,
+                  judge=USERS_JUDGE, length_controlled_win_rate=length_controlled_win_rate)
 
 
 # --- Redis ------------------------------------------------------------------------------------------

@@ -93,6 +93,8 @@ class Battle(BaseModel):
     ties: int = Field(ge=0, le=MAX_VERDICTS)
     losses: int = Field(ge=0, le=MAX_VERDICTS)
     judge: str = Field(min_length=1, max_length=64, pattern=NAME)  # "gate_judges" (the gate), "simulated:<rule>", "human", ...
+    # users' canary tests: a's win rate at equal answer lengths (feedback/arena.py length_controlled)
+    length_controlled_win_rate: float | None = Field(None, ge=0.0, le=1.0)
 
 
 M = TypeVar("M", bound=BaseModel)

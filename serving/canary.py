@@ -22,8 +22,11 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 
+import numpy as np
+
+from feedback import loop_status
 from feedback.arena import length_controlled
-from feedback.canary import CanaryConfig, CanaryStore, CanaryTest, decide, outcome
+from feedback.canary import CanaryConfig, CanaryStore, CanaryTest, decide, outcome, users_battle
 from feedback.comparisons import PendingComparison, SamplingSpec
 from serving import metrics
 from serving.engine import Engine, GenerationStep
@@ -125,11 +128,13 @@ class CanaryRunner:
 
     async def step(self) -> None:
         t = await self.store.current()
-        if t is not None and (verdict := decide(t, self.cfg, time.time())) is not None:
+        lc = await self.length_controlled_win_rate() if t and self.cfg.rule == "length_controlled" else None
+        if t is not None and (verdict := decide(t, self.cfg, time.time(), lc)) is not None:
             status, reason = verdict
             if await self.store.move(t.candidate, ("running",), status, reason) == "ok":
                 metrics.CANARY_DECISIONS.labels(decision=status, reason=reason).inc()
                 log.info("canary: %s %s by %s (%d votes)", t.candidate, status, reason, t.votes)
+                await self.record_battle(t)
             t = await self.store.current()
         self.test = t
         self._export(t)
@@ -175,6 +180,20 @@ class CanaryRunner:
         metrics.CANARY_AGE.set(time.time() - t.started_at if running else 0)
         metrics.CANARY_BUDGET.set(self.cfg.max_hours * 3600)
 
+    async def record_battle(self, t: CanaryTest) -> None:
+        """A decided test goes on the leaderboard as users' verdicts (once: by whoever decided it)."""
+        await loop_status.arecord(self.store.redis, loop_status.BATTLES,
+                                  users_battle(t, await self.length_controlled_win_rate()))
+
+    async def length_controlled_win_rate(self) -> float | None:
+        """The current test's win rate at equal answer lengths (Bradley–Terry with the length difference
+        as a covariate): users favour longer answers, so a candidate may win by length alone."""
+        votes = await self.store.votes()
+        if len(votes) < 2:
+            return None
+        s, a, b = (np.array(x, dtype=float) for x in zip(*votes))
+        return round((await asyncio.to_thread(length_controlled, s, a, b))[0], 4)
+
     # --- admin ------------------------------------------------------------------------------
     async def status(self) -> dict:
         t = await self.store.current()
@@ -182,11 +201,5 @@ class CanaryRunner:
                      "candidate_loaded": (self.candidate.engine.model_version if self.candidate else None),
                      "load_error": self.load_error, "pair_share": self.cfg.pair_share}
         if t is not None:
-            out["test"] = t.summary(self.cfg)
-            votes = await self.store.votes()
-            if votes:
-                import numpy as np
-
-                s, a, b = (np.array(x) for x in zip(*votes))
-                out["test"]["length_controlled_win_rate"] = length_controlled(s, a, b)[0]
+            out["test"] = {**t.summary(self.cfg), "length_controlled_win_rate": await self.length_controlled_win_rate()}
         return out

@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 
 from feedback import loop_status as ls
 from feedback.arena import bootstrap_win_rate, leaderboard
+from feedback.canary import USERS_JUDGE, CanaryConfig, CanaryStore, trajectory, users_battle
 from feedback.outbox import async_outbox_stats
 from feedback.registry import BASE_VERSION
 
@@ -45,14 +46,30 @@ class Dashboard(BaseModel):
     consumer_lag: int | None
     outbox_depth: int
     outbox_oldest_age_s: float
+    canary: CanaryPanel | None = None  # with DUET_CANARY=users
 
 
 class LeaderboardEntry(BaseModel):
+    judge: str  # scores are fitted per judge: users' votes are never mixed with a model's opinion
     model_version: str
     score: float
     ci_low: float
     ci_high: float
     battles: int
+    length_controlled_score: float | None = None  # users only: the score at equal answer lengths
+
+
+class CanaryPoint(BaseModel):
+    votes: int
+    win_rate: float
+    lower: float
+    upper: float
+
+
+class CanaryPanel(BaseModel):
+    test: dict | None  # CanaryTest.summary(): status, tallies, bounds, margin, budget
+    trajectory: list[CanaryPoint]  # the running win rate and its confidence sequence, vote by vote
+    decisions: list[dict]  # earlier tests, newest first
 
 
 class Leaderboard(BaseModel):
@@ -95,7 +112,17 @@ def win_rates(battles: list[ls.Battle]) -> list[VersionWinRate]:
     return sorted(out, key=lambda r: (r.model_version, r.judge))
 
 
-async def build_dashboard(redis, model_version: str | None, hours: float = 24.0) -> Dashboard:
+async def canary_panel(redis, cfg: CanaryConfig) -> CanaryPanel:
+    store = CanaryStore(redis)
+    test, history, votes = await asyncio.gather(store.current(), store.history(), store.votes())
+    points = await asyncio.to_thread(trajectory, [v[0] for v in votes], cfg)
+    return CanaryPanel(test=test.summary(cfg) if test else None,
+                       trajectory=[CanaryPoint(votes=n, win_rate=m, lower=lo, upper=hi) for n, m, lo, hi in points],
+                       decisions=[h.summary(cfg) for h in history])
+
+
+async def build_dashboard(redis, model_version: str | None, hours: float = 24.0,
+                          canary: CanaryConfig | None = None) -> Dashboard:
     bucket_s = 60 if hours <= 6 else 600
     (votes, totals), rm, rounds, swaps, battles, (depth, age) = await asyncio.gather(
         vote_buckets(redis, hours, bucket_s), ls.aread(redis, ls.REWARD_MODEL, ls.RewardModelStatus, 500),
@@ -105,14 +132,42 @@ async def build_dashboard(redis, model_version: str | None, hours: float = 24.0)
     rates = await asyncio.to_thread(win_rates, battles)
     return Dashboard(model_version=model_version, votes_total=totals, votes=votes, bucket_s=bucket_s,
                      win_rates=rates, reward_model=rm, rounds=rounds, swaps=swaps,
-                     consumer_lag=rm[-1].consumer_lag if rm else None, outbox_depth=depth, outbox_oldest_age_s=age)
+                     consumer_lag=rm[-1].consumer_lag if rm else None, outbox_depth=depth, outbox_oldest_age_s=age,
+                     canary=await canary_panel(redis, canary) if canary else None)
 
 
-async def build_leaderboard(redis, judge: str | None = None) -> Leaderboard:
+def judge_boards(battles: list[ls.Battle]) -> list[LeaderboardEntry]:
+    """Bradley–Terry per judge (ties ½, 95 % bootstrap intervals, base = 1000); for users, beside it the
+    score refitted on each test's length-controlled win rate (its verdicts as if the answers were equally
+    long: n · p_lc wins, the rest losses)."""
+    by_judge: dict[str, list[ls.Battle]] = defaultdict(list)
+    for b in battles:
+        by_judge[b.judge].append(b)
+    out = []
+    for judge, group in sorted(by_judge.items(), key=lambda kv: (kv[0] != USERS_JUDGE, kv[0])):
+        lc_scores = {}
+        if judge == USERS_JUDGE:
+            lc = []
+            for b in group:
+                n = b.wins + b.ties + b.losses
+                p = b.length_controlled_win_rate
+                if p is not None and n:
+                    wins = round(n * p)
+                    lc.append(b.model_copy(update={"wins": wins, "ties": 0, "losses": n - wins}))
+            lc_scores = {r.model_version: r.score for r in leaderboard(lc, BASE_VERSION)} if lc else {}
+        out += [LeaderboardEntry(judge=judge, model_version=r.model_version, score=r.score, ci_low=r.ci_low,
+                                 ci_high=r.ci_high, battles=r.battles,
+                                 length_controlled_score=lc_scores.get(r.model_version))
+                for r in leaderboard(group, BASE_VERSION)]
+    return out
+
+
+async def build_leaderboard(redis, judge: str | None = None, canary: CanaryConfig | None = None) -> Leaderboard:
     battles = await ls.aread(redis, ls.BATTLES, ls.Battle, 5000)
+    if canary is not None:  # the running test's votes so far: users' live battle
+        test = await CanaryStore(redis).current()
+        if test is not None and test.status in ("running", "paused") and test.votes:
+            battles.append(users_battle(test))
     if judge:
         battles = [b for b in battles if b.judge == judge]
-    ratings = await asyncio.to_thread(leaderboard, battles, BASE_VERSION)
-    return Leaderboard(judge=judge, data=[LeaderboardEntry(model_version=r.model_version, score=r.score,
-                                                           ci_low=r.ci_low, ci_high=r.ci_high, battles=r.battles)
-                                          for r in ratings])
+    return Leaderboard(judge=judge, data=await asyncio.to_thread(judge_boards, battles))

@@ -155,6 +155,22 @@ def test_users_promote_a_better_candidate_and_reject_a_worse_one(canary_server, 
         assert admin.get("/admin/models").json()["current"] == blue  # the incumbent keeps serving
         assert [h["candidate"] for h in st["history"]] == [blue]
 
+        # what people see: the dashboard's canary panel, and users' scores kept apart from other judges'
+        user = {"Authorization": f"Bearer {key}"}
+        panel = httpx.get(url + "/v1/dashboard", headers=user, timeout=30).json()["canary"]
+        assert panel["test"]["candidate"] == plain and panel["test"]["status"] == "rejected"
+        assert panel["trajectory"][-1]["votes"] == panel["test"]["votes"]
+        assert panel["trajectory"][-1]["upper"] < 0.5 < panel["trajectory"][0]["upper"]
+        assert [(d["candidate"], d["status"]) for d in panel["decisions"]] == [(blue, "promoted")]
+        board = httpx.get(url + "/v1/leaderboard", headers=user, timeout=30).json()["data"]
+        users = {e["model_version"]: e for e in board if e["judge"] == "users"}
+        assert set(users) == {"base", blue, plain}
+        assert users[blue]["score"] > users["base"]["score"] and users[blue]["score"] > users[plain]["score"]
+        assert users[blue]["length_controlled_score"] is not None
+        spoof = admin.post("/admin/evaluations", json={"model_a": plain, "model_b": blue, "wins": 100, "ties": 0,
+                                                       "losses": 0, "judge": "users"})
+        assert_openai_error(spoof, 400)  # nobody else speaks for users
+
         # (c) by hand
         third = publish(registry, make_tiny_llama(tmp_path / "third", seed=3))
         announce(broker, registry, third)

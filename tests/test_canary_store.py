@@ -44,6 +44,13 @@ def test_decide_promotes_rejects_and_stops_at_the_budget():
     assert decide(even.model_copy(update={"ties": 20}), cfg, now=10) == ("rejected", "budget")
     assert decide(t, cfg, now=3600) == ("rejected", "budget")
     assert decide(t.model_copy(update={"status": "paused", "wins": 200}), cfg, now=10) is None  # paused: waits
+    # the length-controlled rule withholds a promotion won by length alone, and nothing else
+    lc = CanaryConfig(max_votes=500, rule="length_controlled")
+    ahead = t.model_copy(update={"wins": 150, "losses": 50})
+    assert decide(ahead, lc, now=10, length_controlled_win_rate=0.45) is None
+    assert decide(ahead, lc, now=10, length_controlled_win_rate=0.7) == ("promoted", "votes")
+    assert decide(t.model_copy(update={"wins": 50, "losses": 150}), lc, now=10, length_controlled_win_rate=0.9) == (
+        "rejected", "votes")
 
 
 def test_aa_candidates_are_rarely_promoted():

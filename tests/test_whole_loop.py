@@ -110,7 +110,7 @@ def test_duet_up_learns_from_simulated_users(tmp_path):
         judged = {(w["model_version"], w["judge"]) for w in dash["win_rates"]}
         assert (final.model_version, "simulated:tests.sim_rules:likes_blue") in judged
         board = httpx.get(f"{cfg.base_url}/v1/leaderboard", headers=auth, timeout=30).json()["data"]
-        scores = {e["model_version"]: e for e in board}
+        scores = {e["model_version"]: e for e in board if e["judge"] == "simulated:tests.sim_rules:likes_blue"}
         assert scores[final.model_version]["score"] > scores["base"]["score"]
 
         # A crashed child is restarted, and counted.

@@ -9,6 +9,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from feedback import loop_status
+from feedback.canary import USERS_JUDGE
 from feedback.registry import parse_version
 from feedback.rollouts import RolloutRequest, RolloutResponse
 from serving.deps import AdminDep, EngineDep, RuntimeDep, SwapperDep
@@ -51,6 +52,9 @@ async def admin_updates(action: str, swapper: SwapperDep) -> dict:
 async def admin_evaluation(_: AdminDep, battle: loop_status.Battle, rt: RuntimeDep) -> loop_status.Battle:
     """Verdicts between two versions from an outside judge (raters, `duet simulate`): on the leaderboard.
     The key is checked (a dependency) before the body is validated."""
+    if battle.judge == USERS_JUDGE:
+        raise APIError(400, f"the judge name '{USERS_JUDGE}' is reserved for users' votes in canary tests",
+                       param="judge", code="reserved_judge")
     await loop_status.arecord(rt.redis, loop_status.BATTLES, battle)
     return battle
 

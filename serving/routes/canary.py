@@ -37,5 +37,7 @@ async def canary_action(candidate: str, action: Literal["promote", "reject", "pa
     if result != "ok":
         raise APIError(409, f"cannot {action} the test of '{candidate}': it is {result}", param="action",
                        code=f"canary_{result}")
+    if to in ("promoted", "rejected"):
+        await canary.record_battle(await canary.store.current())
     await canary.step()  # carry it out on this replica now; the others follow within a second
     return await canary.status()

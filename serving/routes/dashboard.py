@@ -7,6 +7,7 @@ from pathlib import Path
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
 
+from feedback.canary import CanaryConfig
 from serving.dashboard import Dashboard, Leaderboard, build_dashboard, build_leaderboard
 from serving.deps import ApiKeyDep, RuntimeDep
 
@@ -27,9 +28,15 @@ async def dashboard_page() -> FileResponse:
 
 @router.get("/v1/dashboard")
 async def dashboard(_: ApiKeyDep, rt: RuntimeDep, hours: float = Query(24.0, gt=0, le=24 * 30)) -> Dashboard:
-    return await build_dashboard(rt.redis, rt.engine.model_version if rt.engine else None, hours)
+    return await build_dashboard(rt.redis, rt.engine.model_version if rt.engine else None, hours, _canary(rt))
 
 
 @router.get("/v1/leaderboard")
 async def leaderboard(_: ApiKeyDep, rt: RuntimeDep, judge: str | None = Query(None, max_length=64)) -> Leaderboard:
-    return await build_leaderboard(rt.redis, judge)
+    """Bradley–Terry scores per judge — users' cross-version votes (with a length-controlled score), the
+    trainer's gate, outside judges — never mixed; `judge` keeps one."""
+    return await build_leaderboard(rt.redis, judge, _canary(rt))
+
+
+def _canary(rt) -> CanaryConfig | None:
+    return rt.settings.canary_config() if rt.settings.canary == "users" else None

@@ -97,6 +97,33 @@
       node("path", {d, fill: "none", stroke: "#1e8e5a", "stroke-width": 2})]));
   }
 
+  function canaryPanel(panel) {
+    $("canary-card").hidden = !panel;
+    if (!panel) return;
+    const t = panel.test;
+    $("canary-title").textContent = t ? `${t.candidate} vs ${t.incumbent}: ${t.status}${t.reason ? ` (${t.reason})` : ""}, ${t.votes} votes` : "no test yet";
+    const target = $("canary-chart");
+    const pts = panel.trajectory;
+    if (!pts.length) {
+      empty(target, "No cross-version votes yet.");
+    } else {
+      const maxVotes = Math.max(1, pts[pts.length - 1].votes);
+      const x = (v) => PAD.l + (v / maxVotes) * (W - PAD.l - PAD.r);
+      const y = (v) => H - PAD.b - v * (H - PAD.t - PAD.b);
+      const line = (key) => pts.map((p, i) => `${i ? "L" : "M"}${x(p.votes)},${y(p[key])}`).join(" ");
+      const band = `${line("upper")} ${pts.slice().reverse().map((p) => `L${x(p.votes)},${y(p.lower)}`).join(" ")} Z`;
+      const margin = t ? t.margin : 0.5;
+      target.replaceChildren(svg([...axes(1, pct, [[PAD.l + 30, "0 votes"], [W - PAD.r - 40, `${maxVotes} votes`]]),
+        node("path", {d: band, fill: "#2f6fde", opacity: 0.15}),
+        node("line", {x1: PAD.l, x2: W - PAD.r, y1: y(margin), y2: y(margin), stroke: "#c2413a", "stroke-dasharray": "4 3"}),
+        node("path", {d: line("win_rate"), fill: "none", stroke: "#2f6fde", "stroke-width": 2})]));
+    }
+    const decided = (t && (t.status === "promoted" || t.status === "rejected") ? [t] : []).concat(panel.decisions);
+    table("canary-decisions", ["candidate", "vs", "decision", "votes", "win rate", "bounds"],
+      decided.map((d) => [d.candidate, d.incumbent, `${d.status} (${d.reason})`, d.votes, pct(d.win_rate), `${pct(d.lower)} – ${pct(d.upper)}`]),
+      "No test decided yet.");
+  }
+
   function table(id, head, rows, emptyText) {
     const t = $(id);
     t.replaceChildren();
@@ -124,8 +151,10 @@
     votesChart(data);
     winRateChart(data);
     rmChart(data);
-    table("leaderboard", ["version", "score", "95 % CI", "verdicts"],
-      board.data.map((r) => [r.model_version, r.score.toFixed(0), `${r.ci_low.toFixed(0)} – ${r.ci_high.toFixed(0)}`, r.battles]),
+    canaryPanel(data.canary);
+    table("leaderboard", ["judge", "version", "score", "95 % CI", "length-controlled", "verdicts"],
+      board.data.map((r) => [r.judge, r.model_version, r.score.toFixed(0), `${r.ci_low.toFixed(0)} – ${r.ci_high.toFixed(0)}`,
+        r.length_controlled_score === null ? "–" : r.length_controlled_score.toFixed(0), r.battles]),
       "No verdicts between versions yet.");
     table("rounds", ["time", "result", "version", "reward", "KL", "win rate"],
       data.rounds.slice().reverse().map((r) => [hhmm(r.ts), r.result + (r.reasons.length ? ` (${r.reasons.join(", ")})` : ""),
