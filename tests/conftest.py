@@ -31,13 +31,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def redis_client():
-    r = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+def empty_redis(url: str):
+    """A client of a Redis database emptied before and after (a generator for fixtures)."""
+    r = redis.Redis.from_url(url, decode_responses=True)
     r.flushdb()
     yield r
     r.flushdb()
     r.close()
+
+
+@pytest.fixture(scope="session")
+def redis_client():
+    yield from empty_redis(REDIS_URL)
 
 
 @pytest.fixture(scope="session")
@@ -75,7 +80,7 @@ def make_tiny_llama(out: Path, seed: int = 0, hidden_size: int = 128, edit=None)
     return out
 
 
-def make_blue_llama(out: Path) -> Path:
+def make_blue_llama(out: Path, strength: float = 1.5) -> Path:
     """A tiny random Llama that says " blue" in about one answer in seven under full-distribution
     sampling (its embedding has a larger component along a dimension every token shares): a
     preference for "blue" shows up in samples, so a policy has something to learn from it."""
@@ -89,7 +94,7 @@ def make_blue_llama(out: Path) -> Path:
     def edit(model):
         emb = model.model.embed_tokens.weight
         emb[:, 0] = 0.5
-        emb[blue, 0] = 1.5
+        emb[blue, 0] = strength  # 1.5: about one answer in seven; 4: most answers
 
     return make_tiny_llama(out, edit=edit)
 

@@ -22,30 +22,13 @@ from feedback.broker import EmbeddedBroker
 from feedback.events import WeightsAnnouncement
 from feedback.registry import manifest_checksum
 from feedback.topics import WEIGHTS, ensure_topics
-from tests.conftest import ADMIN_KEY, TEST_REDIS_DB, duet_env, free_port, make_tiny_llama, wait_for
+from tests.conftest import ADMIN_KEY, TEST_REDIS_DB, duet_env, free_port, make_blue_llama, make_tiny_llama, wait_for
 from tests.test_serving_api import assert_openai_error
 from tests.test_swap import publish
 
 pytestmark = pytest.mark.slow
 REDIS_URL = f"redis://127.0.0.1:6379/{TEST_REDIS_DB - 1}"  # not the session server's
 PROMPTS = ["Say something.", "Tell me a colour.", "Describe the sky.", "What do you like?"]
-
-
-def make_very_blue_llama(out):
-    """Like conftest's blue Llama, but " blue" comes in most answers."""
-    from transformers import AutoTokenizer
-
-    from duet.model_assets import gguf_path
-
-    src = gguf_path()
-    blue = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name).encode(" blue", add_special_tokens=False)[0]
-
-    def edit(model):
-        emb = model.model.embed_tokens.weight
-        emb[:, 0] = 0.5
-        emb[blue, 0] = 4.0
-
-    return make_tiny_llama(out, edit=edit)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +108,7 @@ def test_users_promote_a_better_candidate_and_reject_a_worse_one(canary_server, 
     url, key, registry, broker, log = canary_server
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=120) as admin:
         # (a) a better candidate
-        blue = publish(registry, make_very_blue_llama(tmp_path / "blue"))
+        blue = publish(registry, make_blue_llama(tmp_path / "blue", strength=4.0))
         announce(broker, registry, blue)
         wait_test(admin, blue, lambda st: st["candidate_loaded"] == blue)
         assert admin.get("/admin/models").json()["current"] == "base"  # not live before users decide

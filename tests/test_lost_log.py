@@ -22,7 +22,7 @@ from feedback.outbox import OUTBOX
 from feedback.relay import OutboxRelay
 from feedback.topics import FEEDBACK
 from feedback.unconfirmed import LOG_EPOCH, UNCONFIRMED, Unconfirmed
-from tests.conftest import TEST_REDIS_DB
+from tests.conftest import TEST_REDIS_DB, empty_redis
 from tests.kafka_helpers import read_topic
 from trainer import checkpoint
 from trainer.synthetic import marker_event
@@ -32,11 +32,7 @@ REDIS_URL = f"redis://127.0.0.1:6379/{TEST_REDIS_DB + 1}"  # not the session ser
 
 @pytest.fixture()
 def r():
-    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
+    yield from empty_redis(REDIS_URL)
 
 
 def add_vote(r: redis.Redis, event_id: str, payload: str = "{}", key: str = "cmp") -> None:
