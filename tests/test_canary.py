@@ -170,3 +170,16 @@ def test_users_promote_a_better_candidate_and_reject_a_worse_one(canary_server, 
         assert_openai_error(admin.post(f"/admin/canary/{third}/promote"), 409)  # decided already
         assert admin.get("/admin/models").json()["current"] == blue
         assert_openai_error(httpx.get(url + "/admin/canary", headers={"Authorization": f"Bearer {key}"}), 403)
+
+        # (d) a candidate this replica cannot load (other tensor shapes): it says so and keeps serving alone
+        wide = publish(registry, make_tiny_llama(tmp_path / "wide", hidden_size=192))
+        announce(broker, registry, wide)
+        wait_test(admin, wide, lambda st: st["load_error"] is not None)
+        models = admin.get("/admin/models").json()
+        assert models["current"] == blue and models["canary"]["candidate"] == wide
+        assert models["canary"]["candidate_loaded"] != wide and "differ" in models["canary"]["load_error"]
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120) as c:
+            body, _ = blue_user(c, 2)
+        assert set(body["duet"].get("model_versions") or [body["duet"]["model_version"]]) == {blue}
+        assert "duet_canary_candidate_loaded 0.0" in httpx.get(url + "/metrics").text
+        assert "duet_canary_load_failures_total 1.0" in httpx.get(url + "/metrics").text

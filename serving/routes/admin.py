@@ -21,10 +21,16 @@ router = APIRouter(prefix="/admin")
 
 
 @router.get("/models")
-async def admin_models(swapper: SwapperDep) -> dict:
-    return {**swapper.status(), "versions": [m.model_dump(mode="json", include={"version", "name", "parent_version",
-                                                                                  "created_at", "eval"})
-                                             for m in swapper.registry.versions()]}
+async def admin_models(swapper: SwapperDep, rt: RuntimeDep) -> dict:
+    out = {**swapper.status(), "versions": [m.model_dump(mode="json", include={"version", "name", "parent_version",
+                                                                                 "created_at", "eval"})
+                                            for m in swapper.registry.versions()]}
+    if rt.canary is not None:  # what this replica holds for the canary test (it serves the incumbent regardless)
+        c = rt.canary
+        out["canary"] = {"candidate": c.test.candidate if c.test else None, "status": c.test.status if c.test else None,
+                         "candidate_loaded": c.candidate.engine.model_version if c.candidate else None,
+                         "load_error": c.load_error}
+    return out
 
 
 @router.post("/models/{version}/activate")
