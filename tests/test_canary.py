@@ -31,6 +31,29 @@ REDIS_URL = f"redis://127.0.0.1:6379/{TEST_REDIS_DB - 1}"  # not the session ser
 PROMPTS = ["Say something.", "Tell me a colour.", "Describe the sky.", "What do you like?"]
 
 
+class CanaryServer:
+    """`duet serve` with DUET_CANARY=users; `restart()` stops and starts it on the same Redis and broker."""
+
+    def __init__(self, env: dict, home, url: str, broker: EmbeddedBroker) -> None:
+        self.env, self.home, self.url, self.broker = env, home, url, broker
+        self.registry = home / "registry"
+        self.proc = None
+        self.key = ""
+
+    def start(self) -> None:
+        log = open(self.home / "server.log", "a")
+        self.proc = subprocess.Popen([sys.executable, "-m", "duet.cli", "serve"], env=self.env, stdout=log,
+                                     stderr=subprocess.STDOUT)
+        wait_for(self.url + "/ready", self.proc, self.home / "server.log", 300)
+
+    def stop(self) -> None:
+        stop_process(self.proc, timeout=30)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
 @pytest.fixture(scope="module")
 def canary_server(tiny_model, tmp_path_factory):
     home = tmp_path_factory.mktemp("canary-home")
@@ -42,17 +65,14 @@ def canary_server(tiny_model, tmp_path_factory):
     env = duet_env(tiny_model, home, port, broker.bootstrap)
     env.update({"DUET_REDIS_URL": REDIS_URL, "DUET_CANARY": "users", "DUET_CANARY_PAIR_SHARE": "1.0",
                 "DUET_CANARY_MAX_VOTES": "400", "DUET_CANARY_TUNED_FOR": "60", "DUET_DEFAULT_MAX_TOKENS": "12"})
-    log = open(home / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "duet.cli", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    server = CanaryServer(env, home, f"http://127.0.0.1:{port}", broker)
     try:
-        wait_for(url + "/ready", proc, home / "server.log", 300)
-        key = subprocess.run([sys.executable, "-m", "duet.cli", "keys", "create", "--name", "users"], env=env,
-                             capture_output=True, text=True, check=True, timeout=60).stdout.strip()
-        yield url, key, home / "registry", broker, home / "server.log"
+        server.start()
+        server.key = subprocess.run([sys.executable, "-m", "duet.cli", "keys", "create", "--name", "users"], env=env,
+                                    capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+        yield server
     finally:
-        stop_process(proc, timeout=30)
-        log.close()
+        server.stop()
         broker.stop()
         r.flushdb()
 
@@ -105,7 +125,7 @@ def vote_until(url: str, key: str, admin: httpx.Client, candidate: str, limit: i
 
 
 def test_users_promote_a_better_candidate_and_reject_a_worse_one(canary_server, tmp_path):
-    url, key, registry, broker, log = canary_server
+    url, key, registry, broker = canary_server.url, canary_server.key, canary_server.registry, canary_server.broker
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=120) as admin:
         # (a) a better candidate
         blue = publish(registry, make_blue_llama(tmp_path / "blue", strength=4.0))
@@ -145,6 +165,13 @@ def test_users_promote_a_better_candidate_and_reject_a_worse_one(canary_server, 
         assert panel["trajectory"][-1]["votes"] == panel["test"]["votes"]
         assert panel["trajectory"][-1]["upper"] < 0.5 < panel["trajectory"][0]["upper"]
         assert [(d["candidate"], d["status"]) for d in panel["decisions"]] == [(blue, "promoted")]
+
+        # decisions live in Redis: a restarted replica serves what users promoted, and knows what they rejected
+        canary_server.restart()
+        fresh = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        assert httpx.get(url + "/admin/models", headers=fresh, timeout=60).json()["current"] == blue
+        after = httpx.get(url + "/admin/canary", headers=fresh, timeout=60).json()
+        assert (after["test"]["candidate"], after["test"]["status"]) == (plain, "rejected")
         board = httpx.get(url + "/v1/leaderboard", headers=user, timeout=30).json()["data"]
         users = {e["model_version"]: e for e in board if e["judge"] == "users"}
         assert set(users) == {"base", blue, plain}
