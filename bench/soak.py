@@ -163,8 +163,12 @@ def main() -> None:
                 while time.time() + 60 < end:
                     await asyncio.sleep(60)
                     swap_times.append(time.time())
-                    r = await c.post(f"/admin/models/{target}/activate")
-                    swaps.append({"to": target, "status": r.status_code, **r.json().get("swap", {})})
+                    try:
+                        r = await c.post(f"/admin/models/{target}/activate", timeout=300)
+                        swaps.append({"to": target, "status": r.status_code, **r.json().get("swap", {}),
+                                      **({"error": r.json()["error"]["message"][:200]} if r.status_code != 200 else {})})
+                    except httpx.HTTPError as e:  # a swap that hangs is a finding, not the end of the soak
+                        swaps.append({"to": target, "status": 0, "error": repr(e)[:200]})
                     target = "base" if target == version else version
 
         async def broker_killer() -> None:
@@ -198,6 +202,7 @@ def main() -> None:
               "votes_unaccounted": load["votes_accepted"] - sum(accounted.values()),
               "swaps": len(swaps), "swaps_ok": sum(s.get("result") == "ok" for s in swaps),
               "swap_pause_s": [round(s.get("pause_s", 0), 3) for s in swaps],
+              "swap_failures": [s.get("error") for s in swaps if s.get("result") != "ok"][:5],
               "targets": {"failed": 0, "votes_consumed_by_trainer": "== votes_accepted", "votes_unaccounted": 0}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
