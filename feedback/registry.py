@@ -156,12 +156,15 @@ class Registry:
         pointer_tmp = self.root / f".{LATEST}.tmp"
         pointer_tmp.write_text(name)
         os.replace(pointer_tmp, self.root / LATEST)
-        self._prune()
+        self._prune(manifest.parent_version)
         return manifest, final
 
-    def _prune(self) -> None:
+    def _prune(self, parent: int | None = None) -> None:
+        """Keep the newest `keep` versions, and the new version's parent whatever its age: under canary
+        tests it is users' incumbent, which may be older than several rejected candidates."""
         for m in self.versions()[:-self.keep]:
-            shutil.rmtree(self.root / m.name, ignore_errors=True)
+            if m.version != parent:
+                shutil.rmtree(self.root / m.name, ignore_errors=True)
         for stale in self.root.glob(".tmp-*"):  # left by a crash mid-publish
             if stale.is_dir() and not stale.name.endswith(f"-{os.getpid()}"):
                 shutil.rmtree(stale, ignore_errors=True)

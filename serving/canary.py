@@ -90,6 +90,7 @@ class CanaryRunner:
         self.test: CanaryTest | None = None  # as last read from Redis
         self.load_error: str | None = None
         self._failed: str | None = None  # the candidate this replica could not load (not retried)
+        self._promotion_failed: str | None = None  # a promoted candidate whose swap failed here (not retried)
         self.rng = rng or random.Random()
 
     # --- what chat and votes ask ------------------------------------------------------------
@@ -140,9 +141,12 @@ class CanaryRunner:
         self._export(t)
         if t is None:
             return
-        if t.status == "promoted" and self.incumbent.engine.model_version != t.candidate:
+        if (t.status == "promoted" and self.incumbent.engine.model_version != t.candidate
+                and self._promotion_failed != t.candidate):
             rec = await self.incumbent.activate(t.candidate)
-            log.info("canary: promoted %s swapped in: %s", t.candidate, rec.result)
+            log.info("canary: promoted %s swapped in: %s %s", t.candidate, rec.result, rec.reason or "")
+            if rec.result != "ok":  # the swap's checks refused it here: say so once (/admin/models, swap metrics)
+                self._promotion_failed = t.candidate
         elif t.status in ("running", "paused"):
             await self._load_candidate(t.candidate)
 

@@ -345,6 +345,21 @@ def test_version_numbers_are_never_reused(tmp_path):
     assert third.name == "v000003" and [m.version for m in reg.versions()] == [1, 3]
 
 
+def test_pruning_keeps_the_parent_however_old(tmp_path):
+    """Under canary tests users may reject several candidates in a row, all trained from the same incumbent:
+    the registry keeps the newest `keep` versions and that incumbent."""
+    reg = Registry(tmp_path / "registry", keep=2)
+    common = dict(base_model="b", algorithm="rloo", hyperparameters={}, train_metrics={}, eval={}, kafka_offsets={})
+    write = lambda folder: (folder / "model.safetensors").write_bytes(b"x")  # noqa: E731
+    incumbent, _ = reg.publish(write, **common)
+    for _ in range(4):
+        reg.publish(write, parent=incumbent, **common)
+    assert [m.version for m in reg.versions()] == [1, 4, 5]
+    assert all(m.parent_version == 1 for m in reg.versions()[1:])
+    reg.publish(write, **common)  # parent: the latest (5)
+    assert [m.version for m in reg.versions()] == [5, 6]
+
+
 def test_gate_kl_estimates_the_true_kl(tiny_model, judges):
     """One-token answers make KL(π‖π_ref) exact (a sum over the vocabulary). The gate's sampled
     estimate must match it; sampling at 0.7 instead of the policy's own temperature doubled it here."""
