@@ -249,6 +249,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     s = _settings()
     if not s.kafka_bootstrap:
         raise CLIError("DUET_KAFKA_BOOTSTRAP is not set: the trainer reads votes from Kafka")
+    if s.trainer_nice:
+        os.nice(s.trainer_nice)  # serving first on a shared machine
     svc = _trainer_service(s)
     if args.round:
         result = svc.policy_round()

@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     trainer_group_id: str = "duet-trainer"
     trainer_metrics_port: int = 9101  # `duet train` serves /metrics here (0: off)
     keep_checkpoints: int = 3
+    # The trainer's CPU niceness: on one machine (a laptop, `duet up`) serving comes first — a policy round on
+    # the same cores starved the engine until swap probes timed out (bench/soak.py). No effect across machines.
+    trainer_nice: int = Field(10, ge=0, le=19)
     trainer_fresh_broker: bool = False  # set by `duet up` with the in-memory embedded broker
     # Serving's base URL: the trainer asks its live vLLM engine for RLOO samples (POST /admin/rollouts, with
     # DUET_ADMIN_KEY) and samples with HF `generate` itself only when that fails. `duet up` sets it.
