@@ -133,6 +133,7 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=30.0)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--kill-broker-every", type=float, default=0.0, help="minutes; 0: never")
+    ap.add_argument("--catch-up-minutes", type=float, default=10.0, help="wait this long for the trainer")
     ap.add_argument("--out", default="bench/results/soak.json")
     args = ap.parse_args()
 
@@ -183,7 +184,7 @@ def main() -> None:
             return (await asyncio.gather(run_load(url, key, args.minutes, args.concurrency, swap_times), swapper(),
                                          broker_killer()))[0]
         load = asyncio.run(both())
-        deadline = time.time() + 600  # the trainer consumes every vote
+        deadline = time.time() + args.catch_up_minutes * 60  # the trainer consumes every vote
         consumed = None
         while time.time() < deadline:
             rm = httpx.get(f"{url}/v1/dashboard?hours=24", headers={"Authorization": f"Bearer {key}"},
