@@ -176,13 +176,20 @@ return 'ok'
 """
 
 
-def read_canary(r) -> tuple[CanaryTest | None, list[CanaryTest]]:
-    """The current test and the history, with a sync client (the trainer)."""
-    raw = r.hgetall(CANARY)
+def _test_from(raw: dict) -> CanaryTest | None:
+    """The CANARY hash as read (str or bytes, as the client decodes) → the test, if any."""
     raw = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
            for k, v in raw.items()}
-    history = [CanaryTest.model_validate(json.loads(x)) for x in r.lrange(CANARY_HISTORY, 0, -1)]
-    return (CanaryTest.model_validate(raw) if raw else None), history
+    return CanaryTest.model_validate(raw) if raw else None
+
+
+def _history_from(lines: list) -> list[CanaryTest]:
+    return [CanaryTest.model_validate(json.loads(x)) for x in lines]
+
+
+def read_canary(r) -> tuple[CanaryTest | None, list[CanaryTest]]:
+    """The current test and the history, with a sync client (the trainer)."""
+    return _test_from(r.hgetall(CANARY)), _history_from(r.lrange(CANARY_HISTORY, 0, -1))
 
 
 def users_incumbent(current: CanaryTest | None, history: list[CanaryTest]) -> str | None:
@@ -203,8 +210,7 @@ class CanaryStore:
         self._move = redis_client.register_script(_MOVE)
 
     async def current(self) -> CanaryTest | None:
-        raw = await self.redis.hgetall(CANARY)
-        return CanaryTest.model_validate(raw) if raw else None
+        return _test_from(await self.redis.hgetall(CANARY))
 
     async def start(self, candidate: str, incumbent: str) -> bool:
         """Begin testing `candidate` (superseding a test still running). False if it is already tested."""
@@ -226,7 +232,7 @@ class CanaryStore:
         return users_incumbent(await self.current(), await self.history())
 
     async def history(self) -> list[CanaryTest]:
-        return [CanaryTest.model_validate(json.loads(x)) for x in await self.redis.lrange(CANARY_HISTORY, 0, -1)]
+        return _history_from(await self.redis.lrange(CANARY_HISTORY, 0, -1))
 
     async def votes(self) -> list[tuple[float, int, int]]:
         """(outcome, candidate chars, incumbent chars) per counted vote, for the length-controlled rate."""
