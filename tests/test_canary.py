@@ -25,6 +25,7 @@ from feedback.topics import WEIGHTS, ensure_topics
 from tests.conftest import ADMIN_KEY, TEST_REDIS_DB, duet_env, free_port, make_blue_llama, make_tiny_llama, wait_for
 from tests.test_serving_api import assert_openai_error
 from tests.test_swap import publish
+from tests.test_web_pages import ARTIFACTS, CHROMIUM
 
 pytestmark = pytest.mark.slow
 REDIS_URL = f"redis://127.0.0.1:6379/{TEST_REDIS_DB - 1}"  # not the session server's
@@ -124,6 +125,24 @@ def vote_until(url: str, key: str, admin: httpx.Client, candidate: str, limit: i
     raise AssertionError(f"undecided after {limit} votes: {st}")
 
 
+def screenshot_panel(url: str, key: str) -> None:
+    """The dashboard's canary card in headless Chromium, for people (README) — where Chromium is installed."""
+    if CHROMIUM is None:
+        return
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(f"{url}/dashboard#key={key}")
+        card = page.locator("#canary-card")
+        card.locator("svg").wait_for()
+        assert "rejected" in page.locator("#canary-title").inner_text()
+        card.screenshot(path=ARTIFACTS / "dashboard-canary.png")
+        browser.close()
+
+
 def test_users_promote_a_better_candidate_and_reject_a_worse_one(canary_server, tmp_path):
     url, key, registry, broker = canary_server.url, canary_server.key, canary_server.registry, canary_server.broker
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=120) as admin:
@@ -165,6 +184,7 @@ def test_users_promote_a_better_candidate_and_reject_a_worse_one(canary_server, 
         assert panel["trajectory"][-1]["votes"] == panel["test"]["votes"]
         assert panel["trajectory"][-1]["upper"] < 0.5 < panel["trajectory"][0]["upper"]
         assert [(d["candidate"], d["status"]) for d in panel["decisions"]] == [(blue, "promoted")]
+        screenshot_panel(url, key)
 
         # decisions live in Redis: a restarted replica serves what users promoted, and knows what they rejected
         canary_server.restart()
