@@ -45,13 +45,13 @@ def engine_args(model: str, lora: bool = False):
     return AsyncEngineArgs(**kw)
 
 
-def start(model: str, lora: bool = False):
+def start(model: str, lora: bool = False, nice: int = 0):
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from serving.engine import _prepare_cpu_env
+    from serving.engine import _prepare_cpu_env, call_niced
 
     _prepare_cpu_env(1, tempfile.mkdtemp(prefix="duet-bench-vllm-"))
-    return AsyncLLM.from_engine_args(engine_args(model, lora))
+    return call_niced(nice, AsyncLLM.from_engine_args, engine_args(model, lora))
 
 
 async def worker(llm, tok, seconds: float, max_tokens: int, counter: list, lora_request=None) -> None:
@@ -72,14 +72,19 @@ async def worker(llm, tok, seconds: float, max_tokens: int, counter: list, lora_
         i += 1
 
 
-async def measure(llm, tok, seconds, concurrency, max_tokens, side=None, side_workers=0, lora_request=None) -> float:
-    """Output tokens/s of `llm` (the incumbent), while `side` (the candidate) runs `side_workers` workers."""
+async def measure(llm, tok, seconds, concurrency, max_tokens, side=None, side_workers=0, lora_request=None,
+                  side_lora_request=None, side_out: dict | None = None) -> float:
+    """Output tokens/s of `llm` (the incumbent), while `side` (the candidate) runs `side_workers` workers;
+    the side's own tokens/s go into side_out["tok_s"]."""
     main, other = [0], [0]
     jobs = [worker(llm, tok, seconds, max_tokens, main, lora_request) for _ in range(concurrency)]
-    jobs += [worker(side, tok, seconds, max_tokens, other) for _ in range(side_workers)]
+    jobs += [worker(side, tok, seconds, max_tokens, other, side_lora_request) for _ in range(side_workers)]
     t0 = time.perf_counter()
     await asyncio.gather(*jobs)
-    return round(main[0] / (time.perf_counter() - t0), 1)
+    elapsed = time.perf_counter() - t0
+    if side_out is not None:
+        side_out["tok_s"] = round(other[0] / elapsed, 1)
+    return round(main[0] / elapsed, 1)
 
 
 def make_adapter(model: str, out: Path, rank: int = 16) -> Path:
@@ -122,21 +127,26 @@ async def main_async(args) -> dict:
     tok = PromptBuilder(model)
     m = (args.seconds, args.concurrency, args.max_tokens)
     out: dict = {"model": model, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
-                 "seconds": args.seconds}
+                 "seconds": args.seconds, "candidate_nice": args.candidate_nice}
 
     incumbent = start(model)
     await measure(incumbent, tok, 8, *m[1:])  # warm-up
     out["A_alone_tok_s"] = await measure(incumbent, tok, *m)
-    candidate = start(model)
+    candidate = start(model, nice=args.candidate_nice)  # as serving starts it (DUET_CANARY_ENGINE_NICE)
     await measure(candidate, tok, 5, 2, args.max_tokens)  # warm it up too, then leave it idle
     out["A_with_idle_candidate_tok_s"] = await measure(incumbent, tok, *m)
     side = max(1, args.concurrency // 4)
-    out["A_with_busy_candidate_tok_s"] = await measure(incumbent, tok, *m, side=candidate, side_workers=side)
+    cand: dict = {}
+    out["A_with_busy_candidate_tok_s"] = await measure(incumbent, tok, *m, side=candidate, side_workers=side,
+                                                       side_out=cand)
+    out["A_busy_candidate_own_tok_s"] = cand["tok_s"]
     out["A_candidate_workers"] = side
     for k in ("idle", "busy"):
         out[f"A_{k}_ratio"] = round(out[f"A_with_{k}_candidate_tok_s"] / out["A_alone_tok_s"], 3)
     candidate.shutdown()
     incumbent.shutdown()
+    if args.skip_lora:
+        return out
 
     llm = start(model, lora=True)
     adapter = make_adapter(model, Path(tempfile.mkdtemp(prefix="duet-bench-lora-")))
@@ -145,10 +155,15 @@ async def main_async(args) -> dict:
     await measure(llm, tok, 8, *m[1:], lora_request=req)
     out["B_plain_on_lora_engine_tok_s"] = await measure(llm, tok, *m)
     out["B_lora_tok_s"] = await measure(llm, tok, *m, lora_request=req)
+    side: dict = {}  # the candidate's share through the adapter, in the same batches as the incumbent's
+    out["B_plain_with_busy_lora_tok_s"] = await measure(llm, tok, *m, side=llm, side_workers=max(1, args.concurrency // 4),
+                                                        side_lora_request=req, side_out=side)
+    out["B_busy_lora_own_tok_s"] = side["tok_s"]
+    out["B_busy_ratio"] = round(out["B_plain_with_busy_lora_tok_s"] / out["A_alone_tok_s"], 3)
     out["B_lora_vs_plain_no_lora_engine"] = round(out["B_lora_tok_s"] / out["A_alone_tok_s"], 3)
     out["B_plain_with_lora_enabled_vs_no_lora_engine"] = round(out["B_plain_on_lora_engine_tok_s"] / out["A_alone_tok_s"], 3)
     llm.shutdown()
-    out["targets"] = {"A_idle_ratio": ">= 0.8", "A_busy_ratio": ">= 0.8"}
+    out["targets"] = {"A_idle_ratio": ">= 0.8", "A_busy_ratio": ">= 0.8", "B_busy_ratio": ">= 0.8"}
     return out
 
 
@@ -157,6 +172,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=40.0)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--candidate-nice", type=int, default=19, help="the candidate engine's nice (serving's default)")
+    ap.add_argument("--skip-lora", action="store_true", help="measure the two engines only")
     ap.add_argument("--out", default="bench/results/two_versions.json")
     args = ap.parse_args()
     result = asyncio.run(main_async(args))

@@ -129,6 +129,10 @@ class Settings(BaseSettings):
     # users' votes on blind cross-version pairs; "off": every version that passes the trainer's gate goes live.
     canary: Literal["off", "users"] = "off"
     canary_pair_share: float = Field(0.5, ge=0.0, le=1.0, description="Share of pairs that are cross-version")
+    # The candidate's engine runs at this nice value: on a shared CPU it takes only the time the incumbent's
+    # engine leaves (bench/two_versions.py: two engines at equal priority cut the incumbent to 0.22x when both
+    # are busy; at 19, 0.91x). 0 on a GPU host where the engines do not share CPU cores for the model.
+    canary_engine_nice: int = Field(19, ge=0, le=19)
     canary_margin: float = Field(0.5, gt=0.0, lt=1.0)  # promote once the win rate's lower bound clears it
     canary_alpha: float = Field(0.1, gt=0.0, lt=1.0)  # two-sided; A/A promotions ≤ α/2
     canary_max_votes: int = Field(2000, ge=1)  # undecided after this many cross-version votes: rejected

@@ -23,7 +23,7 @@ from serving import metrics
 from serving.auth import KeyStore
 from serving.canary import CanaryRunner
 from serving.chat import ChatService
-from serving.engine import Engine, VLLMEngine
+from serving.engine import Engine, VLLMEngine, call_niced
 from serving.pairing import ComparisonStore
 from serving.prompting import PromptBuilder
 from serving.rate_limit import RateLimiter
@@ -83,7 +83,7 @@ async def load_engine(rt: Runtime, factory: EngineFactory) -> None:
                                         lambda ann: on_announcement(rt, ann)).start()
         if s.canary == "users":
             rt.canary = CanaryRunner(CanaryStore(rt.redis), s.canary_config(), rt.swapper,
-                                     lambda: factory(s, model_path))
+                                     lambda: call_niced(s.canary_engine_nice, factory, s, model_path))
             rt.votes.canary = rt.canary
         latest = rt.swapper.registry.latest()
         if latest is not None and rt.canary is None:  # published while this replica was down

@@ -14,6 +14,7 @@ import sys
 import time
 
 import httpx
+import psutil
 import pytest
 import redis
 
@@ -125,6 +126,12 @@ def vote_until(url: str, key: str, admin: httpx.Client, candidate: str, limit: i
     raise AssertionError(f"undecided after {limit} votes: {st}")
 
 
+def engine_nice_values(server_pid: int) -> list[int]:
+    """Nice values of the server's vLLM processes (engine core and worker of each engine)."""
+    server = psutil.Process(server_pid)
+    return [c.nice() for c in server.children(recursive=True) if " ".join(c.cmdline()).startswith("VLLM::")]
+
+
 def screenshot_panel(url: str, key: str) -> None:
     """The dashboard's canary card in headless Chromium, for people (README) — where Chromium is installed."""
     if CHROMIUM is None:
@@ -151,6 +158,9 @@ def test_users_promote_a_better_candidate_and_reject_a_worse_one(canary_server, 
         announce(broker, registry, blue)
         wait_test(admin, blue, lambda st: st["candidate_loaded"] == blue)
         assert admin.get("/admin/models").json()["current"] == "base"  # not live before users decide
+        # the candidate's engine only takes CPU time the incumbent's leaves (DUET_CANARY_ENGINE_NICE 19)
+        nice = sorted(engine_nice_values(canary_server.proc.pid))
+        assert nice and nice == [0] * (len(nice) // 2) + [19] * (len(nice) // 2), nice
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120) as c:
             body, _ = blue_user(c, 0)
         assert sorted(body["duet"]["model_versions"]) == sorted(["base", blue])  # both, never which is which
