@@ -1,0 +1,166 @@
+"""Users judge new versions, end to end at the defaults (prints JSON; issue 16): `duet up` with
+DUET_CANARY=users and nothing else set (SmolLM2-135M-Instruct, the trainer at its defaults), and
+`duet simulate` users voting on forced pairs by a rule with 10 % random votes. The trainer publishes
+candidates from their votes; each goes into a canary test that the same users decide through the blind
+cross-version share of their pairs (DUET_CANARY_PAIR_SHARE, 0.5).
+
+Reported per decided test: the decision and its reason, cross-version votes and minutes to it, and
+whether it was right. "Right" is judged afterwards from every cross-version pair the users were shown
+(the comparison records in Redis): the rule without noise picks between the candidate's and the
+incumbent's answer, giving the candidate's true win rate on what users saw, with a bootstrap interval.
+A promotion is right if that interval is above ½, a rejection if it is below; when it contains ½ the
+two versions are too close to call with these pairs, and either decision is counted as acceptable.
+The statistics alone, over thousands of simulated tests, are in bench/canary.py.
+
+Usage: python bench/canary_served.py --rule shorter --seed 0 [--minutes 30] [--votes 600]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)  # keep bench/ from shadowing packages
+
+import httpx  # noqa: E402
+import redis  # noqa: E402
+
+import feedback  # noqa: E402,F401  (the package, before bench/ joins the path: bench/feedback.py shares its name)
+from duet.preferences import judge, load_rule  # noqa: E402
+from duet.processes import stop_process  # noqa: E402
+from feedback.arena import bootstrap_win_rate  # noqa: E402
+from feedback.comparisons import COMPARISON_KEY_PREFIX, PendingComparison  # noqa: E402
+
+sys.path.append(str(Path(__file__).resolve().parent))
+from benchlib import free_port, scratch_home, start_server  # noqa: E402
+
+REDIS_DB = 11  # not the tests' databases
+
+
+def cross_pairs(r: redis.Redis) -> list[PendingComparison]:
+    """Every comparison record whose answers came from two versions (the canary's blind pairs)."""
+    out = []
+    for key in r.scan_iter(f"{COMPARISON_KEY_PREFIX}cmp_*", count=500):
+        raw = r.get(key)
+        if raw is None:
+            continue
+        rec = PendingComparison.model_validate_json(raw)
+        if len({a.model_version for a in rec.answers}) == 2:
+            out.append(rec)
+    return out
+
+
+def true_win_rates(pairs: list[PendingComparison], tests: list[dict], rule) -> dict[tuple[str, str], dict]:
+    """Per test (candidate, incumbent): the rule's noise-free verdicts on the cross pairs users were shown,
+    and what they say of the candidate: "better" (interval above ½), "worse" (below) or "close"."""
+    by_versions = {frozenset((t["candidate"], t["incumbent"])): (t["candidate"], t["incumbent"]) for t in tests}
+    tallies: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: {"a": 0, "tie": 0, "b": 0})
+    for rec in pairs:
+        texts = {a.model_version: a.text for a in rec.answers}
+        test = by_versions.get(frozenset(texts))
+        if test is not None:  # a = the candidate's answer, b = the incumbent's
+            tallies[test][judge(rule, rec.messages[-1].content, texts[test[0]], texts[test[1]])] += 1
+    out = {}
+    for test, c in tallies.items():
+        rate, lo, hi = bootstrap_win_rate(c["a"], c["tie"], c["b"])
+        out[test] = {"pairs": sum(c.values()), "wins": c["a"], "ties": c["tie"], "losses": c["b"],
+                     "win_rate": rate, "ci": [lo, hi],
+                     "candidate_is": "better" if lo > 0.5 else "worse" if hi < 0.5 else "close"}
+    return out
+
+
+def screenshot_panel(url: str, key: str, path: Path) -> None:
+    """The dashboard's canary card, for people to look at (skipped without Debian's Chromium)."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        return
+    from playwright.sync_api import sync_playwright
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(f"{url}/dashboard#key={key}")
+        page.locator("#canary-card svg").wait_for()
+        page.locator("#canary-card").screenshot(path=path)
+        browser.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rule", default="shorter")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--minutes", type=float, default=30.0)
+    ap.add_argument("--votes", type=int, default=600)
+    ap.add_argument("--noise", type=float, default=0.1)
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args()
+
+    home = scratch_home("duet-canary-")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    redis_url = f"redis://127.0.0.1:6379/{REDIS_DB}"
+    r = redis.Redis.from_url(redis_url)
+    r.flushdb()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DUET_")}  # defaults, nothing tuned
+    env.update({"DUET_HOME": str(home), "DUET_PORT": str(port), "DUET_REDIS_URL": redis_url, "HF_HUB_OFFLINE": "1",
+                "DUET_TRAINER_METRICS_PORT": "0", "DUET_RELAY_METRICS_PORT": "0", "DUET_SUPERVISOR_METRICS_PORT": "0",
+                "DUET_CANARY": "users"})
+    me = [sys.executable, "-m", "duet.cli"]
+    t0 = time.time()
+    up = start_server(me + ["up"], env, url, home / "up.log", timeout_s=900)
+    try:
+        sim_dir = home / "simulation"
+        sim = subprocess.run(me + ["simulate", "--rule", args.rule, "--seed", str(args.seed), "--noise", str(args.noise),
+                                   "--votes", str(args.votes), "--minutes", str(args.minutes), "--eval-every", "100",
+                                   "--rate", str(args.votes / (args.minutes * 60)), "--url", url, "--out", str(sim_dir)],
+                             env=env)
+        if sim.returncode != 0:
+            raise SystemExit(f"duet simulate failed; logs under {home}")
+        admin = {"Authorization": f"Bearer {(home / 'admin_key').read_text().strip()}"}
+        status = httpx.get(f"{url}/admin/canary", headers=admin, timeout=30).json()
+        models = httpx.get(f"{url}/admin/models", headers=admin, timeout=30).json()
+        dev = {"Authorization": f"Bearer {(home / 'dev_key').read_text().strip()}"}
+        rounds = httpx.get(f"{url}/v1/dashboard?hours=720", headers=dev, timeout=30).json()["rounds"]
+        screenshot_panel(url, dev["Authorization"].split()[-1], Path(args.out) / f"canary-panel-{args.rule}-seed{args.seed}.png")
+    finally:
+        stop_process(up, timeout=120)
+    tests = list(reversed(status["history"])) + ([status["test"]] if status["test"] else [])
+    truth = true_win_rates(cross_pairs(r), tests, load_rule(args.rule))
+    r.flushdb()
+
+    rows = []
+    for t in tests:
+        true = truth.get((t["candidate"], t["incumbent"]))
+        verdict = true["candidate_is"] if true else None
+        right = {"promoted": verdict in ("better", "close"), "rejected": verdict in ("worse", "close")}.get(t["status"])
+        rows.append({"candidate": t["candidate"], "incumbent": t["incumbent"], "status": t["status"],
+                     "reason": t["reason"], "votes": t["votes"], "win_rate": t["win_rate"],
+                     "bounds": [t["lower"], t["upper"]],
+                     "minutes": round(((t["decided_at"] or time.time()) - t["started_at"]) / 60, 1),
+                     "true_under_rule": true, "right": right if verdict else None})
+    res = json.loads((sim_dir / "result.json").read_text())
+    result = {"rule": args.rule, "seed": args.seed, "noise": args.noise, "settings": "defaults + DUET_CANARY=users",
+              "votes": res["votes_cast"], "votes_failed": res["votes_failed"],
+              "run_minutes": round((time.time() - t0) / 60, 1), "live_version": models["current"],
+              "rounds_published": sum(x.get("result") == "published" for x in rounds),
+              "final_vs_base": {k: res["final"][k] for k in ("model_version", "win_rate", "ci_low", "ci_high")},
+              "aa_vs_base": {k: res["curve"][0][k] for k in ("model_version", "win_rate", "ci_low", "ci_high")},
+              "tests": rows, "decided": sum(x["status"] in ("promoted", "rejected") for x in rows),
+              "right": sum(x["right"] is True for x in rows), "wrong": sum(x["right"] is False for x in rows)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"canary-served-{args.rule}-seed{args.seed}.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
