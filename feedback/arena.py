@@ -20,15 +20,18 @@ def win_rate(wins: float, ties: float, losses: float) -> float | None:
 
 def bootstrap_win_rate(wins: int, ties: int, losses: int, rounds: int = 2000, level: float = 0.95,
                        seed: int = 0) -> tuple[float | None, float | None, float | None]:
-    """Win rate and its percentile-bootstrap interval, resampling the n verdicts with replacement."""
+    """Win rate and its percentile-bootstrap interval, resampling the n verdicts with replacement. A
+    resample of n verdicts of three kinds is one multinomial draw of their counts, so the cost does not
+    grow with n (drawing n indices per round made a dashboard holding a 100,000-verdict evaluation take
+    minutes)."""
     n = wins + ties + losses
     if n == 0:
         return None, None, None
-    scores = np.repeat([1.0, 0.5, 0.0], [wins, ties, losses])
     rng = np.random.default_rng(seed)
-    means = scores[rng.integers(0, n, size=(rounds, n))].mean(axis=1)
+    draws = rng.multinomial(n, np.array([wins, ties, losses]) / n, size=rounds)
+    means = (draws[:, 0] + 0.5 * draws[:, 1]) / n
     lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return float(scores.mean()), float(lo), float(hi)
+    return (wins + 0.5 * ties) / n, float(lo), float(hi)
 
 
 def bootstrap_win_rate_by_prompt(scores: list[list[float]], rounds: int = 2000, level: float = 0.95,

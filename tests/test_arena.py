@@ -24,6 +24,19 @@ def test_bootstrap_interval_contains_the_rate_and_narrows_with_more_verdicts():
     assert lo_even < 0.5 < hi_even
 
 
+def test_bootstrap_of_a_large_evaluation_matches_the_normal_interval():
+    """Outside judges post up to 100,000 verdicts in one evaluation; the dashboard bootstraps each row. The
+    resample is drawn as counts, so this is cheap, and it must still be the bootstrap of those verdicts:
+    for n = 100,000 the percentile interval is the normal one, p ± 1.96·sd/√n (sd with ties at ½)."""
+    w, t, l = 60_000, 20_000, 20_000
+    rate, lo, hi = bootstrap_win_rate(w, t, l)
+    n = w + t + l
+    sd = ((w * 0.3**2 + t * 0.2**2 + l * 0.7**2) / n) ** 0.5
+    half = 1.96 * sd / n**0.5
+    assert rate == 0.7
+    assert abs((hi - lo) / 2 - half) < 0.1 * half and abs((lo + hi) / 2 - rate) < 0.1 * half
+
+
 def test_prompt_bootstrap_counts_prompts_not_verdicts():
     """Three identical verdicts on each of 10 prompts carry no more evidence than one per prompt: the
     interval is exactly that of 10 single verdicts, and wider than resampling the 30 verdicts."""
