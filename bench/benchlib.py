@@ -43,3 +43,21 @@ def scratch_home(prefix: str) -> Path:
     if models.exists():
         (home / "models").symlink_to(models)
     return home
+
+
+def up_at_defaults(prefix: str, redis_db: int, **extra: str) -> tuple[Path, str, str, dict]:
+    """What `duet up` needs to run at its defaults beside anything else on this machine: a fresh home,
+    a free port, an emptied Redis database, the environment without any DUET_* setting, and `extra`
+    settings on top. Returns (home, url, redis_url, env)."""
+    import os
+
+    import redis
+
+    home, port = scratch_home(prefix), free_port()
+    url, redis_url = f"http://127.0.0.1:{port}", f"redis://127.0.0.1:6379/{redis_db}"
+    redis.Redis.from_url(redis_url).flushdb()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DUET_")}  # defaults, nothing tuned
+    env.update({"DUET_HOME": str(home), "DUET_PORT": str(port), "DUET_REDIS_URL": redis_url, "HF_HUB_OFFLINE": "1",
+                "DUET_TRAINER_METRICS_PORT": "0", "DUET_RELAY_METRICS_PORT": "0", "DUET_SUPERVISOR_METRICS_PORT": "0",
+                **extra})
+    return home, url, redis_url, env

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -40,7 +39,7 @@ from feedback.arena import bootstrap_win_rate  # noqa: E402
 from feedback.comparisons import COMPARISON_KEY_PREFIX, PendingComparison  # noqa: E402
 
 sys.path.append(str(Path(__file__).resolve().parent))
-from benchlib import free_port, scratch_home, start_server  # noqa: E402
+from benchlib import start_server, up_at_defaults  # noqa: E402
 
 REDIS_DB = 11  # not the tests' databases
 
@@ -104,16 +103,8 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
 
-    home = scratch_home("duet-canary-")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    redis_url = f"redis://127.0.0.1:6379/{REDIS_DB}"
+    home, url, redis_url, env = up_at_defaults("duet-canary-", REDIS_DB, DUET_CANARY="users")
     r = redis.Redis.from_url(redis_url)
-    r.flushdb()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DUET_")}  # defaults, nothing tuned
-    env.update({"DUET_HOME": str(home), "DUET_PORT": str(port), "DUET_REDIS_URL": redis_url, "HF_HUB_OFFLINE": "1",
-                "DUET_TRAINER_METRICS_PORT": "0", "DUET_RELAY_METRICS_PORT": "0", "DUET_SUPERVISOR_METRICS_PORT": "0",
-                "DUET_CANARY": "users"})
     me = [sys.executable, "-m", "duet.cli"]
     t0 = time.time()
     up = start_server(me + ["up"], env, url, home / "up.log", timeout_s=900)

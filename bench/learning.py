@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -31,12 +30,11 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)  # keep bench/ from shadowing packages
 
 import httpx  # noqa: E402
-import redis  # noqa: E402
 
 import feedback  # noqa: E402,F401  (the package, before bench/ joins the path: bench/feedback.py shares its name)
 
 sys.path.append(str(Path(__file__).resolve().parent))
-from benchlib import free_port, scratch_home, start_server  # noqa: E402
+from benchlib import start_server, up_at_defaults  # noqa: E402
 
 from duet.processes import stop_process  # noqa: E402
 
@@ -58,14 +56,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
 
-    home = scratch_home("duet-learning-")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    redis_url = f"redis://127.0.0.1:6379/{REDIS_DB}"
-    redis.Redis.from_url(redis_url).flushdb()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DUET_")}  # defaults, nothing tuned
-    env.update({"DUET_HOME": str(home), "DUET_PORT": str(port), "DUET_REDIS_URL": redis_url, "HF_HUB_OFFLINE": "1",
-                "DUET_TRAINER_METRICS_PORT": "0", "DUET_RELAY_METRICS_PORT": "0", "DUET_SUPERVISOR_METRICS_PORT": "0"})
+    home, url, _, env = up_at_defaults("duet-learning-", REDIS_DB)
     me = [sys.executable, "-m", "duet.cli"]
     t0 = time.time()
     up = start_server(me + ["up"], env, url, home / "up.log", timeout_s=900)

@@ -36,7 +36,7 @@ import redis  # noqa: E402
 import feedback  # noqa: E402,F401  (the package, before bench/ joins the path)
 
 sys.path.append(str(Path(__file__).resolve().parent))
-from benchlib import free_port, scratch_home, start_server  # noqa: E402
+from benchlib import start_server, up_at_defaults  # noqa: E402
 
 from duet.processes import stop_process  # noqa: E402
 
@@ -140,14 +140,9 @@ def main() -> None:
     from duet.model_assets import resolve_model
     from duet.settings import Settings
 
-    home, port = scratch_home("duet-soak-"), free_port()
-    url, redis_url = f"http://127.0.0.1:{port}", f"redis://127.0.0.1:6379/{REDIS_DB}"
-    redis.Redis.from_url(redis_url).flushdb()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DUET_")}
-    env.update({"DUET_HOME": str(home), "DUET_PORT": str(port), "DUET_REDIS_URL": redis_url, "HF_HUB_OFFLINE": "1",
-                "DUET_TRAINER_METRICS_PORT": "0", "DUET_RELAY_METRICS_PORT": "0", "DUET_SUPERVISOR_METRICS_PORT": "0",
-                # one key stands for all the simulated users: no per-key caps on it
-                "DUET_RATE_LIMIT_RPM": "1000000", "DUET_VOTE_CAP_PER_KEY": "100000000"})
+    # one key stands for all the simulated users: no per-key caps on it
+    home, url, redis_url, env = up_at_defaults("duet-soak-", REDIS_DB, DUET_RATE_LIMIT_RPM="1000000",
+                                               DUET_VOTE_CAP_PER_KEY="100000000")
     version = publish_copy_of_base(home, resolve_model(Settings().model, home))
     up = start_server([sys.executable, "-m", "duet.cli", "up"], env, url, home / "up.log", timeout_s=900)
     swaps: list[dict] = []
