@@ -6,7 +6,8 @@ correctness, its speed and its type-I error are measured over many simulated tes
 Rows: A/A (candidate = incumbent: win rate ½, ties included) — how often it is wrongly promoted (target
 ≤ 5 %, over ≥ 100 runs); a better candidate (true win rate 0.65) and a worse one (0.35), each with 10 %
 random votes — right decisions (target ≥ 19 of 20) and the median votes to a decision (target ≤ 200 for
-0.65). This is the statistics alone, as serving applies them (feedback/canary.py `decide`).
+0.65). This is the statistics alone, as serving applies them (feedback/canary.py `decide`); the same
+rule deciding the trainer's real versions from served answers is bench/canary_served.py.
 
 Usage: python bench/canary.py [--runs 200] [--budget 1000] [--alpha 0.1]
 """
