@@ -99,7 +99,8 @@ def call_niced(nice: int, fn, *args):
 
     def run() -> None:
         try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice))
+            me = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, me, min(19, os.getpriority(os.PRIO_PROCESS, me) + nice))
             box["value"] = fn(*args)
         except BaseException as e:  # re-raised in the caller's thread
             box["error"] = e
