@@ -119,9 +119,10 @@ def main() -> None:
         admin = {"Authorization": f"Bearer {(home / 'admin_key').read_text().strip()}"}
         status = httpx.get(f"{url}/admin/canary", headers=admin, timeout=30).json()
         models = httpx.get(f"{url}/admin/models", headers=admin, timeout=30).json()
-        dev = {"Authorization": f"Bearer {(home / 'dev_key').read_text().strip()}"}
-        rounds = httpx.get(f"{url}/v1/dashboard?hours=720", headers=dev, timeout=30).json()["rounds"]
-        screenshot_panel(url, dev["Authorization"].split()[-1], Path(args.out) / f"canary-panel-{args.rule}-seed{args.seed}.png")
+        dev_key = (home / "dev_key").read_text().strip()
+        rounds = httpx.get(f"{url}/v1/dashboard?hours=720", headers={"Authorization": f"Bearer {dev_key}"},
+                           timeout=30).json()["rounds"]
+        screenshot_panel(url, dev_key, Path(args.out) / f"canary-panel-{args.rule}-seed{args.seed}.png")
     finally:
         stop_process(up, timeout=120)
     tests = list(reversed(status["history"])) + ([status["test"]] if status["test"] else [])

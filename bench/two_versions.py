@@ -126,21 +126,22 @@ async def main_async(args) -> dict:
     model = resolve_model(s.model, s.home)
     tok = PromptBuilder(model)
     m = (args.seconds, args.concurrency, args.max_tokens)
+    nice = s.canary_engine_nice if args.candidate_nice is None else args.candidate_nice
+    side_workers = max(1, args.concurrency // 4)  # the candidate's share when it is busy
     out: dict = {"model": model, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
-                 "seconds": args.seconds, "candidate_nice": args.candidate_nice}
+                 "seconds": args.seconds, "candidate_nice": nice}
 
     incumbent = start(model)
     await measure(incumbent, tok, 8, *m[1:])  # warm-up
     out["A_alone_tok_s"] = await measure(incumbent, tok, *m)
-    candidate = start(model, nice=args.candidate_nice)  # as serving starts it (DUET_CANARY_ENGINE_NICE)
+    candidate = start(model, nice=nice)  # as serving starts it (DUET_CANARY_ENGINE_NICE)
     await measure(candidate, tok, 5, 2, args.max_tokens)  # warm it up too, then leave it idle
     out["A_with_idle_candidate_tok_s"] = await measure(incumbent, tok, *m)
-    side = max(1, args.concurrency // 4)
-    cand: dict = {}
-    out["A_with_busy_candidate_tok_s"] = await measure(incumbent, tok, *m, side=candidate, side_workers=side,
-                                                       side_out=cand)
-    out["A_busy_candidate_own_tok_s"] = cand["tok_s"]
-    out["A_candidate_workers"] = side
+    candidate_rate: dict = {}
+    out["A_with_busy_candidate_tok_s"] = await measure(incumbent, tok, *m, side=candidate, side_workers=side_workers,
+                                                       side_out=candidate_rate)
+    out["A_busy_candidate_own_tok_s"] = candidate_rate["tok_s"]
+    out["A_candidate_workers"] = side_workers
     for k in ("idle", "busy"):
         out[f"A_{k}_ratio"] = round(out[f"A_with_{k}_candidate_tok_s"] / out["A_alone_tok_s"], 3)
     candidate.shutdown()
@@ -155,10 +156,10 @@ async def main_async(args) -> dict:
     await measure(llm, tok, 8, *m[1:], lora_request=req)
     out["B_plain_on_lora_engine_tok_s"] = await measure(llm, tok, *m)
     out["B_lora_tok_s"] = await measure(llm, tok, *m, lora_request=req)
-    side: dict = {}  # the candidate's share through the adapter, in the same batches as the incumbent's
-    out["B_plain_with_busy_lora_tok_s"] = await measure(llm, tok, *m, side=llm, side_workers=max(1, args.concurrency // 4),
-                                                        side_lora_request=req, side_out=side)
-    out["B_busy_lora_own_tok_s"] = side["tok_s"]
+    adapter_rate: dict = {}  # the candidate's share through the adapter, in the same batches as the incumbent's
+    out["B_plain_with_busy_lora_tok_s"] = await measure(llm, tok, *m, side=llm, side_workers=side_workers,
+                                                        side_lora_request=req, side_out=adapter_rate)
+    out["B_busy_lora_own_tok_s"] = adapter_rate["tok_s"]
     out["B_busy_ratio"] = round(out["B_plain_with_busy_lora_tok_s"] / out["A_alone_tok_s"], 3)
     out["B_lora_vs_plain_no_lora_engine"] = round(out["B_lora_tok_s"] / out["A_alone_tok_s"], 3)
     out["B_plain_with_lora_enabled_vs_no_lora_engine"] = round(out["B_plain_on_lora_engine_tok_s"] / out["A_alone_tok_s"], 3)
@@ -172,7 +173,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=40.0)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--candidate-nice", type=int, default=19, help="the candidate engine's nice (serving's default)")
+    ap.add_argument("--candidate-nice", type=int, default=None,
+                    help="the candidate engine's nice (default: serving's, DUET_CANARY_ENGINE_NICE)")
     ap.add_argument("--skip-lora", action="store_true", help="measure the two engines only")
     ap.add_argument("--out", default="bench/results/two_versions.json")
     args = ap.parse_args()
