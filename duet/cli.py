@@ -55,6 +55,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     s = _settings(**overrides)
     _check_redis(s.redis_url)
+    if s.serving_cpus:
+        from duet.cpus import parse_cpus, pin_serving
+
+        pin_serving(parse_cpus(s.serving_cpus))
     # No access log: one log line per request costs ~15 % of the vote path; /metrics counts requests.
     uvicorn.run(create_app(s), host=s.host, port=s.port, log_level="info", access_log=False,
                 timeout_graceful_shutdown=30)
@@ -92,6 +96,7 @@ def cmd_up(args: argparse.Namespace) -> None:
             raise CLIError(f"Kafka at {bootstrap} does not answer ({type(e).__name__}): check DUET_KAFKA_BOOTSTRAP") from None
         host, port = args.host or s.host, args.port or s.port
         me = [sys.executable, "-m", "duet.cli"]
+        _split_cores(s, env)
         env.setdefault("DUET_TRAINER_ROLLOUT_URL", f"http://{host}:{port}")  # serving samples for the trainer
         # The trainer is its own process: its steps must not share the API's GIL.
         sup.add(Child("trainer", lambda: spawn(me + ["train"], env, run_dir / "trainer.log")))
@@ -121,6 +126,21 @@ def cmd_up(args: argparse.Namespace) -> None:
         print("\nduet: stopping ...", flush=True)
     finally:
         sup.stop()
+
+
+def _split_cores(s, env: dict[str, str]) -> None:
+    """Disjoint cores for serving and the trainer (duet/cpus.py), handed to both as DUET_*_CPUS."""
+    from duet.cpus import available_cpus, format_cpus, plan_split
+
+    if s.cpu_split == "off":
+        return
+    try:
+        split = plan_split(available_cpus(), s.serving_cpus, s.trainer_cpus)
+    except ValueError as e:
+        raise CLIError(f"bad DUET_SERVING_CPUS / DUET_TRAINER_CPUS: {e}") from None
+    env["DUET_SERVING_CPUS"], env["DUET_TRAINER_CPUS"] = format_cpus(split.serving), format_cpus(split.trainer)
+    shared = "" if split.disjoint else " (shared: this machine has one core)"
+    print(f"duet: cores     serving {env['DUET_SERVING_CPUS']}, trainer {env['DUET_TRAINER_CPUS']}{shared}")
 
 
 def _announce_ready(url: str, sup) -> None:
@@ -235,11 +255,12 @@ def _trainer_service(s):
 
     base = resolve_model(s.model, s.home)
     backbone = {"minilm": minilm_path(), "base": base, "": base}.get(s.rm_backbone) or resolve_model(s.rm_backbone, s.home)
-    rm = _section(s, "rm_", RewardTrainerConfig, backbone=backbone, seed=s.seed)
+    rm = _section(s, "rm_", RewardTrainerConfig, backbone=backbone, seed=s.seed, precision=s.trainer_precision)
     round_cfg = RoundConfig(
         base_model=base, registry_root=s.registry_root(), keep_versions=s.keep_versions, bootstrap=s.kafka_bootstrap,
         rollout_url=s.trainer_rollout_url, rollout_key=s.admin_key,
-        policy=_section(s, "policy_", PolicyConfig, seed=s.seed), gate=_section(s, "gate_", GateConfig))
+        policy=_section(s, "policy_", PolicyConfig, seed=s.seed, precision=s.trainer_precision),
+        gate=_section(s, "gate_", GateConfig))
     service = _section(s, "", ServiceConfig, checkpoint_dir=s.home / "trainer" / "checkpoints", round=round_cfg)
     return TrainerService(service, rm)
 
@@ -249,8 +270,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     s = _settings()
     if not s.kafka_bootstrap:
         raise CLIError("DUET_KAFKA_BOOTSTRAP is not set: the trainer reads votes from Kafka")
+    if s.trainer_cpus:
+        from duet.cpus import parse_cpus, pin_trainer
+
+        pin_trainer(parse_cpus(s.trainer_cpus))  # before torch starts its thread pool
     if s.trainer_nice:
-        os.nice(s.trainer_nice)  # serving first on a shared machine
+        os.nice(s.trainer_nice)  # serving first where cores are shared
     svc = _trainer_service(s)
     if args.round:
         result = svc.policy_round()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -69,7 +69,17 @@ class Settings(BaseSettings):
     relay_metrics_port: int = 9102  # `duet relay` serves its Prometheus metrics here (0: off)
     supervisor_metrics_port: int = 9103  # `duet up` serves child restarts here (0: off)
 
+    # --- sharing one machine's cores (duet/cpus.py) ------------------------------------------
+    # "auto": `duet up` gives serving and the trainer disjoint cores (half each, serving's rounded up), so a
+    # round runs at the same speed whether or not users are chatting; "off": both use every core.
+    cpu_split: Literal["auto", "off"] = "auto"
+    serving_cpus: str = ""  # e.g. "0" or "0-3": `duet serve` pins its engine(s) here; "" = every core
+    trainer_cpus: str = ""  # e.g. "1" or "4-7": `duet train` pins itself here; "" = every core
+
     # --- trainer --------------------------------------------------------------------------
+    # bf16 autocast over fp32 trained weights where the device runs bf16 fast (CUDA; a CPU with AVX-512 BF16 or
+    # AMX, detected from its flags), fp32 otherwise (trainer/precision.py)
+    trainer_precision: Literal["auto", "bf16", "fp32"] = "auto"
     # The reward model: all-MiniLM-L6-v2 (22M) by default; on 2 cores a step of 16 comparisons takes seconds,
     # so it keeps up with the votes a CPU can serve (the 135M base model took ~2 min a step while serving).
     rm_backbone: str = "minilm"  # "minilm"; "base" = the served base model (InstructGPT's choice); or an HF folder
@@ -81,6 +91,8 @@ class Settings(BaseSettings):
     rm_replay_ratio: float = 1.0
     rm_replay_capacity: int = 5_000
     rm_utility_eps: float = 0.05
+    rm_tie_weight: float = 0.25  # a tie-only vote's weight in a step (it says little about quality)
+    rm_idle_steps_per_vote: float = 0.5  # replay-only steps while the trainer is idle, per vote trained
     held_out_pct: float = Field(10.0, ge=0.0, le=100.0)
     trainer_group_id: str = "duet-trainer"
     trainer_metrics_port: int = 9101  # `duet train` serves /metrics here (0: off)
@@ -101,9 +113,20 @@ class Settings(BaseSettings):
     policy_lr: float = 2e-4  # adapters' learning rate
     policy_lora_rank: int = 16
     policy_lora_alpha: float = 32.0
-    policy_k: int = 4  # RLOO samples per prompt
-    policy_max_new_tokens: int = 64
-    policy_prompts_per_step: int = 4  # prompts per optimizer step
+    # RLOO: k answers per prompt from serving (at the users' own max_tokens and temperature), trained on the groups
+    # whose rewards spread by at least min_spread (at most groups_per_round of them)
+    policy_k: int = 8
+    policy_groups_per_round: int = 8
+    policy_min_spread: float = 0.5
+    policy_steps_per_round: int = 4  # AdamW steps the groups are split over (later ones with PPO's clipped ratio)
+    policy_clip_eps: float = 0.2
+    policy_max_new_tokens: int = 64  # where a prompt's own max_tokens is unknown, and the gate's samples
+    policy_prompts_per_step: int = 4  # ×2 pairs per DPO step, ×4 labelled answers per KTO / SFT step
+    # users' own pairs, replayed every round with DPO (label smoothing for careless votes), its own AdamW
+    policy_pairs_per_round: int = 16
+    policy_label_smoothing: float = Field(0.1, ge=0.0, lt=0.5)
+    policy_dpo_weight: float = 1.0
+    policy_signals: int = 64  # thumbs, both-bad and edit votes replayed per round
     # Thumbs / both-bad (KTO) and edits (SFT) train the policy after the RLOO steps, each with its own AdamW;
     # these scale their learning rates relative to policy_lr.
     policy_kto_weight: float = 1.0
@@ -140,6 +163,14 @@ class Settings(BaseSettings):
     canary_tuned_for: int = Field(200, ge=1)  # votes where the confidence sequence is tightest
     # "length_controlled": a promotion also needs the win rate at equal answer lengths above the margin
     canary_rule: Literal["raw", "length_controlled"] = "raw"
+
+    @field_validator("serving_cpus", "trainer_cpus")
+    @classmethod
+    def _cpu_list(cls, v: str) -> str:
+        from duet.cpus import parse_cpus
+
+        parse_cpus(v)  # a clear error at start-up, not a crash in a child
+        return v
 
     def canary_config(self):
         from feedback.canary import CanaryConfig

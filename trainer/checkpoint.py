@@ -9,7 +9,9 @@
         policy.pt                  the policy's state: fp32 adapters, AdamW moments (absent without rounds)
 
 Written into a temporary folder, fsynced, then renamed into place: a crash leaves either the old
-checkpoint or the new one, never half of one. The newest `keep` are kept.
+checkpoint or the new one, never half of one. The newest `keep` are kept. What did not change since the last
+checkpoint (the policy between rounds; the reward model between its steps) is hard-linked from it, not
+written again: most checkpoints are a few small files.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class TrainerState(BaseModel):
     held_out_accuracy: float | None = None
     screen: VoterScreen = Field(default_factory=VoterScreen)  # per-voter agreement; quarantined voters
     events_quarantined: int = 0  # votes from quarantined voters: counted, not trained on
+    idle_rm_steps: int = 0  # replay-only reward-model steps taken while idle
 
 
 def _fsync(path: Path) -> None:
@@ -72,17 +75,34 @@ def _jsonl(groups: list[PromptGroup]) -> str:
     return "".join(g.model_dump_json() + "\n" for g in groups)
 
 
-def save(root: Path, snap: Snapshot, model: torch.nn.Module, optimizer: torch.optim.Optimizer, keep: int = 3) -> Path:
+REWARD_MODEL_FILES = ("reward_model.safetensors", "optimizer.pt")
+POLICY_FILES = ("policy.pt",)
+
+
+def _link_from(previous: Path | None, tmp: Path, names: tuple[str, ...]) -> bool:
+    """Hard-link `names` from the previous checkpoint into the new one; False if any is missing."""
+    if previous is None or not all((previous / n).exists() for n in names):
+        return False
+    for n in names:
+        os.link(previous / n, tmp / n)
+    return True
+
+
+def save(root: Path, snap: Snapshot, model: torch.nn.Module, optimizer: torch.optim.Optimizer, keep: int = 3,
+         unchanged: frozenset[str] = frozenset()) -> Path:
+    """`unchanged`: "reward_model" and/or "policy" when they are as in the newest checkpoint (linked, not written)."""
     root.mkdir(parents=True, exist_ok=True)
+    previous = latest(root)
     snap.state.seq += 1
     final = root / f"{PREFIX}{snap.state.seq:08d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
-              tmp / "reward_model.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    if snap.policy is not None:
+    if not ("reward_model" in unchanged and _link_from(previous, tmp, REWARD_MODEL_FILES)):
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+                  tmp / "reward_model.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if snap.policy is not None and not ("policy" in unchanged and _link_from(previous, tmp, POLICY_FILES)):
         torch.save(snap.policy, tmp / "policy.pt")
     (tmp / "replay.jsonl").write_text(_jsonl(snap.replay))
     (tmp / "heldout.jsonl").write_text(_jsonl(snap.held_out))

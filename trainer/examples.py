@@ -33,6 +33,16 @@ class PromptGroup(BaseModel):
     desirable: list[int] = []  # answers labelled good (thumbs up)
     undesirable: list[int] = []  # answers labelled bad (thumbs down, both bad)
     demonstrations: list[int] = []  # answers a user wrote (edits)
+    # per answer: did it end by itself (finish_reason "stop"), or was it cut at max_tokens? Only an answer
+    # that stopped is trained with an end-of-sequence token. Empty (older checkpoints): all stopped.
+    stopped: list[bool] = []
+    # how serving sampled the answers: a round's rollouts sample the same way (what users see)
+    max_tokens: int | None = None
+    temperature: float | None = None
+
+    def ended(self, i: int) -> bool:
+        """Did answer `i` stop by itself (a user's edit always does)?"""
+        return self.stopped[i] if i < len(self.stopped) else True
 
     @property
     def labelled(self) -> list[tuple[int, bool]]:
@@ -72,8 +82,10 @@ def to_prompt_group(event: FeedbackEvent) -> PromptGroup:
     desirable: list[int] = []
     undesirable: list[int] = []
     demonstrations: list[int] = []
+    stopped = [a.finish_reason == "stop" for a in event.comparison.answers]
     if event.kind == "edit":
         answers.append(event.edit.text)
+        stopped.append(True)
         pairs, demonstrations = [(k, event.edit.index)], [k]
     elif event.kind == "rating":
         (desirable if event.rating == "up" else undesirable).append(0)
@@ -96,4 +108,6 @@ def to_prompt_group(event: FeedbackEvent) -> PromptGroup:
     return PromptGroup(comparison_id=event.comparison.comparison_id, event_id=event.event_id,
                        messages=event.comparison.messages, answers=answers, pairs=pairs, ties=ties,
                        open_ended=open_ended, desirable=desirable, undesirable=undesirable,
-                       demonstrations=demonstrations)
+                       demonstrations=demonstrations, stopped=stopped,
+                       max_tokens=event.comparison.sampling.max_tokens,
+                       temperature=event.comparison.sampling.temperature)

@@ -48,7 +48,7 @@ def weights_finite(model: torch.nn.Module) -> bool:
 
 
 def _model(pt: PolicyTrainer, model_or_path):
-    return load_causal_lm(str(model_or_path), pt.device) if isinstance(model_or_path, (str, Path)) else model_or_path
+    return load_causal_lm(str(model_or_path), pt.device, pt.bf16) if isinstance(model_or_path, (str, Path)) else model_or_path
 
 
 @torch.no_grad()

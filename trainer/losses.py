@@ -60,10 +60,14 @@ LOSSES = ("bradley_terry", "prompt_aware")
 
 
 def dpo_loss(pi_w: torch.Tensor, pi_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor,
-             beta: float) -> torch.Tensor:
-    """DPO (Rafailov et al., 2023), on sequence log-probabilities log π(y|x):
-    L = −log σ(β [(log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l))])."""
-    return -F.logsigmoid(beta * ((pi_w - ref_w) - (pi_l - ref_l))).mean()
+             beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """DPO (Rafailov et al., 2023), on sequence log-probabilities log π(y|x), with h the margin
+    h = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l)):
+    L = −(1 − ε) log σ(β h) − ε log σ(−β h)
+    ε = 0 is DPO; ε > 0 (conservative DPO, Mitchell 2023) assumes a share ε of the labels is flipped, so a
+    careless vote cannot push a margin without bound (the loss is minimised at a finite β h = log((1−ε)/ε))."""
+    h = beta * ((pi_w - ref_w) - (pi_l - ref_l))
+    return (-(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)).mean()
 
 
 def kl_penalized_rewards(rewards: torch.Tensor, kl: torch.Tensor, beta: float) -> torch.Tensor:
@@ -88,6 +92,18 @@ def rloo_loss(logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor) 
     """RLOO policy-gradient loss (logp, mask: [samples, tokens]; advantages: [samples], from
     `kl_penalized_rewards` then `rloo_advantages`): L = −mean_i A_i · Σ_t log π(y_t)."""
     return (-advantages.detach() * (logp * mask).sum(-1)).mean()
+
+
+def rloo_clipped_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor,
+                      eps: float = 0.2) -> torch.Tensor:
+    """RLOO on samples drawn by an earlier policy π_old (a later step of the same round), with PPO's clipped
+    per-token importance ratio ρ_t = π(y_t)/π_old(y_t) (as TRL's RLOO / GRPO):
+    L = −mean_i Σ_t m_t · min(ρ_t A_i, clip(ρ_t, 1 − ε, 1 + ε) A_i).
+    At π = π_old (ρ = 1) its gradient is `rloo_loss`'s: ∇ρ_t = ∇ log π(y_t)."""
+    ratio = torch.exp(logp - old_logp.detach())
+    adv = advantages.detach().unsqueeze(-1)
+    per_token = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - eps, 1 + eps) * adv)
+    return -(per_token * mask).sum(-1).mean()
 
 
 def kto_weights(n_desirable: int, n_undesirable: int) -> tuple[float, float]:

@@ -23,6 +23,8 @@ POLICY_SIGNAL_LOSS = Gauge("duet_policy_signal_loss", "Last round's mean loss on
                            "(kto: thumbs and both-bad; sft: edits)", ["loss"])
 POLICY_SIGNAL_ANSWERS = Counter("duet_policy_signal_answers_total", "Answers the policy trained on directly, by "
                                 "kind (desirable, undesirable, edit)", ["kind"])
+POLICY_INFORMATIVE = Gauge("duet_policy_informative_fraction", "Share of the last round's RLOO groups whose rewards "
+                           "spread enough to carry signal (PolicyConfig.min_spread)")
 POLICY_KL = Gauge("duet_policy_kl", "Mean KL (nats per answer) of the last candidate to the reference")
 GATE_WIN_RATE = Gauge("duet_gate_win_rate", "Reward-model win rate of the last candidate against the live version "
                       "on held-out prompts (ties count 1/2)")

@@ -1,16 +1,17 @@
 """The policy and its update, read top to bottom: config, the model (frozen base + fp32 adapters, the base
-doubling as the reference), batched sampling, per-token log-probs, an RLOO round, a DPO round, a round on
-users' direct signals (KTO on thumbs and both-bad, SFT on edits), state and export.
+doubling as the reference), batched sampling, per-token log-probs, an RLOO round on the groups that carry
+signal, DPO on users' own pairs, a round on users' direct signals (KTO on thumbs and both-bad, SFT on edits),
+state and export.
 
 The trainer owns its policy state across rounds: adapter weights and AdamW moments in fp32 (bf16 only as
-autocast on CUDA, never for optimizer steps), saved in every checkpoint. The registry only receives exports.
+autocast where the device runs it fast — trainer/precision.py — never for optimizer steps), saved in every
+checkpoint. The registry only receives exports.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -21,8 +22,9 @@ from feedback.comparisons import ChatMessage
 from trainer.examples import PromptGroup
 from trainer.lora import (adapter_parameters, adapter_state_dict, adapters_off, add_adapters,
                           load_adapter_state_dict, lora_layers, merged_state_dict)
-from trainer.losses import (dpo_loss, kl_penalized_rewards, kto_loss, kto_weights, rloo_advantages, rloo_loss,
-                            sft_loss)
+from trainer.losses import (dpo_loss, kl_penalized_rewards, kto_loss, kto_weights, rloo_advantages,
+                            rloo_clipped_loss, sft_loss)
+from trainer.precision import Precision, autocast, use_bf16
 from trainer.reward_model import pick_device
 
 RewardFn = Callable[[list[ChatMessage], list[str]], torch.Tensor]  # (prompt, k answers) -> k rewards
@@ -33,17 +35,34 @@ EXPORT_DTYPE = torch.bfloat16  # what serving loads (the base model's own dtype)
 
 @dataclass
 class PolicyConfig:
-    algorithm: str = "rloo"  # or "dpo"
+    algorithm: str = "rloo"  # "rloo": RLOO with the reward model + DPO on users' pairs; "dpo": the pairs alone
     beta: float = 0.05  # KL weight (RLOO) / inverse temperature (DPO)
     lr: float = 2e-4  # of the adapters (full fine-tuning would want ~100× less)
     lora_rank: int = 16
     lora_alpha: float = 32.0
-    k: int = 4  # RLOO samples per prompt
-    max_new_tokens: int = 64
+    # RLOO draws k answers for each prompt (serving samples them cheaply: K = 9 costs 1.25× K = 2) and trains on
+    # at most `groups_per_round` groups whose rewards spread by at least `min_spread` (reward-model logits;
+    # 0.5: the model prefers the group's best to its worst with P ≥ σ(0.5) = 0.62). A group without a hit has
+    # only reward-model noise to follow; with a taste the base shows with p = 0.05, k = 8 holds a hit and a
+    # miss in 1 − 0.05⁸ − 0.95⁸ = 34 % of groups, k = 4 in 19 %.
+    k: int = 8
+    groups_per_round: int = 8
+    min_spread: float = 0.5
+    # The groups are split over this many AdamW steps; steps after the first see samples of an earlier policy and
+    # weigh them by PPO's clipped ratio (clip_eps)
+    steps_per_round: int = 4
+    clip_eps: float = 0.2
+    max_new_tokens: int = 64  # when a prompt's own max_tokens is unknown, and for the gate's samples
     temperature: float = 1.0  # the full distribution, as served at the API's default
-    prompts_per_step: int = 4  # prompts (RLOO) or pairs (DPO) per optimizer step
+    prompts_per_step: int = 4  # ×2 pairs per DPO step, ×4 labelled answers per KTO / SFT step
     micro_batch: int = 4  # sequences per forward/backward (the logits of 4 × 150 tokens × 49k vocab: ~120 MB)
     max_tokens: int = 512  # prompt + answer, truncated from the left
+    # Users' own pairs (each vote is an on-policy pair labelled without a reward model in between), replayed
+    # every round with DPO: `pairs_per_round` of them, label smoothing for careless votes (cDPO).
+    pairs_per_round: int = 16
+    label_smoothing: float = 0.1
+    dpo_weight: float = 1.0  # its AdamW's learning rate relative to `lr`
+    precision: Precision = "auto"
     # Users' direct signals, trained in each round after the RLOO/DPO steps. Each loss has its own AdamW: KTO's
     # gradients are bounded by β/4 per answer, ~100× smaller than RLOO's, and would vanish in a shared second
     # moment. The weights are their learning rates relative to `lr` (Adam makes a loss's scale moot).
@@ -59,20 +78,24 @@ class Sample:
     text: str
 
 
-def load_causal_lm(path: str, device: torch.device):
-    """A frozen model: fp32 on CPU (the bf16 weights upcast exactly; CPU bf16 matmuls are slow), bf16 on CUDA
-    (what serving computes with, half the memory). Trained parameters (the adapters) are always fp32."""
+def load_causal_lm(path: str, device: torch.device, bf16: bool | None = None):
+    """A frozen model: bf16 where the device computes in bf16 (its own dtype, what serving computes with, half
+    the memory), fp32 otherwise (the bf16 weights upcast exactly). Trained parameters (the adapters) are fp32."""
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    bf16 = use_bf16(device) if bf16 is None else bf16
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 else torch.float32).to(device)
     model.eval()
     model.requires_grad_(False)
     return model
 
 
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+def informative_groups(rewards: list[torch.Tensor], keep: int, min_spread: float) -> tuple[list[int], int]:
+    """The groups worth a policy-gradient step: those whose rewards spread (max − min) by at least `min_spread`,
+    widest first, at most `keep`. Returns (their indices, how many were informative at all)."""
+    spread = [float(r.max() - r.min()) if r.numel() > 1 else 0.0 for r in rewards]
+    informative = sorted((i for i, s in enumerate(spread) if s >= min_spread), key=lambda i: -spread[i])
+    return informative[:keep], len(informative)
 
 
 class PolicyTrainer:
@@ -81,20 +104,23 @@ class PolicyTrainer:
 
         self.cfg = cfg
         self.device = pick_device()
+        self.bf16 = use_bf16(self.device, cfg.precision)
         torch.manual_seed(cfg.seed)
         self.rng = random.Random(cfg.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(base_path)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "left"  # generation continues every row from its last real token
-        self.model = load_causal_lm(base_path, self.device)
+        self.model = load_causal_lm(base_path, self.device, self.bf16)
         add_adapters(self.model, cfg.lora_rank, cfg.lora_alpha)
         self.model.to(self.device)
         self.optimizer = torch.optim.AdamW(adapter_parameters(self.model), lr=cfg.lr, weight_decay=0.0)
         self.signal_optimizers = {  # see PolicyConfig.kto_weight
             name: torch.optim.AdamW(adapter_parameters(self.model), lr=cfg.lr * weight, weight_decay=0.0)
-            for name, weight in (("kto", cfg.kto_weight), ("sft", cfg.sft_weight))}
+            for name, weight in (("kto", cfg.kto_weight), ("sft", cfg.sft_weight), ("dpo", cfg.dpo_weight))}
         self.updates = 0  # optimizer steps over the trainer's life
+        # log π_ref(y|x) of users' answers, by (event id, answer index, text): the reference never changes
+        self.ref_cache: dict[tuple[str, int, str], float] = {}
 
     def reference(self):
         """Context manager: `self.model` as the reference (base) model."""
@@ -108,7 +134,7 @@ class PolicyTrainer:
 
     @torch.no_grad()
     def sample(self, model, prompts: list[list[ChatMessage]], n: int, temperature: float | None = None,
-               batch_prompts: int = 16) -> list[list[Sample]]:
+               batch_prompts: int = 16, max_new_tokens: int | None = None) -> list[list[Sample]]:
         """n samples for each prompt, many prompts per `generate` call (left-padded)."""
         t = self.cfg.temperature if temperature is None else temperature
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
@@ -120,10 +146,11 @@ class PolicyTrainer:
             width = max(map(len, ids))
             input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.device)
             attn = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)
-            with _autocast(self.device):
+            with autocast(self.device, self.bf16):
                 gen = model.generate(input_ids=input_ids, attention_mask=attn, do_sample=t > 0,
                                      temperature=t if t > 0 else None, top_p=1.0, top_k=0,  # as vLLM serves
-                                     max_new_tokens=self.cfg.max_new_tokens, num_return_sequences=n,
+                                     max_new_tokens=max_new_tokens or self.cfg.max_new_tokens,
+                                     num_return_sequences=n,
                                      pad_token_id=pad)
             rows = gen[:, width:].tolist()
             for p, prompt in enumerate(ids):
@@ -136,25 +163,31 @@ class PolicyTrainer:
         model.train(was_training)
         return out
 
-    def answer_sample(self, messages: list[ChatMessage], answer: str) -> Sample:
-        """A given answer (a user's vote or edit) as a completion of its prompt, ending in end-of-sequence."""
+    def answer_sample(self, messages: list[ChatMessage], answer: str, stopped: bool = True) -> Sample:
+        """A given answer (a user's vote or edit) as a completion of its prompt. It ends in end-of-sequence only
+        if it stopped by itself: an answer cut at max_tokens must not teach the policy to stop there."""
         ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"][:self.cfg.max_tokens // 2 - 1]
-        return Sample(self.prompt_ids(messages), ids + [self.tokenizer.eos_token_id], answer)
+        return Sample(self.prompt_ids(messages), ids + [self.tokenizer.eos_token_id] if stopped else ids, answer)
+
+    def group_sample(self, g: PromptGroup, i: int) -> Sample:
+        return self.answer_sample(g.messages, g.answers[i], g.ended(i))
 
     def samples_from(self, prompt_ids: list[list[int]], completions: list[list[list[int]]]) -> list[list[Sample]]:
         return [[Sample(ids, list(c), self.tokenizer.decode(c, skip_special_tokens=True)) for c in group]
                 for ids, group in zip(prompt_ids, completions)]
 
-    def token_logprobs(self, model, samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token log π(y_t | x, y_<t) of each completion, right-padded, and its mask."""
+    def token_logprobs(self, model, samples: list[Sample], temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log π(y_t | x, y_<t) of each completion, right-padded, and its mask; with `temperature` T,
+        of the policy sampled at T (logits / T): what users are served."""
         seqs = [s.prompt_ids + s.completion_ids for s in samples]
         width = max(len(x) for x in seqs)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in seqs], device=self.device)
         attn = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in seqs], device=self.device)
-        with _autocast(self.device):
+        with autocast(self.device, self.bf16):
             logits = model(input_ids=input_ids, attention_mask=attn).logits[:, :-1]
-        logp_all = torch.log_softmax(logits.float(), dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        logits = logits.float() if temperature == 1.0 else logits.float() / temperature
+        logp_all = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
         mask = torch.zeros_like(logp_all)
         for i, s in enumerate(samples):
             start = len(s.prompt_ids) - 1  # position predicting the first completion token
@@ -180,114 +213,136 @@ class PolicyTrainer:
 
     # --- RLOO ---------------------------------------------------------------------------------------------
     def rloo_round(self, prompts: list[list[ChatMessage]], reward_fn: RewardFn,
-                   rollouts: Rollouts | None = None) -> dict[str, float]:
-        """For each step of `prompts_per_step` prompts: k samples each, rewards, KL-penalised rewards,
-        leave-one-out advantages, one AdamW step on the adapters. Samples come from `rollouts` (the live
-        engine, which is this policy at the start of the round: all of the round's samples are drawn then,
-        at once) or else from one batched `generate` per step."""
+                   rollouts: Rollouts | None = None, temperature: float = 1.0,
+                   max_new_tokens: int | None = None) -> dict[str, float]:
+        """RLOO: k answers for each prompt — from `rollouts` (the live engine, which *is* this policy at the start
+        of the round) or else batched `generate` here — all scored by `reward_fn`; on the groups that carry
+        signal (`informative_groups`), KL-penalised rewards and leave-one-out advantages, and `steps_per_round`
+        AdamW steps over them.
+
+        Only the first step is on-policy. Later steps see samples of the policy as it was at the round's start
+        (π_old) and weigh them by PPO's clipped ratio (`rloo_clipped_loss`), so π_old's log-probs of their groups
+        are taken before the first step. Each group is one micro-batch: the first step's log-probs for the KL
+        penalty come from its gradient pass itself (detached). `temperature`: the answers were sampled at T, so
+        log-probs are the tempered policy's."""
         cfg = self.cfg
-        rewards_all, kls, losses, lengths = [], [], [], []
         clock = {"sample_s": 0.0, "reward_s": 0.0, "kl_s": 0.0, "update_s": 0.0}  # where a round's time goes
         t = time.perf_counter()
         ids = [self.prompt_ids(m) for m in prompts]
         drawn = rollouts(ids, cfg.k) if rollouts is not None else None
-        served = self.samples_from(ids, drawn) if drawn is not None else None
-        clock["sample_s"] += time.perf_counter() - t
-        for i in range(0, len(prompts), cfg.prompts_per_step):
-            step_prompts = prompts[i:i + cfg.prompts_per_step]
-            t = time.perf_counter()
-            groups = served[i:i + cfg.prompts_per_step] if served else self.sample(self.model, step_prompts, cfg.k)
-            clock["sample_s"] += time.perf_counter() - t
-            t = time.perf_counter()
-            rewards = torch.stack([reward_fn(m, [s.text for s in g]).float().cpu()
-                                   for m, g in zip(step_prompts, groups)]).to(self.device)  # [P, k]
-            clock["reward_s"] += time.perf_counter() - t
-            t = time.perf_counter()
-            flat = [s for g in groups for s in g]
-            lengths += [len(s.completion_ids) for s in flat]
-            kl = self.sequence_kl(self.model, flat)
-            clock["kl_s"] += time.perf_counter() - t
-            t = time.perf_counter()
-            shaped = kl_penalized_rewards(rewards.flatten(), kl, cfg.beta)
-            adv = rloo_advantages(shaped.view(len(groups), cfg.k)).flatten()
+        groups = self.samples_from(ids, drawn) if drawn is not None else self.sample(
+            self.model, prompts, cfg.k, temperature, max_new_tokens=max_new_tokens)
+        clock["sample_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        rewards = [reward_fn(m, [s.text for s in g]).float().cpu() for m, g in zip(prompts, groups)]
+        clock["reward_s"] = time.perf_counter() - t
+        chosen, informative = informative_groups(rewards, cfg.groups_per_round, cfg.min_spread)
+        steps = [chosen[i::max(1, min(cfg.steps_per_round, len(chosen)))]
+                 for i in range(min(cfg.steps_per_round, len(chosen)))]
+        t = time.perf_counter()
+        ref: dict[int, torch.Tensor] = {}
+        old: dict[int, torch.Tensor] = {}
+        with torch.no_grad():
+            for s_i, step in enumerate(steps):
+                for gi in step:
+                    if s_i > 0:  # π_old's log-probs, before the first step moves the policy
+                        old[gi], _ = self.token_logprobs(self.model, groups[gi], temperature)
+                    with self.reference():
+                        ref[gi], _ = self.token_logprobs(self.model, groups[gi], temperature)
+        clock["kl_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        kls, loss_total = [], 0.0
+        for s_i, step in enumerate(steps):
             self.model.train()
             self.optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for j in range(0, len(flat), cfg.micro_batch):
-                mb = flat[j:j + cfg.micro_batch]
-                logp, mask = self.token_logprobs(self.model, mb)
-                loss = rloo_loss(logp, mask, adv[j:j + len(mb)]) * len(mb) / len(flat)
+            for gi in step:
+                logp, mask = self.token_logprobs(self.model, groups[gi], temperature)
+                behaviour = old.get(gi, logp.detach())
+                kl = ((behaviour - ref[gi]) * mask).sum(-1)
+                adv = rloo_advantages(kl_penalized_rewards(rewards[gi].to(self.device), kl, cfg.beta).view(1, -1))
+                loss = rloo_clipped_loss(logp, behaviour, mask, adv.flatten(), cfg.clip_eps) / len(step)
                 loss.backward()
-                step_loss += float(loss.detach())
+                loss_total += float(loss.detach()) / len(steps)
+                kls.append(kl)
             torch.nn.utils.clip_grad_norm_(adapter_parameters(self.model), 1.0)
             self.optimizer.step()
             self.updates += 1
-            self.model.eval()
-            clock["update_s"] += time.perf_counter() - t
-            rewards_all.append(rewards.flatten())
-            kls.append(kl)
-            losses.append(step_loss)
-        r, kl = torch.cat(rewards_all), torch.cat(kls)
-        return {"loss": sum(losses) / len(losses), "reward_mean": float(r.mean()), "reward_std": float(r.std()),
-                "kl": float(kl.mean()), "prompts": len(prompts), "updates": self.updates,
-                "sampled_by": "serving" if served else "trainer",
-                "answer_tokens": sum(lengths) / len(lengths),
+        self.model.eval()
+        clock["update_s"] = time.perf_counter() - t
+        r = torch.cat(rewards)
+        lengths = [len(s.completion_ids) for g in groups for s in g]
+        return {"loss": loss_total, "reward_mean": float(r.mean()), "reward_std": float(r.std()),
+                "kl": float(torch.cat(kls).mean()) if kls else 0.0, "prompts": len(prompts),
+                "groups_trained": len(chosen), "informative_fraction": informative / max(1, len(groups)),
+                "updates": self.updates, "sampled_by": "serving" if drawn is not None else "trainer",
+                "answer_tokens": sum(lengths) / max(1, len(lengths)), "temperature": temperature,
                 **{k: round(v, 2) for k, v in clock.items()}}
 
-    # --- DPO ----------------------------------------------------------------------------------------------
-    def dpo_round(self, groups: list[PromptGroup]) -> dict[str, float]:
-        pairs = [(g, w, l) for g in groups for w, l in g.pairs]
+    # --- DPO on users' own pairs ----------------------------------------------------------------------
+    def pair_round(self, groups: list[PromptGroup], max_pairs: int | None = None) -> dict[str, float]:
+        """DPO steps on users' ordered pairs in `groups` (at most `max_pairs`, newest groups first), with label
+        smoothing ε for careless votes and the reference's log-probs cached per answer (they never change).
+        Its own AdamW (`dpo_weight`), `prompts_per_step` × 2 pairs per step."""
+        cap = self.cfg.pairs_per_round if max_pairs is None else max_pairs
+        pairs = [(g, w, l) for g in groups for w, l in g.pairs][:cap]
+        if not pairs:
+            return {}
         self.rng.shuffle(pairs)
+        per_step = self.cfg.prompts_per_step * 2
         losses, margins = [], []
-        for i in range(0, len(pairs), self.cfg.prompts_per_step):
-            step = pairs[i:i + self.cfg.prompts_per_step]
-            samples = [self.answer_sample(g.messages, g.answers[j]) for g, w, l in step for j in (w, l)]
+        for i in range(0, len(pairs), per_step):
+            step = pairs[i:i + per_step]
+            samples = [self.group_sample(g, j) for g, w, l in step for j in (w, l)]
+            ref = self._reference_logp([(g.event_id, j, g.answers[j]) for g, w, l in step for j in (w, l)], samples)
+            stats: list[torch.Tensor] = []
+
+            def loss_fn(j: int, seq: torch.Tensor, logp, mask) -> torch.Tensor:
+                r = ref[j:j + len(seq)]
+                stats.append(((seq[0::2] - r[0::2]) - (seq[1::2] - r[1::2])).detach())
+                return dpo_loss(seq[0::2], seq[1::2], r[0::2], r[1::2], self.cfg.beta, self.cfg.label_smoothing)
+
+            losses.append(self._step("dpo", samples, loss_fn, micro_batch=max(2, self.cfg.micro_batch // 2 * 2)))
+            margins.append(float(torch.cat(stats).mean()))
+        return {"dpo_loss": sum(losses) / len(losses), "dpo_margin": sum(margins) / len(margins),
+                "dpo_pairs": len(pairs), "updates": self.updates}
+
+    def _reference_logp(self, keys: list[tuple[str, int, str]], samples: list[Sample]) -> torch.Tensor:
+        """log π_ref(y|x) per sample, computed once per (event id, answer index, text)."""
+        todo = [i for i, k in enumerate(keys) if k not in self.ref_cache]
+        for j in range(0, len(todo), self.cfg.micro_batch):
+            idx = todo[j:j + self.cfg.micro_batch]
             with torch.no_grad(), self.reference():
-                ref_logp, mask = self.token_logprobs(self.model, samples)
-            ref_seq = (ref_logp * mask).sum(-1)
-            self.model.train()
-            self.optimizer.zero_grad(set_to_none=True)
-            logp, _ = self.token_logprobs(self.model, samples)
-            seq = (logp * mask).sum(-1)
-            loss = dpo_loss(seq[0::2], seq[1::2], ref_seq[0::2], ref_seq[1::2], self.cfg.beta)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(adapter_parameters(self.model), 1.0)
-            self.optimizer.step()
-            self.updates += 1
-            self.model.eval()
-            losses.append(float(loss.detach()))
-            margins.append(float(((seq[0::2] - ref_seq[0::2]) - (seq[1::2] - ref_seq[1::2])).mean().detach()))
-        n = max(1, len(losses))
-        return {"loss": sum(losses) / n, "margin": sum(margins) / n, "pairs": len(pairs), "updates": self.updates}
+                seq = self._sequence_logp(self.model, [samples[i] for i in idx])
+            for i, v in zip(idx, seq.tolist()):
+                self.ref_cache[keys[i]] = v
+        return torch.tensor([self.ref_cache[k] for k in keys], device=self.device)
 
     # --- users' direct signals: KTO on labelled answers, SFT on edits ---------------------------------------
     def signal_round(self, groups: list[PromptGroup], z_ref: float) -> dict[str, float]:
         """KTO steps on every labelled answer in `groups` (thumbs up = desirable; thumbs down and both-bad =
         undesirable; weights balance the two), then SFT steps on every demonstration (edit), each loss with
-        its own AdamW, `prompts_per_step × k` answers per step (as many as an RLOO step). `z_ref` is KTO's
+        its own AdamW, `prompts_per_step × 4` answers per step. `z_ref` is KTO's
         reference point, the policy's KL from the reference (the round's RLOO estimate)."""
         labelled = [(g, i, good) for g in groups for i, good in g.labelled]
         demos = [(g, i) for g in groups for i in g.demonstrations]
         out: dict[str, float] = {}
-        per_step = self.cfg.prompts_per_step * self.cfg.k
+        per_step = self.cfg.prompts_per_step * 4
         if labelled:
             self.rng.shuffle(labelled)
             w_d, w_u = kto_weights(sum(good for *_, good in labelled), sum(not good for *_, good in labelled))
             losses = []
             for i in range(0, len(labelled), per_step):
                 step = labelled[i:i + per_step]
-                samples = [self.answer_sample(g.messages, g.answers[j]) for g, j, _ in step]
+                samples = [self.group_sample(g, j) for g, j, _ in step]
                 good = torch.tensor([x[2] for x in step], device=self.device)
-                with torch.no_grad(), self.reference():
-                    ref = torch.cat([self._sequence_logp(self.model, samples[j:j + self.cfg.micro_batch])
-                                     for j in range(0, len(samples), self.cfg.micro_batch)])
+                ref = self._reference_logp([(g.event_id, j, g.answers[j]) for g, j, _ in step], samples)
                 losses.append(self._step("kto", samples, lambda j, seq, logp, mask: kto_loss(
                     seq, ref[j:j + len(seq)], good[j:j + len(seq)], z_ref, self.cfg.beta, w_d, w_u)))
             out.update(kto_loss=sum(losses) / len(losses), kto_answers=len(labelled),
                        kto_desirable=sum(good for *_, good in labelled))
         if demos:
             self.rng.shuffle(demos)
-            losses = [self._step("sft", [self.answer_sample(g.messages, g.answers[j]) for g, j in demos[i:i + per_step]],
+            losses = [self._step("sft", [self.group_sample(g, j) for g, j in demos[i:i + per_step]],
                                  lambda j, seq, logp, mask: sft_loss(logp, mask))
                       for i in range(0, len(demos), per_step)]
             out.update(sft_loss=sum(losses) / len(losses), sft_answers=len(demos))
@@ -297,14 +352,15 @@ class PolicyTrainer:
         logp, mask = self.token_logprobs(model, samples)
         return (logp * mask).sum(-1)
 
-    def _step(self, optimizer: str, samples: list[Sample], loss_fn) -> float:
+    def _step(self, optimizer: str, samples: list[Sample], loss_fn, micro_batch: int | None = None) -> float:
         """One step of `optimizer` on the mean of `loss_fn(offset, seq_logp, logp, mask)` over micro-batches."""
         opt = self.signal_optimizers[optimizer]
+        mbs = micro_batch or self.cfg.micro_batch
         self.model.train()
         opt.zero_grad(set_to_none=True)
         total = 0.0
-        for j in range(0, len(samples), self.cfg.micro_batch):
-            mb = samples[j:j + self.cfg.micro_batch]
+        for j in range(0, len(samples), mbs):
+            mb = samples[j:j + mbs]
             logp, mask = self.token_logprobs(self.model, mb)
             loss = loss_fn(j, (logp * mask).sum(-1), logp, mask) * len(mb) / len(samples)
             loss.backward()

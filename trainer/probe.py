@@ -15,7 +15,7 @@ from trainer.policy import PolicyTrainer, load_causal_lm
 @torch.no_grad()
 def probe_logprobs(pt: PolicyTrainer, folder: Path) -> ProbeLogprobs:
     samples = [pt.answer_sample([ChatMessage(role="user", content=q)], a) for q, a in PROBE_CONVERSATIONS]
-    model = load_causal_lm(str(folder), pt.device)
+    model = load_causal_lm(str(folder), pt.device, pt.bf16)
     try:
         logp, _ = pt.token_logprobs(model, samples)
     finally:

@@ -8,13 +8,13 @@ Decoders pool the last real token (it has attended to the whole conversation); e
 from __future__ import annotations
 
 import importlib.util
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from feedback.comparisons import ChatMessage
+from trainer.precision import autocast
 
 
 def minilm_path() -> str:
@@ -40,6 +40,7 @@ class RewardModel(nn.Module):
         self.head = nn.Linear(hidden, 1)
         nn.init.normal_(self.head.weight, std=1.0 / (hidden + 1) ** 0.5)
         nn.init.zeros_(self.head.bias)
+        self.bf16 = False  # autocast of the backbone's matmuls (the trainer sets it: trainer/precision.py)
 
     @classmethod
     def from_backbone(cls, path: str, max_tokens: int = 384, seed: int = 0) -> RewardModel:
@@ -65,8 +66,7 @@ class RewardModel(nn.Module):
         device = self.head.weight.device
         batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
                                max_length=self.max_tokens, add_special_tokens=not self.is_decoder).to(device)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-        with autocast:
+        with autocast(device, self.bf16):
             hidden = self.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         mask = batch["attention_mask"]
         if self.is_decoder:

@@ -11,6 +11,7 @@ import torch
 
 from trainer.examples import PromptGroup
 from trainer.losses import kwise_loss, pointwise_loss, prompt_aware_loss, tie_loss
+from trainer.precision import use_bf16
 from trainer.reward_model import RewardModel, pick_device
 
 
@@ -25,6 +26,8 @@ class RewardTrainerConfig:
     utility_eps: float = 0.05
     max_tokens: int = 384
     grad_clip: float = 1.0
+    tie_weight: float = 0.25  # a group with only ties says little about quality: it weighs this much in a step
+    precision: str = "auto"  # trainer/precision.py
     seed: int = 0
 
 
@@ -47,6 +50,7 @@ class RewardTrainer:
         self.cfg = cfg
         self.device = pick_device()
         self.model = (model or RewardModel.from_backbone(cfg.backbone, cfg.max_tokens, cfg.seed)).to(self.device)
+        self.model.bf16 = use_bf16(self.device, cfg.precision)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.replay = ReplayBuffer(cfg.replay_capacity, seed=cfg.seed)
         self.steps = 0
@@ -78,14 +82,21 @@ class RewardTrainer:
             return loss
         return kwise_loss(rewards, g.pairs, g.ties)
 
-    def step(self, new: list[PromptGroup]) -> dict[str, float]:
-        """One optimizer step on `new` plus replayed groups; then `new` joins the replay buffer."""
-        replayed = self.replay.sample(int(len(new) * self.cfg.replay_ratio))
+    def step(self, new: list[PromptGroup], replay: int | None = None) -> dict[str, float]:
+        """One optimizer step on `new` plus replayed groups (`replay_ratio` per new one, or `replay`); then `new`
+        joins the replay buffer. With no new groups it is a replay-only step (the trainer's idle time)."""
+        replayed = self.replay.sample(int(len(new) * self.cfg.replay_ratio) if replay is None else replay)
         batch = new + replayed
+        if not batch:
+            return {"loss": float("nan"), "new": 0, "replayed": 0}
         self.model.train()
         rewards = self._rewards(batch)
-        # Mean over prompts: each prompt counts once, however many pairs its ranking has.
-        loss = torch.stack([self.group_loss(r, g) for r, g in zip(rewards, batch)]).mean()
+        # Weighted mean over prompts: each prompt counts once, however many pairs its ranking has; tie-only groups
+        # count `tie_weight` (mostly "both alike", little about what users want).
+        weights = torch.tensor([self.cfg.tie_weight if g.ties and not (g.pairs or g.labelled) else 1.0
+                                for g in batch], device=self.device)
+        losses = torch.stack([self.group_loss(r, g) for r, g in zip(rewards, batch)])
+        loss = (losses * weights).sum() / weights.sum()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)

@@ -1,5 +1,5 @@
-"""Policy rounds: the trainer's policy (kept across rounds) is updated with the reward model (RLOO) or on vote
-pairs (DPO), then on users' direct signals (KTO on thumbs and both-bad, SFT on edits), exported as bf16 full weights, gated on that export, published to the registry and announced
+"""Policy rounds: the trainer's policy (kept across rounds) is updated with the reward model (RLOO) and on users'
+own vote pairs (DPO), then on users' direct signals (KTO on thumbs and both-bad, SFT on edits), exported as bf16 full weights, gated on that export, published to the registry and announced
 on the `weights` topic. A refused candidate is dropped and the policy continues from the live state.
 
     update → export → gate (exported weights vs live, judged by models it never trained against) →
@@ -54,6 +54,7 @@ class RoundResult:
     published: Manifest | None
     gate: GateResult
     train_metrics: dict
+    trained_events: list[str] = field(default_factory=list)  # votes whose pairs, labels or edits it trained on
 
 
 def reward_model_fn(rm) -> RewardFn:
@@ -117,18 +118,22 @@ class PolicyRounds:
         self.version = target
 
     def run(self, prompts: list[list[ChatMessage]], eval_prompts: list[list[ChatMessage]], reward_fn: RewardFn,
-            recent: list[PromptGroup], judge_votes: list[PromptGroup], kafka_offsets: dict[int, int] | None = None,
+            pairs: list[PromptGroup], judge_votes: list[PromptGroup], kafka_offsets: dict[int, int] | None = None,
             oldest_vote_ts: float | None = None, signals: list[PromptGroup] = (),
-            live_name: str | None = "latest") -> RoundResult:
-        """`live_name`: the version serving answers with, which the candidate is judged against and trained
-        from — the registry's latest by default; users' incumbent under canary tests (None: the base)."""
+            live_name: str | None = "latest", sampling: tuple[int, float] | None = None) -> RoundResult:
+        """`pairs`: users' votes whose ordered pairs the policy learns from directly (DPO); `signals`: thumbs,
+        both-bad and edits (KTO, SFT). `live_name`: the version serving answers with, which the candidate is
+        judged against and trained from — the registry's latest by default; users' incumbent under canary tests
+        (None: the base). `sampling`: (max_tokens, temperature) users are served with; RLOO samples the same."""
         cfg = self.cfg
         before = copy.deepcopy(self.pt.state_dict())
         live = self.registry.latest() if live_name == "latest" else (
             self.registry.show(live_name) if live_name else None)
         live_path = self.registry.path(live) if live else Path(cfg.base_model)
-        train_metrics = self.update(prompts, reward_fn, recent, self._live_rollouts(live, cfg.policy.temperature),
-                                    list(signals))
+        max_tokens, temperature = sampling or (cfg.policy.max_new_tokens, cfg.policy.temperature)
+        trained_events = [g.event_id for g in [*pairs, *signals]]
+        train_metrics = self.update(prompts, reward_fn, pairs, self._live_rollouts(live, temperature, max_tokens),
+                                    list(signals), temperature, max_tokens)
         with tempfile.TemporaryDirectory(prefix="duet-candidate-") as tmp:
             t = time.perf_counter()
             exported = self.pt.export(Path(tmp))
@@ -139,7 +144,7 @@ class PolicyRounds:
             t = time.perf_counter()
             self.judges.fit(judge_votes)
             result = evaluate(self.pt, Path(tmp), live_path, eval_prompts, self.judges, cfg.gate,
-                              self._live_rollouts(live, cfg.gate.temperature))
+                              self._live_rollouts(live, cfg.gate.temperature, cfg.policy.max_new_tokens))
             train_metrics["gate_s"] = round(time.perf_counter() - t, 2)
             if train_metrics["changed_fraction"] == 0.0:  # every update rounded away in bf16
                 result.passed, result.reasons = False, result.reasons + ["unchanged"]
@@ -147,7 +152,7 @@ class PolicyRounds:
             if not result.passed:
                 self.pt.load_state_dict(before)  # continue from the live version's state
                 log.warning("gate refused the candidate: %s %s", result.reasons, result.metrics)
-                return RoundResult(None, result, train_metrics)
+                return RoundResult(None, result, train_metrics, trained_events)
             state = self.pt.state_dict()
 
             def write(dst: Path) -> None:
@@ -168,25 +173,30 @@ class PolicyRounds:
         log.info("published %s (judged win rate %.2f [%.2f, %.2f], KL %.2f, %.1f %% of weights changed)",
                  manifest.name, result.metrics["win_rate"], result.metrics["win_rate_low"],
                  result.metrics["win_rate_high"], result.metrics["kl"], 100 * train_metrics["changed_fraction"])
-        return RoundResult(manifest, result, train_metrics)
+        return RoundResult(manifest, result, train_metrics, trained_events)
 
-    def _live_rollouts(self, live: Manifest | None, temperature: float) -> Rollouts | None:
+    def _live_rollouts(self, live: Manifest | None, temperature: float, max_tokens: int) -> Rollouts | None:
         """Samples from serving's engine, provided it serves `live` (the version this state was exported as)."""
         if self.serving is None:
             return None
-        version, max_tokens = live.name if live else BASE_VERSION, self.cfg.policy.max_new_tokens
+        version = live.name if live else BASE_VERSION
         return lambda ids, n: self.serving.sample(ids, n, max_tokens, temperature, version)
 
-    def update(self, prompts: list[list[ChatMessage]], reward_fn: RewardFn, recent: list[PromptGroup],
-               rollouts: Rollouts | None, signals: list[PromptGroup] = ()) -> dict:
-        """RLOO on `prompts` with the reward model, or DPO on the `recent` votes' pairs; then KTO and SFT on the
-        labelled answers and edits in `signals`."""
-        if self.cfg.policy.algorithm == "dpo":
-            out = self.pt.dpo_round(recent)
-        else:
-            out = self.pt.rloo_round(prompts, reward_fn, rollouts)
+    def update(self, prompts: list[list[ChatMessage]], reward_fn: RewardFn, pairs: list[PromptGroup],
+               rollouts: Rollouts | None, signals: list[PromptGroup] = (), temperature: float = 1.0,
+               max_tokens: int | None = None) -> dict:
+        """RLOO on `prompts` with the reward model (unless the algorithm is "dpo"), DPO on users' `pairs`, then KTO
+        and SFT on the labelled answers and edits in `signals`."""
+        out: dict = {}
+        if self.cfg.policy.algorithm != "dpo":
+            out = self.pt.rloo_round(prompts, reward_fn, rollouts, temperature, max_tokens)
             metrics.POLICY_REWARD_MEAN.set(out["reward_mean"])
             metrics.POLICY_REWARD_STD.set(out["reward_std"])
+            metrics.POLICY_INFORMATIVE.set(out["informative_fraction"])
+        if pairs:
+            t = time.perf_counter()
+            out.update(self.pt.pair_round(list(pairs)), dpo_s=round(time.perf_counter() - t, 2))
+
         if signals:
             t = time.perf_counter()
             got = self.pt.signal_round(list(signals), z_ref=max(0.0, out.get("kl", 0.0)))

@@ -5,7 +5,12 @@
 Each pass trains at most one reward-model step, so a steady stream of votes never starves the policy
 round: a round starts as soon as `policy_every_votes` votes have been trained (or `policy_every_s` passed);
 and a backlog left by a slow round is trained first, for at most as many votes again, so the reward
-model is never left behind for good either.
+model is never left behind for good either. With nothing else to do, the reward model takes replay-only
+steps (at most `rm_idle_steps_per_vote` per vote trained): votes arrive every few seconds, a step takes
+one or two, and one pass over each vote left it under-trained.
+
+What a round learns from is drawn from every vote so far, newest first (`replay_draw`): RLOO prompts, users'
+pairs (DPO), thumbs and edits (KTO, SFT). A refused round's votes are drawn again by the next one.
 
 Exactly once: a checkpoint stores the Kafka offset of every partition, the event ids it covers, and the
 votes consumed but not yet trained (`pending`), so "consumed up to the offsets" is always "trained or
@@ -23,9 +28,12 @@ group membership, so a restarted broker needs no rejoin.
 from __future__ import annotations
 
 import logging
+import random
+import statistics
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +74,8 @@ class ServiceConfig:
     policy_every_s: float = 1800.0
     policy_prompts: int = 16
     gate_prompts: int = 16
+    policy_signals: int = 64  # thumbs, both-bad and edit votes replayed per round (KTO, SFT)
+    rm_idle_steps_per_vote: float = 0.5  # replay-only reward-model steps while idle, per vote trained
     redis_url: str = ""  # where the dashboard's loop status goes (feedback/loop_status.py); "" = nowhere
     # "users": serving tests each published version against users' incumbent (feedback/canary.py): no new
     # round while a test runs, and each round continues from the incumbent — a rejected candidate is left behind
@@ -104,6 +114,8 @@ class TrainerService:
         self.to_confirm: list[str] = []  # event ids in a checkpoint, not yet confirmed to the relay
         self.epoch_checked = 0.0
         self.last_lag: int | None = None
+        self.rng = random.Random(rm.seed)
+        self.saved_marks: dict[str, object] = {}  # what the newest checkpoint holds (see `checkpoint`)
 
     # --- the loop -----------------------------------------------------------------------------------
     def run(self, once: bool = False) -> TrainerState:
@@ -117,11 +129,12 @@ class TrainerService:
                 self.consume(consumer)
                 caught_up = self._lag(consumer) == 0
                 if self.reward_step_due(flush=once and caught_up):
-                    self.train_reward_model()
-                    self.checkpoint(consumer)
+                    self.train_reward_model()  # checkpointed within `idle_checkpoint_s`, below
                 if self.round_due():
                     self.policy_round()
                     self.checkpoint(consumer)
+                elif not once and caught_up and self.idle_reward_step_due():
+                    self.train_reward_model_on_replay()
                 if self.dirty and time.time() - self.last_checkpoint > self.cfg.idle_checkpoint_s:
                     self.checkpoint(consumer)
                 _show(bar, self.state)
@@ -214,8 +227,23 @@ class TrainerService:
         metrics.EVENTS.labels(outcome="trained").inc(len(chunk))
         self.state.events_trained += len(chunk)
         self.state.votes_since_round += len(chunk)
-        self.state.step = self.reward.steps
         self.state.last_loss = out["loss"]
+        self._after_reward_step(out)
+
+    def idle_reward_step_due(self) -> bool:
+        return (not self.pending and bool(self.reward.replay.items)
+                and self.state.idle_rm_steps < self.cfg.rm_idle_steps_per_vote * self.state.events_trained)
+
+    def train_reward_model_on_replay(self) -> None:
+        """A replay-only step (the trainer is otherwise idle): as many groups as a step of new votes has in all."""
+        out = self.reward.step([], replay=int(self.cfg.rm_step_groups * (1 + self.reward.cfg.replay_ratio)))
+        metrics.RM_STEPS.inc()
+        self.state.idle_rm_steps += 1
+        self._after_reward_step(out)
+
+    def _after_reward_step(self, out: dict) -> None:
+        self.state.step = self.reward.steps
+        self.dirty = True
         self._maybe_evaluate(out)
         if self.redis is not None:
             loop_status.record(self.redis, loop_status.REWARD_MODEL, loop_status.RewardModelStatus(
@@ -264,12 +292,15 @@ class TrainerService:
         if not trained or not self.held_out:
             log.info("policy round skipped: needs trained and held-out comparisons")
             return None
-        prompts = [g.messages for g in trained[-self.cfg.policy_prompts:]]
-        # every thumbs, both-bad and edit trained since the last round (at least the last `policy_prompts`)
-        since = trained[-max(self.cfg.policy_prompts, self.state.votes_since_round):]
-        signals = [g for g in since if g.labelled or g.demonstrations]
+        fresh = self.state.votes_since_round
+        prompt_groups = replay_draw(_distinct_prompts(trained), self.cfg.policy_prompts, self.rng, fresh)
+        prompts = [g.messages for g in prompt_groups]
+        pairs = replay_draw([g for g in trained if g.pairs], self.cfg.round.policy.pairs_per_round, self.rng, fresh)
+        signals = replay_draw([g for g in trained if g.labelled or g.demonstrations], self.cfg.policy_signals,
+                              self.rng, fresh)
         eval_prompts = [g.messages for g in self.held_out[-self.cfg.gate_prompts:]]
-        log.info("policy round: %d prompts, gate on %d held-out prompts", len(prompts), len(eval_prompts))
+        log.info("policy round: %d prompts, %d users' pairs, %d signals; gate on %d held-out prompts", len(prompts),
+                 len(pairs), len(signals), len(eval_prompts))
         t0 = time.time()
         try:
             live = "latest"
@@ -277,9 +308,9 @@ class TrainerService:
                 live = users_incumbent(*read_canary(self.redis))
                 self.rounds.follow(live)
             result = self.rounds.run(prompts, eval_prompts, reward_model_fn(self.reward.model),
-                                     recent=trained[-self.cfg.policy_prompts:], judge_votes=trained + self.held_out,
+                                     pairs=pairs, judge_votes=trained + self.held_out,
                                      kafka_offsets=self.state.offsets, oldest_vote_ts=self.state.oldest_unrounded_vote,
-                                     signals=signals, live_name=live)
+                                     signals=signals, live_name=live, sampling=served_sampling(prompt_groups))
         except Exception:
             metrics.POLICY_ROUNDS.labels(result="failed").inc()
             log.exception("policy round failed")
@@ -317,8 +348,14 @@ class TrainerService:
         self.state.seen_ids = self.seen.to_list()
         snap = Snapshot(self.state, list(self.reward.replay.items), self.held_out, self.pending,
                         self.rounds.state_dict() if self.rounds is not None else None)
+        # write only what changed since the newest checkpoint: the reward model after its steps, the policy after
+        # a round (or a switch to users' incumbent)
+        marks = {"reward_model": self.reward.steps,
+                 "policy": (self.rounds.version, self.rounds.pt.updates) if self.rounds is not None else None}
+        unchanged = frozenset(k for k, v in marks.items() if self.saved_marks.get(k, object()) == v)
         checkpoint.save(self.cfg.checkpoint_dir, snap, self.reward.model, self.reward.optimizer,
-                        keep=self.cfg.keep_checkpoints)
+                        keep=self.cfg.keep_checkpoints, unchanged=unchanged)
+        self.saved_marks = marks
         consumer.start_offsets = dict(self.state.offsets)
         self.confirm(covered)
         try:
@@ -353,6 +390,35 @@ class TrainerService:
         if len(assigned) < len(consumer.consumer.partitions_for_topic(self.cfg.topic) or ()):
             return None
         return lag
+
+
+def replay_draw(items: list[PromptGroup], n: int, rng: random.Random, fresh: int = 0) -> list[PromptGroup]:
+    """n of `items` (oldest first), biased to recent ones: the newest max(fresh, n/2) — `fresh`: the votes since
+    the last round, so each is drawn at least once — then the rest uniformly from the older ones, so every vote
+    so far keeps being replayed."""
+    newest = min(n, max(fresh, n // 2), len(items))
+    older = items[:len(items) - newest]
+    return items[len(items) - newest:] + rng.sample(older, min(n - newest, len(older)))
+
+
+def _distinct_prompts(groups: list[PromptGroup]) -> list[PromptGroup]:
+    """One group per distinct conversation, its newest, in the order of their newest vote."""
+    last: dict[str, PromptGroup] = {}
+    for g in groups:
+        key = "\x1e".join(f"{m.role}:{m.content}" for m in g.messages)
+        last.pop(key, None)
+        last[key] = g
+    return list(last.values())
+
+
+def served_sampling(groups: list[PromptGroup]) -> tuple[int, float] | None:
+    """(max_tokens, temperature) users were served these prompts' answers with — the most common of each; RLOO
+    samples the same way, so the policy is trained on the answers users see. None when no group says."""
+    tokens = [g.max_tokens for g in groups if g.max_tokens]
+    temps = [g.temperature for g in groups if g.temperature]
+    if not tokens or not temps:
+        return None
+    return Counter(tokens).most_common(1)[0][0], statistics.median_low(temps)
 
 
 def _redis_client(url: str):
