@@ -61,3 +61,21 @@ def up_at_defaults(prefix: str, redis_db: int, **extra: str) -> tuple[Path, str,
                 "DUET_TRAINER_METRICS_PORT": "0", "DUET_RELAY_METRICS_PORT": "0", "DUET_SUPERVISOR_METRICS_PORT": "0",
                 **extra})
     return home, url, redis_url, env
+
+
+def ensure_installed(*requirements: str) -> None:
+    """pip-install bench-only packages (e.g. "trl==1.16.0") into this environment, every installed package held
+    at its version (so no dependency can swap torch for a CUDA build); a no-op when they import already."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    missing = [r for r in requirements if importlib.util.find_spec(r.split("==")[0].replace("-", "_")) is None]
+    if not missing:
+        return
+    frozen = subprocess.run([sys.executable, "-m", "pip", "freeze", "--exclude-editable"], capture_output=True,
+                            text=True, check=True).stdout
+    cons = Path("bench/results/constraints.txt")
+    cons.parent.mkdir(parents=True, exist_ok=True)
+    cons.write_text(frozen)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-c", str(cons), *missing], check=True)

@@ -1,15 +1,18 @@
 """Does the served model get better from votes at the defaults a user gets? (prints JSON, draws a plot)
 
 Starts `duet up` with no settings but a fresh home, port and Redis database, then runs `duet simulate`:
-simulated users chat with pairs forced and vote by a built-in rule (`shorter`, `keyword`, `polite`) with
-10 % random votes, paced to spread --votes over --minutes. Reported per run:
+simulated users chat with pairs forced and vote by a built-in rule (`shorter`, `keyword`, `polite`, `engaging`)
+with 10 % random votes, paced to spread --votes over --minutes, asking for --max-tokens (96 by default: answers
+of a realistic length, not 48). Reported per run:
 - votes, minutes (voting; and the whole run including start-up and evaluations);
 - the blind win rate of the live version against base on held-out topics, judged by the same rule without
   noise, with the prompt-clustered bootstrap 95 % interval;
 - the A/A run: base against base (two independent samplings, same evaluation) at the start; its interval
   should contain 0.5;
 - the reward model's held-out accuracy; policy rounds published / refused (from the dashboard API).
-Targets (issue 14): win rate >= 0.80 with lower bound >= 0.60 within 30 minutes and 500 votes.
+Targets (issue 22): win rate >= 0.80 with lower bound >= 0.60 within 500 votes (reported: the votes and minutes
+at the first evaluation that met it); `shorter` >= 0.70 after <= 150 votes; the first version live <= 64 votes
+after the first.
 With `--feedback thumbs|edits|mixed` users rate, edit or mix instead of picking (`duet simulate --feedback`);
 issue 17's targets: thumbs only >= 0.70 within 500 ratings and 30 minutes; mixed at least as fast as pairs.
 
@@ -52,6 +55,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=30.0)
     ap.add_argument("--votes", type=int, default=500)
     ap.add_argument("--noise", type=float, default=0.1)
+    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--eval-every", type=int, default=16)
     ap.add_argument("--feedback", default="pairs", choices=("pairs", "thumbs", "edits", "mixed"))
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
@@ -64,7 +69,8 @@ def main() -> None:
         sim_dir = home / "simulation"
         sim = subprocess.run(me + ["simulate", "--rule", args.rule, "--feedback", args.feedback,
                                    "--seed", str(args.seed), "--noise", str(args.noise),
-                                   "--votes", str(args.votes), "--minutes", str(args.minutes), "--eval-every", "16",
+                                   "--votes", str(args.votes), "--minutes", str(args.minutes),
+                                   "--eval-every", str(args.eval_every), "--max-tokens", str(args.max_tokens),
                                    # paced so the votes span the run, as users' votes would (unpaced, a CPU
                                    # serves 500 pairs in a few minutes, before any training could happen)
                                    "--rate", str(args.votes / (args.minutes * 60)),
@@ -79,8 +85,13 @@ def main() -> None:
     rounds = board.get("rounds", [])
     final, aa = res["final"], res["curve"][0]
     voting = [p for p in res["curve"] if p["votes"] > 0]
+    met = next((p for p in voting if p["win_rate"] is not None and p["win_rate"] >= 0.8 and p["ci_low"] >= 0.6), None)
+    at_70 = next((p for p in voting if p["win_rate"] is not None and p["win_rate"] >= 0.7), None)
     result = {
         "rule": args.rule, "feedback": args.feedback, "seed": args.seed, "noise": args.noise, "settings": "defaults",
+        "max_tokens": args.max_tokens,
+        "target_met_at": {"votes": met["votes"], "minutes": round((met["seconds"] - aa["seconds"]) / 60, 1)} if met else None,
+        "win_rate_0_7_at_votes": at_70["votes"] if at_70 else None,
         "votes": res["votes_cast"], "by_kind": res.get("by_kind"), "thumbs_bar": res.get("thumbs_bar"),
         "votes_failed": res["votes_failed"],
         "voting_minutes": round((voting[-1]["seconds"] - aa["seconds"]) / 60, 1) if voting else 0.0,
@@ -102,7 +113,8 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"learning-{args.rule}-seed{args.seed}" + ("" if args.feedback == "pairs" else f"-{args.feedback}")
+    stem = f"learning-{args.rule}-seed{args.seed}" + ("" if args.feedback == "pairs" else f"-{args.feedback}") + (
+        "" if args.max_tokens == 96 else f"-{args.max_tokens}tok")
     shutil.copy(res["plot"], out / f"{stem}.png")
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     shutil.copytree(home / "runs", out / f"{stem}-logs", dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.aof*"))

@@ -408,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(fn=cmd_train)
 
     sim = sub.add_parser("simulate", help="simulated users vote by a rule; measure the win rate against base")
-    sim.add_argument("--rule", default="shorter", help="shorter, keyword, polite, or module:function")
+    sim.add_argument("--rule", default="shorter", help="shorter, keyword, polite, engaging, or module:function")
     sim.add_argument("--feedback", choices=("pairs", "thumbs", "edits", "mixed"), default="pairs",
                      help="what users give: picks between two answers, thumbs on one, edits of one, or a mix")
     sim.add_argument("--votes", type=int, default=300, help="interactions with feedback (picks, ratings, edits)")

@@ -1,7 +1,7 @@
 """Preference rules for simulated users: `score(prompt, answer)`, higher is preferred.
 
 Built in: `shorter` (fewer characters), `keyword` (mentions the prompt's key word), `polite` (polite
-phrases). Any other rule: `--rule package.module:function` naming a function (prompt, answer) -> float.
+phrases), `engaging` (several features at once: see `engaging`). Any other rule: `--rule package.module:function` naming a function (prompt, answer) -> float.
 
 Besides picking between answers (`judge`), a simulated user rates one answer (`rate`: thumbs up when its
 score beats a bar, the median score of the base model's answers) and rewrites one toward the rule (an
@@ -40,7 +40,21 @@ def polite(prompt: str, answer: str) -> float:
     return float(sum(low.count(p) for p in _POLITE))
 
 
-BUILT_IN: dict[str, Rule] = {"shorter": shorter, "keyword": keyword, "polite": polite}
+_QUESTION_END = re.compile(r"\?[\s\"')\]]*$")
+_YOU = re.compile(r"\byour?\b", re.IGNORECASE)
+
+
+def engaging(prompt: str, answer: str) -> float:
+    """A taste of several features, as real users' tastes are: an answer that turns back to the user (its last
+    sentence is a question: +1), speaks to them ("you"/"your": +0.5), and is not long (−1 per 400 characters).
+    The base model asks back now and then, so the taste is sparse but reachable; no single feature decides it
+    (a short answer that asks nothing loses to a longer one that asks)."""
+    text = answer.strip()
+    return (float(bool(_QUESTION_END.search(text))) + 0.5 * float(bool(_YOU.search(text)))
+            - len(text) / 400.0)
+
+
+BUILT_IN: dict[str, Rule] = {"shorter": shorter, "keyword": keyword, "polite": polite, "engaging": engaging}
 
 Editor = Callable[[str, str], str]  # (prompt, answer) -> the answer as this user would have written it
 
@@ -64,7 +78,12 @@ def make_polite(prompt: str, answer: str) -> str:
     return f"Happy to help! {answer.strip()} I hope this helps."
 
 
-BUILT_IN_EDITORS: dict[str, Editor] = {"shorter": shorten, "keyword": add_keyword, "polite": make_polite}
+def make_engaging(prompt: str, answer: str) -> str:
+    return f"{shorten(prompt, answer)} What would you like to know next?"
+
+
+BUILT_IN_EDITORS: dict[str, Editor] = {"shorter": shorten, "keyword": add_keyword, "polite": make_polite,
+                                       "engaging": make_engaging}
 
 
 def load_rule(name: str) -> Rule:

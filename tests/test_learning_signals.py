@@ -137,3 +137,16 @@ def test_the_clipped_loss_is_rloo_on_policy_and_stops_pushing_past_the_clip():
     old = logp.detach() - torch.log(torch.tensor(1.5))
     (g,) = torch.autograd.grad(rloo_clipped_loss(logp, old, mask, adv, eps=0.2), logp)
     assert torch.all(g[0] == 0) and torch.any(g[1] != 0)  # the negative-advantage sample still moves
+
+
+def test_completion_log_probs_equal_those_of_the_whole_sequence(tiny_model):
+    """The vocabulary projection only over the completions gives the same per-token log-probs."""
+    pt = PolicyTrainer(PolicyConfig(max_new_tokens=8, precision="fp32"), str(tiny_model))
+    samples = [pt.answer_sample(m, a) for m, a in zip(_prompts(3), ["Yes.", "A longer answer here.", "No"])]
+    samples[1] = samples[1].__class__(samples[1].prompt_ids + [5, 6, 7], samples[1].completion_ids, "")  # longer prompt
+    with torch.no_grad():
+        part, pmask = pt.token_logprobs(pt.model, samples)
+        full, fmask = pt.token_logprobs(pt.model, samples, completions_only=False)
+    assert part.shape[1] < full.shape[1]
+    assert torch.allclose((part * pmask).sum(-1), (full * fmask).sum(-1), atol=1e-5)
+    assert pmask.sum() == fmask.sum() == sum(len(s.completion_ids) for s in samples)

@@ -176,21 +176,26 @@ class PolicyTrainer:
         return [[Sample(ids, list(c), self.tokenizer.decode(c, skip_special_tokens=True)) for c in group]
                 for ids, group in zip(prompt_ids, completions)]
 
-    def token_logprobs(self, model, samples: list[Sample], temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token log π(y_t | x, y_<t) of each completion, right-padded, and its mask; with `temperature` T,
-        of the policy sampled at T (logits / T): what users are served."""
+    def token_logprobs(self, model, samples: list[Sample], temperature: float = 1.0,
+                       completions_only: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log π(y_t | x, y_<t), right-padded, and the mask of the completions' tokens; with
+        `temperature` T, of the policy sampled at T (logits / T): what users are served. With `completions_only`
+        the vocabulary projection and softmax run only from the first completion token of the batch on (a third
+        of the positions are prompt); column j is then position `offset + j`. Otherwise every position."""
         seqs = [s.prompt_ids + s.completion_ids for s in samples]
         width = max(len(x) for x in seqs)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in seqs], device=self.device)
         attn = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in seqs], device=self.device)
+        offset = min(len(s.prompt_ids) for s in samples) - 1 if completions_only else 0
         with autocast(self.device, self.bf16):
-            logits = model(input_ids=input_ids, attention_mask=attn).logits[:, :-1]
+            logits = model(input_ids=input_ids, attention_mask=attn, logits_to_keep=width - offset).logits[:, :-1]
         logits = logits.float() if temperature == 1.0 else logits.float() / temperature
-        logp_all = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        targets = input_ids[:, offset + 1:]
+        logp_all = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         mask = torch.zeros_like(logp_all)
         for i, s in enumerate(samples):
-            start = len(s.prompt_ids) - 1  # position predicting the first completion token
+            start = len(s.prompt_ids) - 1 - offset  # column predicting the first completion token
             mask[i, start:start + len(s.completion_ids)] = 1.0
         return logp_all, mask
 

@@ -17,7 +17,7 @@ def probe_logprobs(pt: PolicyTrainer, folder: Path) -> ProbeLogprobs:
     samples = [pt.answer_sample([ChatMessage(role="user", content=q)], a) for q, a in PROBE_CONVERSATIONS]
     model = load_causal_lm(str(folder), pt.device, pt.bf16)
     try:
-        logp, _ = pt.token_logprobs(model, samples)
+        logp, _ = pt.token_logprobs(model, samples, completions_only=False)
     finally:
         del model
     ids = [s.prompt_ids + s.completion_ids for s in samples]

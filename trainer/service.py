@@ -27,6 +27,7 @@ group membership, so a restarted broker needs no rejoin.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import statistics
@@ -316,6 +317,11 @@ class TrainerService:
             log.exception("policy round failed")
             result = None
         log.info("policy round took %.0f s", time.time() - t0)
+        if result is not None:  # one machine-readable line per round (bench/round_under_load.py reads them)
+            log.info("round metrics: %s", json.dumps({
+                "started": t0, "seconds": round(time.time() - t0, 1), "published": result.published is not None,
+                "reasons": result.gate.reasons, **{k: v for k, v in result.train_metrics.items()
+                                                   if isinstance(v, (int, float, str))}}))
         self.state.rounds += 1
         self.state.votes_since_round = 0
         self.state.oldest_unrounded_vote = None
