@@ -2,13 +2,16 @@
 
 `duet up` at its defaults (a fresh home, port and Redis database; the cores split between serving and the
 trainer unless --cpu-split off), then one simulated user: a chat with two answers forced every --vote-every
-seconds (--max-tokens, 96 by default, at the API's default temperature), and a vote by the `shorter` rule. The
-user stops after --load-minutes; the run goes on for --idle-minutes with nobody using Duet. From the trainer's
-log (one `round metrics:` line per round) each round is classed "under load" (the user chatted throughout it) or
-"idle" (it started after the user stopped); from the user's own requests, the pair latency (p50, p99) and the
-answer tokens per second served, inside rounds and outside them. CPU affinity of each child is read from /proc.
+seconds (--max-tokens, 96 by default, at the API's default temperature), and a vote by --rule (`keyword` by
+default: a taste that leaves the answers' length alone, so rounds stay comparable; under `shorter` later rounds
+train on ever shorter answers). The user stops after --load-minutes; once the trainer is idle, a burst of
+`DUET_POLICY_EVERY_VOTES` votes (as fast as serving answers, 4 at a time) makes one more round due, which then runs
+with nobody using Duet. From the trainer's log (one `round metrics:` line per round) each round is classed "under
+load" (the user's requests flowed throughout it), "idle" (no request while it ran) or "both"; from the user's own
+requests, the pair latency (p50, p99) and the answer tokens per second served, inside rounds and outside them.
+CPU affinity of each child is read from /proc.
 
-Usage: python bench/round_under_load.py [--load-minutes 12] [--idle-minutes 6] [--vote-every 4] [--cpu-split auto]
+Usage: python bench/round_under_load.py [--load-minutes 12] [--idle-minutes 8] [--vote-every 4] [--cpu-split auto]
 """
 
 from __future__ import annotations
@@ -32,33 +35,60 @@ import feedback  # noqa: E402,F401  (the package, before bench/ joins the path: 
 sys.path.append(str(Path(__file__).resolve().parent))
 from benchlib import start_server, up_at_defaults  # noqa: E402
 
-from duet.preferences import judge, shorter  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+
+from duet.preferences import judge, load_rule  # noqa: E402
+from duet.settings import Settings  # noqa: E402
 from duet.processes import stop_process  # noqa: E402
-from trainer.synthetic import TOPICS  # noqa: E402
+from duet.prompts import KEYWORDS, TOPICS  # noqa: E402
 
 REDIS_DB = 13
 
 
-def user(url: str, key: str, stop: threading.Event, every_s: float, max_tokens: int, out: list, seed: int) -> None:
-    rng = random.Random(seed)
-    http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=300)
-    model = http.get("/v1/models").json()["data"][0]["id"]
-    while not stop.is_set():
+class User:
+    """Chats with two answers forced and votes by `rule`; each request's time and tokens go to `out`."""
+
+    def __init__(self, url: str, key: str, rule: str, max_tokens: int, seed: int) -> None:
+        self.http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=300)
+        self.model = self.http.get("/v1/models").json()["data"][0]["id"]
+        self.rule, self.max_tokens, self.rng = load_rule(rule), max_tokens, random.Random(seed)
+        self.out: list[dict] = []
+
+    def pair_and_vote(self, _: object = None) -> None:
         t0 = time.time()
-        prompt = f"Tell me about {rng.choice(TOPICS)}, in a few sentences."
+        prompt = f"Tell me about {self.rng.choice(TOPICS)}, in a few sentences. Key word: {self.rng.choice(KEYWORDS)}."
         try:
-            r = http.post("/v1/chat/completions", json={"model": model, "max_tokens": max_tokens, "duet": {"pairs": "force"},
-                                                        "messages": [{"role": "user", "content": prompt}]})
-            body = r.json()
+            body = self.http.post("/v1/chat/completions", json={
+                "model": self.model, "max_tokens": self.max_tokens, "duet": {"pairs": "force"},
+                "messages": [{"role": "user", "content": prompt}]}).json()
             took = time.time() - t0
             a, b = (c["message"]["content"] for c in body["choices"])
-            http.post("/v1/feedback", json={"comparison_id": body["duet"]["comparison_id"],
-                                            "vote_token": body["duet"]["vote_token"],
-                                            "choice": judge(shorter, prompt, a, b, 0.1, rng)})
-            out.append({"t": t0, "seconds": took, "tokens": body["usage"]["completion_tokens"]})
+            self.http.post("/v1/feedback", json={"comparison_id": body["duet"]["comparison_id"],
+                                                 "vote_token": body["duet"]["vote_token"],
+                                                 "choice": judge(self.rule, prompt, a, b, 0.1, self.rng)})
+            self.out.append({"t": t0, "end": t0 + took, "seconds": took, "tokens": body["usage"]["completion_tokens"]})
         except (httpx.HTTPError, KeyError, ValueError) as e:
-            out.append({"t": t0, "error": f"{type(e).__name__}: {e}"})
-        stop.wait(max(0.0, every_s - (time.time() - t0)))
+            self.out.append({"t": t0, "end": time.time(), "error": f"{type(e).__name__}: {e}"})
+
+    def steady(self, stop: threading.Event, every_s: float) -> None:
+        while not stop.is_set():
+            t0 = time.time()
+            self.pair_and_vote()
+            stop.wait(max(0.0, every_s - (time.time() - t0)))
+
+    def burst(self, n: int, concurrency: int = 4) -> None:
+        with ThreadPoolExecutor(concurrency) as pool:
+            list(pool.map(self.pair_and_vote, range(n)))
+
+
+def wait_idle(log: Path, timeout_s: float) -> None:
+    """Until the trainer is not in a round (every `policy round:` start has its `round metrics:` line)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        text = log.read_text()
+        if text.count("policy round: ") <= text.count("round metrics: "):
+            return
+        time.sleep(2)
 
 
 def rounds_from(log: Path) -> list[dict]:
@@ -102,7 +132,8 @@ def served(requests: list[dict], inside) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--load-minutes", type=float, default=12.0)
-    ap.add_argument("--idle-minutes", type=float, default=6.0)
+    ap.add_argument("--idle-minutes", type=float, default=8.0)
+    ap.add_argument("--rule", default="keyword")
     ap.add_argument("--vote-every", type=float, default=4.0)
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--cpu-split", default="auto", choices=("auto", "off"))
@@ -112,26 +143,34 @@ def main() -> None:
 
     home, url, _, env = up_at_defaults("duet-load-", REDIS_DB, DUET_CPU_SPLIT=args.cpu_split)
     up = start_server([sys.executable, "-m", "duet.cli", "up"], env, url, home / "up.log", timeout_s=900)
-    requests: list[dict] = []
     try:
-        key = (home / "dev_key").read_text().strip()
+        log = next((home / "runs").glob("*/trainer.log"))
+        me = User(url, (home / "dev_key").read_text().strip(), args.rule, args.max_tokens, args.seed)
         cores = children_affinity(up.pid)
         stop = threading.Event()
-        t_user = threading.Thread(target=user, args=(url, key, stop, args.vote_every, args.max_tokens, requests, args.seed))
+        t_user = threading.Thread(target=me.steady, args=(stop, args.vote_every))
         t0 = time.time()
         t_user.start()
         time.sleep(args.load_minutes * 60)
         stop.set()
         t_user.join()
         user_stopped = time.time()
-        time.sleep(args.idle_minutes * 60)
+        wait_idle(log, args.idle_minutes * 60)
+        rounds_before = len(rounds_from(log))
+        me.burst(Settings().policy_every_votes)  # one more round due, to run with nobody chatting
+        deadline = time.time() + args.idle_minutes * 60
+        while len(rounds_from(log)) <= rounds_before and time.time() < deadline:
+            time.sleep(2)
+        wait_idle(log, max(0.0, deadline - time.time()))
     finally:
         stop_process(up, timeout=120)
-    log = next((home / "runs").glob("*/trainer.log"))
+    requests = me.out
     rounds = rounds_from(log)
     for r in rounds:
-        r["when"] = "under load" if r["started"] + r["seconds"] <= user_stopped else (
-            "idle" if r["started"] >= user_stopped else "both")
+        start, end = r["started"], r["started"] + r["seconds"]
+        overlapping = [q for q in requests if q["t"] < end and q["end"] > start]
+        r["when"] = ("idle" if not overlapping else
+                     "under load" if end <= user_stopped and all(q["t"] < user_stopped for q in overlapping) else "both")
     in_round = lambda q: any(r["started"] <= q["t"] <= r["started"] + r["seconds"] for r in rounds)  # noqa: E731
 
     def summary(kind: str) -> dict:
@@ -141,13 +180,14 @@ def main() -> None:
 
     loaded, idle = summary("under load"), summary("idle")
     result = {
-        "settings": "defaults", "cpu_split": args.cpu_split, "cores": cores, "vote_every_s": args.vote_every,
+        "settings": "defaults", "cpu_split": args.cpu_split, "cores": cores, "rule": args.rule,
+        "vote_every_s": args.vote_every,
         "max_tokens": args.max_tokens, "votes": sum("seconds" in r for r in requests),
         "failed": sum("error" in r for r in requests), "load_minutes": args.load_minutes,
         "round_under_load": loaded, "round_idle": idle,
         "ratio_load_to_idle": round(loaded["median_s"] / idle["median_s"], 2) if loaded["median_s"] and idle["median_s"] else None,
         "serving_during_rounds": served(requests, in_round),
-        "serving_outside_rounds": served(requests, lambda q: not in_round(q)),
+        "serving_outside_rounds": served(requests, lambda q: not in_round(q) and q["t"] < user_stopped),
         "first_round_published_after_s": next((round(r["started"] + r["seconds"] - t0) for r in rounds if r["published"]), None),
         "rounds": [{k: r.get(k) for k in ("when", "seconds", "published", "reasons", "sample_s", "reward_s", "kl_s",
                                           "update_s", "dpo_s", "signal_s", "gate_s", "export_s", "groups_trained",
@@ -156,7 +196,7 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"round_under_load-{args.cpu_split}"
+    stem = f"round_under_load-{args.cpu_split}-{args.rule}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     plot(rounds, requests, t0, user_stopped, out / f"{stem}.png")
     print(json.dumps(result, indent=2))

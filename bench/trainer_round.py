@@ -2,10 +2,13 @@
 memory go, on this machine (CPU) or a GPU when torch sees one.
 
 Builds what `duet train` builds from default settings (SmolLM2-135M-Instruct policy as fp32 LoRA adapters on
-the frozen base, all-MiniLM-L6-v2 reward model and gate judges), trains the reward model on --votes
-synthetic votes (the answer with a marker word wins), then runs --rounds policy rounds of the default size
-(16 prompts × k=4, gate on 16 held-out prompts × 2 samples a side). Peak RSS is read from the kernel
-(VmHWM, reset before each phase through /proc/self/clear_refs).
+the frozen base, all-MiniLM-L6-v2 reward model and gate judges), pinned to the cores `duet up` gives the trainer
+on this machine (duet/cpus.py) and in the precision it picks (DUET_TRAINER_PRECISION=fp32 to compare), trains the
+reward model on --votes synthetic votes (the answer with a marker word wins), then runs --rounds policy rounds of
+the default size (16 prompts × k, DPO on users' pairs, gate on 16 held-out prompts × 2 samples a side). With no
+serving here, the RLOO samples come from HF `generate` (slower than serving's engine: `sample_s` is not what a
+served round spends). Peak RSS is read from the kernel (VmHWM, reset before each phase through
+/proc/self/clear_refs).
 
 Usage: python bench/trainer_round.py [--rounds 2] [--prompts 16] [--gate-prompts 16]
 """
@@ -53,12 +56,17 @@ def main() -> None:
     ap.add_argument("--votes", type=int, default=64)
     ap.add_argument("--prompts", type=int, default=Settings().policy_prompts)
     ap.add_argument("--gate-prompts", type=int, default=Settings().gate_prompts)
-    ap.add_argument("--out", default="bench/results/trainer_round.json")
+    ap.add_argument("--out", default="")
     args = ap.parse_args()
 
     from duet.cli import _trainer_service
 
     s = Settings(kafka_bootstrap="unused:9092", home=scratch_home("duet-round-"))
+    from duet.cpus import available_cpus, plan_split, pin_trainer
+    from trainer.precision import cpu_has_fast_bf16
+
+    split = plan_split(available_cpus(), s.serving_cpus, s.trainer_cpus)
+    pin_trainer(split.trainer)
     rss0 = rss_mb()
     t = time.perf_counter()
     svc = _trainer_service(s)
@@ -74,7 +82,7 @@ def main() -> None:
         svc.reward.step(groups[i:i + 8])
     rm_s = (time.perf_counter() - t) / max(1, len(groups) // 8)
     rm_peak = rss_mb("VmHWM")
-    svc.cfg.round_prompts, svc.cfg.gate_prompts = args.prompts, args.gate_prompts
+    svc.cfg.policy_prompts, svc.cfg.gate_prompts = args.prompts, args.gate_prompts
     rounds = []
     for r in range(args.rounds):
         reset_peak()
@@ -84,7 +92,8 @@ def main() -> None:
         rounds.append({"seconds": round(total, 1), "published": result.published is not None,
                        "reasons": result.gate.reasons, "peak_rss_mb": round(rss_mb("VmHWM")),
                        **{k: v for k, v in result.train_metrics.items() if k.endswith("_s") or k in
-                          ("kl", "changed_fraction", "answer_tokens", "updates")},
+                          ("kl", "changed_fraction", "answer_tokens", "updates", "groups_trained",
+                           "informative_fraction", "dpo_pairs")},
                        "gate_kl": result.gate.metrics.get("kl"), "judged_win_rate": result.gate.metrics.get("win_rate")})
         print(json.dumps(rounds[-1]), file=sys.stderr)
 
@@ -94,7 +103,8 @@ def main() -> None:
     pt = svc.rounds.pt
     adapters = [p for p in pt.model.parameters() if p.requires_grad]
     result = {
-        "device": str(pt.device), "torch_threads": torch.get_num_threads(),
+        "device": str(pt.device), "torch_threads": torch.get_num_threads(), "cores": list(split.trainer),
+        "precision": "bf16" if pt.bf16 else "fp32", "cpu_bf16_instructions": cpu_has_fast_bf16(),
         "policy_prompts": args.prompts, "k": pt.cfg.k, "max_new_tokens": pt.cfg.max_new_tokens,
         "gate_prompts": args.gate_prompts, "load_s": round(load_s, 1), "rm_step_s": round(rm_s, 2),
         "rss_mb": {"python+torch": round(rss0), "all loaded": round(rss_loaded), "peak during RM steps": round(rm_peak)},
@@ -104,8 +114,9 @@ def main() -> None:
                        "reward model": mb(svc.reward.model), "judge encoder": mb(svc.rounds.judges.encoder.model)},
         "rounds": rounds,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    out = Path(args.out or f"bench/results/trainer_round-{result['precision']}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import httpx
 import pytest
 import redis
 
+from duet.cpus import available_cpus, parse_cpus
 from duet.simulate import SimulateConfig, Simulator
 from tests.conftest import free_port, make_blue_llama
 
@@ -32,6 +34,13 @@ def children(pid: int, pattern: str) -> list[int]:
 def group_members(pgid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True, text=True)
     return [int(p) for p in out.stdout.split()]
+
+
+def allowed_cpus(pid: int) -> str:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("Cpus_allowed_list:"):
+            return line.split(":", 1)[1].strip()
+    return ""
 
 
 def restarts(port: int) -> float:
@@ -113,8 +122,18 @@ def test_duet_up_learns_from_simulated_users(tmp_path):
         scores = {e["model_version"]: e for e in board if e["judge"] == "simulated:tests.sim_rules:likes_blue"}
         assert scores[final.model_version]["score"] > scores["base"]["score"]
 
-        # A crashed child is restarted, and counted.
+        # Serving (API and engine processes) and the trainer run on the cores `duet up` gave each (duet/cpus.py)
+        [line] = [ln for ln in (tmp_path / "up.log").read_text().splitlines() if ln.startswith("duet: cores")]
+        serving_cpus, trainer_cpus = map(parse_cpus, re.search(r"serving ([\d,]+), trainer ([\d,]+)", line).groups())
+        [serving] = children(up.pid, "duet.cli serve")
+        engine_group = group_members(serving)
+        assert len(engine_group) > 1 and {parse_cpus(allowed_cpus(p)) for p in engine_group} == {serving_cpus}
         [trainer] = children(up.pid, "duet.cli train")
+        assert parse_cpus(allowed_cpus(trainer)) == trainer_cpus
+        if len(available_cpus()) >= 2:
+            assert not set(serving_cpus) & set(trainer_cpus), line
+
+        # A crashed child is restarted, and counted.
         before = restarts(sup_port)
         os.kill(trainer, signal.SIGKILL)
         deadline = time.time() + 30
