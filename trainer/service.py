@@ -389,8 +389,12 @@ class TrainerService:
         assigned = list(consumer.consumer.assignment())
         if not assigned:
             return None
-        ends = consumer.consumer.end_offsets(assigned)
-        lag = sum(max(0, ends[tp] - consumer.consumer.position(tp)) for tp in assigned)
+        try:
+            ends = consumer.consumer.end_offsets(assigned)
+            lag = sum(max(0, ends[tp] - consumer.consumer.position(tp)) for tp in assigned)
+        except Exception as e:  # a broker restarting answers for some partitions only (kafka-python: KeyError)
+            log.warning("cannot read the feedback topic's end offsets: %s: %s", type(e).__name__, e)
+            return None
         metrics.LAG.set(lag)
         self.last_lag = lag
         if len(assigned) < len(consumer.consumer.partitions_for_topic(self.cfg.topic) or ()):
