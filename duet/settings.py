@@ -121,6 +121,7 @@ class Settings(BaseSettings):
     policy_steps_per_round: int = 4  # AdamW steps the groups are split over (later ones with PPO's clipped ratio)
     policy_clip_eps: float = 0.2
     policy_max_new_tokens: int = 64  # where a prompt's own max_tokens is unknown, and the gate's samples
+    policy_max_rollout_tokens: int = 256  # RLOO samples at users' own max_tokens, capped here (round compute)
     policy_prompts_per_step: int = 4  # ×2 pairs per DPO step, ×4 labelled answers per KTO / SFT step
     # users' own pairs, replayed every round with DPO (label smoothing for careless votes), its own AdamW
     policy_pairs_per_round: int = 16

@@ -53,6 +53,7 @@ class PolicyConfig:
     steps_per_round: int = 4
     clip_eps: float = 0.2
     max_new_tokens: int = 64  # when a prompt's own max_tokens is unknown, and for the gate's samples
+    max_rollout_tokens: int = 256  # users' own max_tokens, capped: a round's compute grows with answer length
     temperature: float = 1.0  # the full distribution, as served at the API's default
     prompts_per_step: int = 4  # ×2 pairs per DPO step, ×4 labelled answers per KTO / SFT step
     micro_batch: int = 4  # sequences per forward/backward (the logits of 4 × 150 tokens × 49k vocab: ~120 MB)

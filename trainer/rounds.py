@@ -131,6 +131,7 @@ class PolicyRounds:
             self.registry.show(live_name) if live_name else None)
         live_path = self.registry.path(live) if live else Path(cfg.base_model)
         max_tokens, temperature = sampling or (cfg.policy.max_new_tokens, cfg.policy.temperature)
+        max_tokens = min(max_tokens, cfg.policy.max_rollout_tokens)
         trained_events = [g.event_id for g in [*pairs, *signals]]
         train_metrics = self.update(prompts, reward_fn, pairs, self._live_rollouts(live, temperature, max_tokens),
                                     list(signals), temperature, max_tokens)
