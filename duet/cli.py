@@ -58,7 +58,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if s.serving_cpus:
         from duet.cpus import parse_cpus, pin_serving
 
-        pin_serving(parse_cpus(s.serving_cpus))
+        _pin(pin_serving, parse_cpus(s.serving_cpus), "DUET_SERVING_CPUS")
     # No access log: one log line per request costs ~15 % of the vote path; /metrics counts requests.
     uvicorn.run(create_app(s), host=s.host, port=s.port, log_level="info", access_log=False,
                 timeout_graceful_shutdown=30)
@@ -126,6 +126,13 @@ def cmd_up(args: argparse.Namespace) -> None:
         print("\nduet: stopping ...", flush=True)
     finally:
         sup.stop()
+
+
+def _pin(pin, cpus: tuple[int, ...], setting: str) -> None:
+    try:
+        pin(cpus)
+    except OSError as e:  # e.g. a core this machine (or container) does not have
+        raise CLIError(f"{setting}={','.join(map(str, cpus))}: cannot run there ({e.strerror})") from None
 
 
 def _split_cores(s, env: dict[str, str]) -> None:
@@ -273,7 +280,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if s.trainer_cpus:
         from duet.cpus import parse_cpus, pin_trainer
 
-        pin_trainer(parse_cpus(s.trainer_cpus))  # before torch starts its thread pool
+        _pin(pin_trainer, parse_cpus(s.trainer_cpus), "DUET_TRAINER_CPUS")  # before torch starts its thread pool
     if s.trainer_nice:
         os.nice(s.trainer_nice)  # serving first where cores are shared
     svc = _trainer_service(s)

@@ -72,3 +72,14 @@ def test_duet_train_pins_itself_and_its_torch_threads_to_its_cores(tmp_path):
         proc.kill()
         proc.wait()
 
+
+
+def test_a_core_the_machine_lacks_is_a_one_line_error(tmp_path):
+    absent = max(available_cpus()) + 64
+    env = {**os.environ, "DUET_TRAINER_CPUS": str(absent), "DUET_KAFKA_BOOTSTRAP": "127.0.0.1:9",
+           "DUET_HOME": str(tmp_path / "home"), "DUET_TRAINER_METRICS_PORT": "0"}
+    out = subprocess.run([sys.executable, "-m", "duet.cli", "train"], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [f"duet: error: DUET_TRAINER_CPUS={absent}: cannot run there "
+                                                f"(Invalid argument)"]
