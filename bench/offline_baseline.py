@@ -25,8 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)  # keep bench/ from shadowing packages
+# keep bench/ from shadowing packages — everywhere in the path: vLLM's spawned engine process gets this process's
+# path (bench/ appended below) and imports this file again
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import feedback  # noqa: E402,F401  (the package, before bench/ joins the path: bench/feedback.py shares its name)
 
@@ -52,7 +53,8 @@ def sample(model_path: str, prompts: list[str], n: int, max_tokens: int, seed: i
 
     llm = LLM(model=model_path, dtype="bfloat16", enforce_eager=True, max_model_len=1024, seed=seed)
     msgs = [[{"role": "user", "content": p}] for p in prompts]
-    outs = llm.chat(msgs, SamplingParams(n=n, temperature=TEMPERATURE, top_p=1.0, max_tokens=max_tokens, seed=seed))
+    # no per-request seed: vLLM's CPU sampler refuses one ("CPU Generator does not use offset"); the engine's seed holds
+    outs = llm.chat(msgs, SamplingParams(n=n, temperature=TEMPERATURE, top_p=1.0, max_tokens=max_tokens))
     answers = [[o.text for o in out.outputs] for out in outs]
     del llm
     return answers
