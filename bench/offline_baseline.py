@@ -79,6 +79,7 @@ def main() -> None:
     args = ap.parse_args()
     ensure_installed("trl==1.16.0", *(["peft==0.21.2"] if args.recipe == "lora" else []))
 
+    import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
@@ -105,7 +106,7 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(base, dtype="float32")
     out_dir = Path(args.out) / f"offline-{args.rule}-{args.recipe}-seed{args.seed}"
     cfg = DPOConfig(output_dir=str(out_dir / "trainer"), per_device_train_batch_size=8, report_to=[], seed=args.seed,
-                    logging_steps=10, save_strategy="no", max_length=512,
+                    logging_steps=10, save_strategy="no", max_length=512, use_cpu=not torch.cuda.is_available(),
                     **({"learning_rate": 2e-4} if args.recipe == "lora" else {}))
     peft_config = None
     if args.recipe == "lora":
