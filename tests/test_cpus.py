@@ -36,13 +36,6 @@ def test_the_split_is_disjoint_and_overridable():
         plan_split((0, 1), trainer="7")
 
 
-def _allowed(pid: int) -> str:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("Cpus_allowed_list:"):
-            return line.split(":", 1)[1].strip()
-    return ""
-
-
 @pytest.mark.skipif(len(available_cpus()) < 2, reason="needs two cores to split")
 def test_duet_train_pins_itself_and_its_torch_threads_to_its_cores(tmp_path):
     """`duet train` started with DUET_TRAINER_CPUS runs on exactly those cores (with one torch thread per core),
@@ -64,9 +57,9 @@ def test_duet_train_pins_itself_and_its_torch_threads_to_its_cores(tmp_path):
                             stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 60
-        while _allowed(proc.pid) != str(target):
+        while os.sched_getaffinity(proc.pid) != {target}:
             assert proc.poll() is None, "duet train exited before it was seen pinned"
-            assert time.time() < deadline, _allowed(proc.pid)
+            assert time.time() < deadline, os.sched_getaffinity(proc.pid)
             time.sleep(0.1)
     finally:
         proc.kill()

@@ -36,13 +36,6 @@ def group_members(pgid: int) -> list[int]:
     return [int(p) for p in out.stdout.split()]
 
 
-def allowed_cpus(pid: int) -> str:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("Cpus_allowed_list:"):
-            return line.split(":", 1)[1].strip()
-    return ""
-
-
 def restarts(port: int) -> float:
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     lines = [ln for ln in text.splitlines() if ln.startswith('duet_child_restarts_total{child="trainer"}')]
@@ -127,9 +120,9 @@ def test_duet_up_learns_from_simulated_users(tmp_path):
         serving_cpus, trainer_cpus = map(parse_cpus, re.search(r"serving ([\d,]+), trainer ([\d,]+)", line).groups())
         [serving] = children(up.pid, "duet.cli serve")
         engine_group = group_members(serving)
-        assert len(engine_group) > 1 and {parse_cpus(allowed_cpus(p)) for p in engine_group} == {serving_cpus}
+        assert len(engine_group) > 1 and {tuple(sorted(os.sched_getaffinity(p))) for p in engine_group} == {serving_cpus}
         [trainer] = children(up.pid, "duet.cli train")
-        assert parse_cpus(allowed_cpus(trainer)) == trainer_cpus
+        assert tuple(sorted(os.sched_getaffinity(trainer))) == trainer_cpus
         if len(available_cpus()) >= 2:
             assert not set(serving_cpus) & set(trainer_cpus), line
 
