@@ -59,6 +59,8 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=16)
     ap.add_argument("--feedback", default="pairs", choices=("pairs", "thumbs", "edits", "mixed"))
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--stop-at-target", action="store_true",
+                    help="stop voting once the target (0.80, lower bound 0.60) is measured: for second seeds")
     args = ap.parse_args()
 
     home, url, _, env = up_at_defaults("duet-learning-", REDIS_DB)
@@ -74,7 +76,8 @@ def main() -> None:
                                    # paced so the votes span the run, as users' votes would (unpaced, a CPU
                                    # serves 500 pairs in a few minutes, before any training could happen)
                                    "--rate", str(args.votes / (args.minutes * 60)),
-                                   "--url", url, "--out", str(sim_dir)], env=env)
+                                   "--url", url, "--out", str(sim_dir)]
+                             + (["--stop-at", "0.8", "0.6"] if args.stop_at_target else []), env=env)
         if sim.returncode != 0:
             raise SystemExit(f"duet simulate failed; logs under {home}")
         res = json.loads((sim_dir / "result.json").read_text())
@@ -89,6 +92,7 @@ def main() -> None:
     at_70 = next((p for p in voting if p["win_rate"] is not None and p["win_rate"] >= 0.7), None)
     result = {
         "rule": args.rule, "feedback": args.feedback, "seed": args.seed, "noise": args.noise, "settings": "defaults",
+        "stopped_at_target": args.stop_at_target,
         "max_tokens": args.max_tokens,
         "target_met_at": {"votes": met["votes"], "minutes": round((met["seconds"] - aa["seconds"]) / 60, 1)} if met else None,
         "win_rate_0_7_at_votes": at_70["votes"] if at_70 else None,

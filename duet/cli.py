@@ -382,7 +382,8 @@ def cmd_simulate(args: argparse.Namespace) -> None:
         admin_key=args.admin_key or s.admin_key or (admin_file.read_text().strip() if admin_file.exists() else ""),
         rule=args.rule, feedback=args.feedback, noise=args.noise, votes=args.votes, concurrency=args.concurrency, max_tokens=args.max_tokens,
         eval_every=args.eval_every, eval_prompts=args.eval_prompts, eval_samples=args.eval_samples,
-        settle_s=args.settle_s, rate=args.rate, max_minutes=args.minutes, out_dir=Path(args.out), seed=args.seed, progress=True)
+        settle_s=args.settle_s, rate=args.rate, max_minutes=args.minutes, out_dir=Path(args.out), seed=args.seed, progress=True,
+        stop_at=tuple(args.stop_at) if args.stop_at else None)
     try:
         result = Simulator(cfg).run()
     except SimulationError as e:
@@ -428,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--settle-s", type=float, default=0.0, help="after the last vote, wait this long for a new version")
     sim.add_argument("--rate", type=float, default=0.0, help="at most this many votes per second (0: no limit)")
     sim.add_argument("--minutes", type=float, default=0.0, help="stop voting after this many minutes (0: no limit)")
+    sim.add_argument("--stop-at", type=float, nargs=2, metavar=("WIN_RATE", "CI_LOW"),
+                     help="stop voting once a version is measured at this win rate and lower bound")
     sim.add_argument("--out", default="simulation", help="folder for result.json and learning_curve.png")
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--url", help="Duet's base URL (default http://DUET_HOST:DUET_PORT)")

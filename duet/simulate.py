@@ -53,6 +53,7 @@ class SimulateConfig:
     settle_s: float = 0.0  # after the last vote, wait up to this long for a new version
     rate: float = 0.0  # votes per second at most (0: as fast as the server answers)
     max_minutes: float = 0.0  # stop voting after this long (0: when `votes` are cast)
+    stop_at: tuple[float, float] | None = None  # (win rate, lower bound): stop voting once a checkpoint meets both
     out_dir: Path = field(default_factory=lambda: Path("simulation"))
     seed: int = 0
     progress: bool = True
@@ -246,6 +247,8 @@ class Simulator:
                 bar.update(batch)
                 bar.set_postfix(version=self.live_version(), win_rate=curve[-1].win_rate, failed=self.failed)
                 curve.append(self._checkpoint(base, curve[-1], done))
+                if cfg.stop_at and _meets(curve[-1], *cfg.stop_at):
+                    break
         bar.close()
         deadline = time.time() + cfg.settle_s
         while time.time() < deadline and self.live_version() == curve[-1].model_version:
@@ -274,6 +277,10 @@ class Simulator:
             return self.evaluate(base, votes)
         return last.model_copy(update={"votes": votes, "seconds": time.time() - self.t0,
                                        "rm_accuracy": self.rm_accuracy()})
+
+
+def _meets(p: CurvePoint, win_rate: float, ci_low: float) -> bool:
+    return p.win_rate is not None and p.win_rate >= win_rate and p.ci_low is not None and p.ci_low >= ci_low
 
 
 def plot_curve(result: SimulationResult, path: Path) -> None:
