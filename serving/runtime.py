@@ -13,6 +13,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from duet.cpus import engine_dtype
 from duet.model_assets import resolve_model
 from duet.settings import Settings
 from feedback import metrics as feedback_metrics
@@ -39,8 +40,13 @@ EngineFactory = Callable[[Settings, str], Engine]
 
 
 def vllm_engine_factory(s: Settings, model_path: str) -> Engine:
+    import torch
+
+    dtype = engine_dtype(s.dtype, on_gpu=torch.cuda.is_available())
+    if dtype != s.dtype:
+        log.info("serving in %s: this CPU has no bf16 instructions (DUET_DTYPE=auto)", dtype)
     return VLLMEngine.start(
-        model_path, served_model_name=s.served_model_name, max_model_len=s.max_model_len, dtype=s.dtype,
+        model_path, served_model_name=s.served_model_name, max_model_len=s.max_model_len, dtype=dtype,
         enforce_eager=s.enforce_eager, seed=s.seed, kv_cache_gb=s.kv_cache_gb,
         gpu_memory_utilization=s.gpu_memory_utilization, cache_root=str(s.home / "vllm-cache"),
     )

@@ -13,7 +13,8 @@ from feedback.events import EditedAnswer
 from trainer.examples import to_prompt_group
 from trainer.gate import GateConfig
 from trainer.policy import PolicyConfig, PolicyTrainer, informative_groups
-from trainer.precision import cpu_has_fast_bf16, use_bf16
+from duet.cpus import cpu_has_fast_bf16, engine_dtype
+from trainer.precision import use_bf16
 from trainer.reward_trainer import RewardTrainerConfig
 from trainer.rounds import RoundConfig
 from trainer.service import ServiceConfig, TrainerService, replay_draw, served_sampling
@@ -103,6 +104,16 @@ def test_precision_follows_the_cpu_flags():
     cpu = torch.device("cpu")
     assert use_bf16(cpu, "fp32") is False and use_bf16(cpu, "bf16") is True
     assert use_bf16(cpu, "auto") is cpu_has_fast_bf16()
+
+
+def test_serving_dtype_follows_the_cpu_flags():
+    """vLLM serves the model's own bf16 where bf16 is native (or on a GPU), float32 on a CPU that would emulate
+    it; an explicit DUET_DTYPE is kept."""
+    avx2, amx = frozenset({"avx2", "fma"}), frozenset({"avx512f", "amx_bf16"})
+    assert engine_dtype("auto", on_gpu=False, flags=avx2) == "float32"
+    assert engine_dtype("auto", on_gpu=False, flags=amx) == "auto"
+    assert engine_dtype("auto", on_gpu=True, flags=avx2) == "auto"
+    assert engine_dtype("bfloat16", on_gpu=False, flags=avx2) == "bfloat16"
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
