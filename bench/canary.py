@@ -4,9 +4,9 @@ undecided at a vote budget. No engine: votes are drawn from a known true win rat
 correctness, its speed and its type-I error are measured over many simulated tests.
 
 Rows: A/A (candidate = incumbent: win rate ½, ties included) — how often it is wrongly promoted (target
-≤ 5 %, over ≥ 100 runs); a better candidate (true win rate 0.65) and a worse one (0.35), each with 10 %
-random votes — right decisions (target ≥ 19 of 20) and the median votes to a decision (target ≤ 200 for
-0.65). This is the statistics alone, as serving applies them (feedback/canary.py `decide`); the same
+≤ α/2, over ≥ 200 runs: the test is two-sided at α); better candidates (true win rate 0.60 and 0.65) and a
+worse one (0.35), each with 10 % random votes — right decisions (target ≥ 95 %) and the median votes to a
+decision. This is the statistics alone, as serving applies them (feedback/canary.py `decide`); the same
 rule deciding the trainer's real versions from served answers is bench/canary_served.py.
 
 Usage: python bench/canary.py [--runs 200] [--budget 1000] [--alpha 0.1]
@@ -53,8 +53,8 @@ def main() -> None:
     args = ap.parse_args()
     rng = random.Random(args.seed)
     rows = {}
-    for name, p, noise, right in (("aa", 0.5, 0.0, None), ("better_0.65", 0.65, 0.1, "promote"),
-                                  ("worse_0.35", 0.35, 0.1, "reject")):
+    for name, p, noise, right in (("aa", 0.5, 0.0, None), ("better_0.60", 0.60, 0.1, "promote"),
+                                  ("better_0.65", 0.65, 0.1, "promote"), ("worse_0.35", 0.35, 0.1, "reject")):
         outcomes = [one_test(rng, p, noise, args.budget, args.alpha) for _ in range(args.runs)]
         decided = [t for d, t in outcomes if d != "undecided"]
         row = {"runs": args.runs, "promoted": sum(d == "promote" for d, _ in outcomes),
@@ -67,8 +67,8 @@ def main() -> None:
     aa = rows["aa"]
     result = {"alpha": args.alpha, "budget": args.budget, "rows": rows,
               "aa_promote_rate": round(aa["promoted"] / aa["runs"], 4),
-              "targets": {"aa_promote_rate": "<= 0.05", "right_share": ">= 0.95",
-                          "median_votes_better_0.65": "<= 200"}}
+              "aa_promote_rate_met": aa["promoted"] / aa["runs"] <= args.alpha / 2,
+              "targets": {"aa_promote_rate": f"<= alpha/2 = {args.alpha / 2}", "right_share": ">= 0.95"}}
     print(json.dumps(result, indent=2))
 
 

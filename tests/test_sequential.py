@@ -8,15 +8,15 @@ from feedback.sequential import ConfidenceSequence, mixture_boundary
 
 
 def test_boundary_by_hand():
-    # u(v) = sqrt((v + ρ) · log((v + ρ) / (ρ (α/2)²))) with v = 25, ρ = 5, α = 0.05
+    # u(v) = sqrt((v + ρ) · log((v + ρ) / (ρ α²))) with v = 25, ρ = 5, α = 0.05
     import math
-    assert mixture_boundary(25, 5, 0.05) == pytest.approx(math.sqrt(30 * math.log(30 / (5 * 0.025 ** 2))))
+    assert mixture_boundary(25, 5, 0.05) == pytest.approx(math.sqrt(30 * math.log(30 / (5 * 0.05 ** 2))))
 
 
 def test_looking_after_every_vote_rarely_excludes_the_truth():
     """A/A: a true win rate of exactly ½, looked at after each of 1,000 votes (ties included), 300 times.
     Each run excludes ½ at some look with probability ≤ α = 0.05 by construction (the bound is
-    conservative; measured ~0.5 %); the test fails only if 30 or more of 300 do: a binomial(300, 0.05)
+    conservative: 1 of these 300 did); the test fails only if 30 or more of 300 do: a binomial(300, 0.05)
     exceeds 29 with probability < 0.1 %, so this fails by chance less than once in a thousand runs."""
     rng = random.Random(0)
     crossed = 0
