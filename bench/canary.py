@@ -67,7 +67,6 @@ def main() -> None:
     aa = rows["aa"]
     result = {"alpha": args.alpha, "budget": args.budget, "rows": rows,
               "aa_promote_rate": round(aa["promoted"] / aa["runs"], 4),
-              "aa_promote_rate_met": aa["promoted"] / aa["runs"] <= args.alpha / 2,
               "targets": {"aa_promote_rate": f"<= alpha/2 = {args.alpha / 2}", "right_share": ">= 0.95"}}
     print(json.dumps(result, indent=2))
 

@@ -32,7 +32,7 @@ from tqdm import tqdm  # noqa: E402
 from feedback.broker import EmbeddedBroker  # noqa: E402
 from feedback.events import WeightsAnnouncement  # noqa: E402
 from feedback.topics import FEEDBACK, WEIGHTS, ensure_topics  # noqa: E402
-from trainer.examples import is_held_out  # noqa: E402
+from trainer.examples import is_held_out, prompt_key  # noqa: E402
 from trainer.synthetic import marker_event  # noqa: E402
 
 
@@ -51,7 +51,7 @@ def main() -> None:
     rng = random.Random(0)
     # held-out votes don't count toward the round: send enough that `votes` are trained
     events = []
-    while sum(not is_held_out(e.comparison.comparison_id, 10.0) for e in events) < args.votes:
+    while sum(not is_held_out(prompt_key(e.comparison.messages), 10.0) for e in events) < args.votes:
         events.append(marker_event(rng))
     env = {**os.environ, "DUET_KAFKA_BOOTSTRAP": broker.bootstrap, "DUET_HOME": str(tmp / "home"),
            "DUET_POLICY_EVERY_VOTES": str(args.votes), "DUET_TRAINER_METRICS_PORT": "0", "HF_HUB_OFFLINE": "1",

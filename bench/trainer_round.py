@@ -5,7 +5,7 @@ Builds what `duet train` builds from default settings (SmolLM2-135M-Instruct pol
 the frozen base, all-MiniLM-L6-v2 reward model and gate judges), pinned to the cores `duet up` gives the trainer
 on this machine (duet/cpus.py) and in the precision it picks (DUET_TRAINER_PRECISION=fp32 to compare), trains the
 reward model on --votes synthetic votes (the answer with a marker word wins), then runs --rounds policy rounds of
-the default size (16 prompts × k, DPO on users' pairs, gate on 16 held-out prompts × 2 samples a side). With no
+the default size (16 prompts × k, DPO on users' pairs, gate on the 48 gate prompts × 2 samples a side). With no
 serving here, the RLOO samples come from HF `generate` (slower than serving's engine: `sample_s` is not what a
 served round spends). Peak RSS is read from the kernel (VmHWM, reset before each phase through
 /proc/self/clear_refs).
@@ -75,14 +75,14 @@ def main() -> None:
     rss_loaded = rss_mb()
     rng = random.Random(0)
     groups = [to_prompt_group(marker_event(rng)) for _ in range(args.votes)]
-    svc.held_out = groups[: max(args.gate_prompts, 1)]
+    svc.held_out = groups[:8]  # the reward model's accuracy; the gate samples its own prompts
     reset_peak()
     t = time.perf_counter()
     for i in range(0, len(groups), 8):
         svc.reward.step(groups[i:i + 8])
     rm_s = (time.perf_counter() - t) / max(1, len(groups) // 8)
     rm_peak = rss_mb("VmHWM")
-    svc.cfg.policy_prompts, svc.cfg.gate_prompts = args.prompts, args.gate_prompts
+    svc.cfg.policy_prompts, svc.rounds.cfg.gate.prompts = args.prompts, args.gate_prompts
     rounds = []
     for r in range(args.rounds):
         reset_peak()

@@ -73,6 +73,7 @@ def cmd_up(args: argparse.Namespace) -> None:
     from feedback.topics import ensure_topics
 
     s = _settings()
+    _release_checks(s), _gate_prompts(s)  # a bad file is an error now, not a trainer that crash-loops
     run_dir = s.home / "runs" / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
     sup = Supervisor()
@@ -251,6 +252,24 @@ def _section(s, prefix: str, config_cls, **extra):
     return config_cls(**{**values, **extra})
 
 
+def _release_checks(s):
+    from trainer.release_checks import ReleaseChecksError, load_release_checks
+
+    try:
+        return load_release_checks(s.release_checks)
+    except ReleaseChecksError as e:
+        raise CLIError(f"{e} (DUET_RELEASE_CHECKS)") from None
+
+
+def _gate_prompts(s) -> list[str]:
+    from trainer.gate import GatePromptsError, load_gate_prompts
+
+    try:
+        return load_gate_prompts(s.gate_prompt_file, s.gate_prompts)
+    except GatePromptsError as e:
+        raise CLIError(str(e)) from None
+
+
 def _trainer_service(s):
     from duet.model_assets import resolve_model
     from trainer.gate import GateConfig
@@ -265,7 +284,8 @@ def _trainer_service(s):
     rm = _section(s, "rm_", RewardTrainerConfig, backbone=backbone, seed=s.seed, precision=s.trainer_precision)
     round_cfg = RoundConfig(
         base_model=base, registry_root=s.registry_root(), keep_versions=s.keep_versions, bootstrap=s.kafka_bootstrap,
-        rollout_url=s.trainer_rollout_url, rollout_key=s.admin_key,
+        rollout_url=s.trainer_rollout_url, rollout_key=s.admin_key, release_checks=_release_checks(s),
+        gate_prompts=_gate_prompts(s),
         policy=_section(s, "policy_", PolicyConfig, seed=s.seed, precision=s.trainer_precision),
         gate=_section(s, "gate_", GateConfig))
     service = _section(s, "", ServiceConfig, checkpoint_dir=s.home / "trainer" / "checkpoints", round=round_cfg)
@@ -275,6 +295,7 @@ def _trainer_service(s):
 def cmd_train(args: argparse.Namespace) -> None:
     """The trainer: consume votes, train the reward model, checkpoint, and run policy rounds."""
     s = _settings()
+    _release_checks(s), _gate_prompts(s)  # a bad file: one line now, before anything starts
     if not s.kafka_bootstrap:
         raise CLIError("DUET_KAFKA_BOOTSTRAP is not set: the trainer reads votes from Kafka")
     if s.trainer_cpus:
@@ -287,7 +308,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.round:
         result = svc.policy_round()
         if result is None:
-            raise CLIError("no policy round: the trainer has no trained and held-out comparisons yet")
+            raise CLIError("no policy round: the trainer has no trained comparisons yet")
         if result.published is None:
             raise CLIError(f"the gate refused the candidate: {', '.join(result.gate.reasons)} {result.gate.metrics}")
         print(f"duet: published {result.published.name} ({result.gate.metrics})")

@@ -135,12 +135,18 @@ class Settings(BaseSettings):
     policy_prompts: int = 16  # recent user prompts per round
     policy_every_votes: int = 32  # a round after this many new trained votes...
     policy_every_s: float = 1800.0  # ...or this long after the last round if any vote came in
-    gate_min_win_rate: float = 0.5
-    gate_require: Literal["not_worse", "better"] = "not_worse"  # which end of the judges' interval must clear it
+    # the gate: a candidate passes if the one-sided (1 − α) lower bound of its judged win rate, against the live
+    # version and against base, reaches gate_min_win_rate (trainer/gate.py; error rates in bench/gate.py)
+    gate_min_win_rate: float = Field(0.40, ge=0.0, le=1.0)
+    gate_alpha: float = Field(0.05, gt=0.0, lt=0.5)
     gate_max_kl: float = 20.0
     gate_max_length_ratio: float = 3.0
-    gate_samples_per_prompt: int = 2
-    gate_prompts: int = 16  # held-out prompts the gate samples
+    gate_samples_per_prompt: int = Field(2, ge=1)
+    gate_prompts: int = Field(48, ge=1)  # gate prompts sampled, from gate_prompt_file
+    gate_prompt_file: str = ""  # "" Duet's generic set (trainer/gate_prompts.txt); else one prompt per line
+    # checks every candidate must pass before users see it (trainer/release_checks.py): "" the default set
+    # shipped with Duet, "off" none, or the path of a team's own JSONL file
+    release_checks: str = ""
     keep_versions: int = 5
     registry_dir: Path | None = None  # where versions are published; default <home>/registry
     swap_probe_timeout_s: float = 30.0

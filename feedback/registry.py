@@ -42,6 +42,8 @@ class Manifest(BaseModel):
     eval: dict[str, float | int | bool | str | None] = Field(default_factory=dict)
     kafka_offsets: dict[int, int] = Field(default_factory=dict)
     probe: ProbeLogprobs | None = None  # what serving checks after loading it (feedback/probes.py)
+    # the release checks it passed (trainer/release_checks.py): name, kind, passed, value, base, answer
+    release_checks: list[dict[str, float | str | bool | None]] = Field(default_factory=list)
 
 
 BASE_VERSION = "base"  # the name of the unmodified base model, in serving and on the dashboard
@@ -129,7 +131,8 @@ class Registry:
 
     def publish(self, write_weights, *, base_model: str, algorithm: str, hyperparameters: dict,
                 train_metrics: dict, eval: dict, kafka_offsets: dict[int, int],
-                probe: ProbeLogprobs | None = None, parent: Manifest | None | str = "latest") -> tuple[Manifest, Path]:
+                probe: ProbeLogprobs | None = None, parent: Manifest | None | str = "latest",
+                release_checks: list[dict] = ()) -> tuple[Manifest, Path]:
         """`write_weights(folder)` saves the model and tokenizer into a folder; the registry does the rest.
         `parent`: the version this one was trained from (default the latest; None: the base model)."""
         self.root.mkdir(parents=True, exist_ok=True)
@@ -145,7 +148,7 @@ class Registry:
             manifest = Manifest(version=version, name=name, parent_version=current.version if current else None,
                                 base_model=base_model, files=files, algorithm=algorithm,
                                 hyperparameters=hyperparameters, train_metrics=train_metrics, eval=eval,
-                                kafka_offsets=kafka_offsets, probe=probe)
+                                kafka_offsets=kafka_offsets, probe=probe, release_checks=list(release_checks))
             (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))
             _fsync_tree(tmp)
         except BaseException:

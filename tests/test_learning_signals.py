@@ -67,7 +67,7 @@ def test_replay_draw_takes_the_newest_then_older_ones():
 
 def _service(tiny_model, tmp_path, gate: GateConfig) -> TrainerService:
     return TrainerService(
-        ServiceConfig(kafka_bootstrap="unused:9092", checkpoint_dir=tmp_path / "ckpt", policy_prompts=4, gate_prompts=2,
+        ServiceConfig(kafka_bootstrap="unused:9092", checkpoint_dir=tmp_path / "ckpt", policy_prompts=4,
                       policy_signals=8,
                       round=RoundConfig(base_model=str(tiny_model), registry_root=tmp_path / "registry",
                                         policy=PolicyConfig(max_new_tokens=8, k=4), gate=gate)),
@@ -75,7 +75,7 @@ def _service(tiny_model, tmp_path, gate: GateConfig) -> TrainerService:
 
 
 def test_a_refused_rounds_signals_are_trained_again_and_rounds_train_on_users_pairs(tiny_model, tmp_path):
-    svc = _service(tiny_model, tmp_path, GateConfig(max_kl=-1.0))  # refuses every candidate
+    svc = _service(tiny_model, tmp_path, GateConfig(max_kl=-1.0, prompts=2))  # refuses every candidate
     rng = random.Random(0)
     pairs = [to_prompt_group(marker_event(rng)) for _ in range(10)]
     thumbs = [to_prompt_group(marker_rating(rng)) for _ in range(4)]

@@ -382,7 +382,7 @@ def test_gate_kl_estimates_the_true_kl(tiny_model, judges):
     exact = (lp.exp() * (lp - lr)).sum().item()
     torch.manual_seed(0)
     gate = evaluate(pt, candidate, pt.model, [messages], judges,
-                    GateConfig(min_win_rate=0.0, max_kl=1e9, samples_per_prompt=400, max_length_ratio=1e9,
+                    GateConfig(min_win_rate=0.0, max_kl=1e9, samples_per_prompt=400, kl_samples=400, max_length_ratio=1e9,
                                max_empty_share=1.0))
     assert exact > 0.01 and gate.metrics["kl"] == pytest.approx(exact, rel=0.3)
 

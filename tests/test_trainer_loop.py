@@ -29,8 +29,8 @@ def _service(tiny_model, tmp_path, bootstrap, topic, group) -> TrainerService:
         ServiceConfig(kafka_bootstrap=bootstrap, checkpoint_dir=tmp_path / "ckpt", trainer_group_id=group, topic=topic,
                       rm_step_groups=4, rm_max_wait_s=0.5, held_out_pct=10,
                       round=RoundConfig(base_model=str(tiny_model), registry_root=tmp_path / "registry",
-                                        policy=PolicyConfig(max_new_tokens=8), gate=GateConfig(min_win_rate=0.0)),
-                      policy_every_votes=EVERY, policy_prompts=4, gate_prompts=2),
+                                        policy=PolicyConfig(max_new_tokens=8), gate=GateConfig(min_win_rate=0.0, prompts=2)),
+                      policy_every_votes=EVERY, policy_prompts=4),
         RewardTrainerConfig(backbone=str(tiny_model), max_tokens=96))
 
 

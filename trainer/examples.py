@@ -50,9 +50,15 @@ class PromptGroup(BaseModel):
         return [(i, True) for i in self.desirable] + [(i, False) for i in self.undesirable]
 
 
-def is_held_out(comparison_id: str, percent: float) -> bool:
-    """Stable across restarts and machines: the same comparison is always on the same side."""
-    h = int.from_bytes(hashlib.sha256(comparison_id.encode()).digest()[:8], "big")
+def prompt_key(messages: list[ChatMessage]) -> str:
+    """One conversation's identity: every message, role and text."""
+    return "\x1e".join(f"{m.role}:{m.content}" for m in messages)
+
+
+def is_held_out(key: str, percent: float) -> bool:
+    """Stable across restarts and machines: the same key (a conversation's `prompt_key`: a repeated prompt
+    must not be on both sides) is always on the same side."""
+    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
     return (h % 10_000) < percent * 100
 
 

@@ -26,11 +26,13 @@ POLICY_SIGNAL_ANSWERS = Counter("duet_policy_signal_answers_total", "Answers the
 POLICY_INFORMATIVE = Gauge("duet_policy_informative_fraction", "Share of the last round's RLOO groups whose rewards "
                            "spread enough to carry signal (PolicyConfig.min_spread)")
 POLICY_KL = Gauge("duet_policy_kl", "Mean KL (nats per answer) of the last candidate to the reference")
-GATE_WIN_RATE = Gauge("duet_gate_win_rate", "Reward-model win rate of the last candidate against the live version "
-                      "on held-out prompts (ties count 1/2)")
+GATE_WIN_RATE = Gauge("duet_gate_win_rate", "The gate judges' win rate of the last candidate against the live "
+                      "version on the gate prompts (ties count 1/2)")
 GATE_REJECTED_IN_A_ROW = Gauge("duet_gate_consecutive_rejections", "Policy rounds the gate refused since the "
                                "last publication")
 GATE_REJECTIONS = Counter("duet_gate_rejections_total", "Candidates the eval gate refused, by reason", ["reason"])
+RELEASE_CHECK_FAILURES = Counter("duet_release_check_failures_total", "Release checks candidates failed, by check",
+                                 ["check"])
 PUBLISHED_VERSION = Gauge("duet_published_version", "Newest published policy version number")
 VOTE_TO_PUBLISH = Histogram("duet_vote_to_publish_seconds", "From the oldest vote a version learned from to "
                             "its publication", buckets=(10, 30, 60, 120, 300, 600, 1200, 3600, 7200))

@@ -135,8 +135,10 @@ class PolicyTrainer:
 
     @torch.no_grad()
     def sample(self, model, prompts: list[list[ChatMessage]], n: int, temperature: float | None = None,
-               batch_prompts: int = 16, max_new_tokens: int | None = None) -> list[list[Sample]]:
-        """n samples for each prompt, many prompts per `generate` call (left-padded)."""
+               batch_prompts: int = 16, max_new_tokens: int | None = None, seed: int | None = None) -> list[list[Sample]]:
+        """n samples for each prompt, many prompts per `generate` call (left-padded). With `seed`, each call draws
+        from its own seeded stream (the global one is left alone): two models sampled with the same seed on the
+        same prompts draw paired answers, alike wherever the models agree."""
         t = self.cfg.temperature if temperature is None else temperature
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         was_training = model.training
@@ -147,7 +149,10 @@ class PolicyTrainer:
             width = max(map(len, ids))
             input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.device)
             attn = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)
-            with autocast(self.device, self.bf16):
+            with autocast(self.device, self.bf16), torch.random.fork_rng(
+                    devices=[self.device] if self.device.type == "cuda" else [], enabled=seed is not None):
+                if seed is not None:
+                    torch.manual_seed(seed + i)
                 gen = model.generate(input_ids=input_ids, attention_mask=attn, do_sample=t > 0,
                                      temperature=t if t > 0 else None, top_p=1.0, top_k=0,  # as vLLM serves
                                      max_new_tokens=max_new_tokens or self.cfg.max_new_tokens,

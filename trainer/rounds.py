@@ -24,11 +24,12 @@ from feedback.events import WeightsAnnouncement
 from feedback.registry import BASE_VERSION, Manifest, Registry, manifest_checksum
 from feedback.topics import WEIGHTS
 from trainer import metrics
-from trainer.examples import PromptGroup
-from trainer.gate import GateConfig, GateResult, evaluate
+from trainer.examples import PromptGroup, prompt_key
+from trainer.gate import GateConfig, GateResult, evaluate, gate_answers, load_gate_prompts
 from trainer.judge import JudgeEnsemble, SentenceEncoder
 from trainer.probe import probe_logprobs
-from trainer.policy import PolicyConfig, PolicyTrainer, RewardFn, Rollouts, changed_fraction
+from trainer.release_checks import ReleaseCheck, ReleaseChecker
+from trainer.policy import PolicyConfig, PolicyTrainer, RewardFn, Rollouts, changed_fraction, load_causal_lm
 from trainer.rollouts import ServingRollouts
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,9 @@ class RoundConfig:
     bootstrap: str = ""  # Kafka, for the announcement ("" = don't announce)
     rollout_url: str = ""  # serving's base URL: its live engine samples for RLOO ("" = HF generate here)
     rollout_key: str = ""  # the admin key it takes
+    release_checks: list[ReleaseCheck] = field(default_factory=list)  # every candidate must pass them all
+    # the gate's prompts, never trained on (the service holds votes on them out); Duet's generic set by default
+    gate_prompts: list[str] = field(default_factory=lambda: load_gate_prompts("", 0))
 
 
 @dataclass
@@ -91,6 +95,10 @@ class PolicyRounds:
         self.version = BASE_VERSION  # the version this policy state was published as (or the base model)
         self.judges = JudgeEnsemble(SentenceEncoder(cfg.judge_encoder or minilm_path()), seed=cfg.policy.seed)
         self.serving = ServingRollouts(cfg.rollout_url, cfg.rollout_key) if cfg.rollout_url else None
+        self.checker = ReleaseChecker(cfg.release_checks) if cfg.release_checks else None
+        # gate answers by version ("base" too), on the prompts they were drawn for: a version answers the gate
+        # prompts once, as a candidate, and its answers are reused while it is live (paired by the gate's seed)
+        self.gate_cache: dict[str, tuple[tuple[str, ...], list]] = {}
 
     def state_dict(self) -> dict:
         return {**self.pt.state_dict(), "version": self.version}
@@ -144,8 +152,11 @@ class PolicyRounds:
             del exported, parent
             t = time.perf_counter()
             self.judges.fit(judge_votes)
+            live_key = live.name if live else BASE_VERSION
             result = evaluate(self.pt, Path(tmp), live_path, eval_prompts, self.judges, cfg.gate,
-                              self._live_rollouts(live, cfg.gate.temperature, cfg.policy.max_new_tokens))
+                              live_answers=self._gate_answers(live_key, live_path, eval_prompts),
+                              base_answers=self._gate_answers(BASE_VERSION, None, eval_prompts),
+                              checker=self.checker)
             train_metrics["gate_s"] = round(time.perf_counter() - t, 2)
             if train_metrics["changed_fraction"] == 0.0:  # every update rounded away in bf16
                 result.passed, result.reasons = False, result.reasons + ["unchanged"]
@@ -164,8 +175,12 @@ class PolicyRounds:
                 write, base_model=cfg.base_model, parent=live,
                 algorithm=cfg.policy.algorithm, hyperparameters=asdict(cfg.policy), train_metrics=train_metrics,
                 eval={**result.metrics, "passed": True}, kafka_offsets=kafka_offsets or {},
+                release_checks=[c.model_dump() for c in result.checks],
                 probe=probe_logprobs(self.pt, Path(tmp)))
         self.version = manifest.name
+        key = _prompts_key(eval_prompts, cfg.gate, cfg.policy.max_new_tokens)
+        self.gate_cache = {k: v for k, v in self.gate_cache.items() if k in (BASE_VERSION, live_key)}
+        self.gate_cache[manifest.name] = (key, result.answers)
         metrics.PUBLISHED_VERSION.set(manifest.version)
         if oldest_vote_ts:
             metrics.VOTE_TO_PUBLISH.observe(time.time() - oldest_vote_ts)
@@ -175,6 +190,22 @@ class PolicyRounds:
                  manifest.name, result.metrics["win_rate"], result.metrics["win_rate_low"],
                  result.metrics["win_rate_high"], result.metrics["kl"], 100 * train_metrics["changed_fraction"])
         return RoundResult(manifest, result, train_metrics, trained_events)
+
+    def _gate_answers(self, name: str, path: Path | None, prompts: list[list[ChatMessage]]) -> list:
+        """`name`'s answers to the gate prompts at the gate's seed: cached, else drawn here (base: the reference;
+        a version: loaded from `path` for as long as it takes)."""
+        key = _prompts_key(prompts, self.cfg.gate, self.cfg.policy.max_new_tokens)
+        if name in self.gate_cache and self.gate_cache[name][0] == key:
+            return self.gate_cache[name][1]
+        if name == BASE_VERSION:
+            with self.pt.reference():
+                answers = gate_answers(self.pt, self.pt.model, prompts, self.cfg.gate)
+        else:
+            model = load_causal_lm(str(path), self.pt.device, self.pt.bf16)
+            answers = gate_answers(self.pt, model, prompts, self.cfg.gate)
+            del model
+        self.gate_cache[name] = (key, answers)
+        return answers
 
     def _live_rollouts(self, live: Manifest | None, temperature: float, max_tokens: int) -> Rollouts | None:
         """Samples from serving's engine, provided it serves `live` (the version this state was exported as)."""
@@ -220,10 +251,21 @@ class PolicyRounds:
             metrics.POLICY_ROUNDS.labels(result="published").inc()
             metrics.GATE_REJECTED_IN_A_ROW.set(0)
             return
+        for check in result.checks:
+            if not check.passed:
+                metrics.RELEASE_CHECK_FAILURES.labels(check=check.name).inc()
         for reason in result.reasons:
-            metrics.GATE_REJECTIONS.labels(reason=reason).inc()
+            if not reason.startswith("release_check:"):  # one series per check name would not be bounded
+                metrics.GATE_REJECTIONS.labels(reason=reason).inc()
+        if any(not c.passed for c in result.checks):
+            metrics.GATE_REJECTIONS.labels(reason="release_check").inc()
         metrics.POLICY_ROUNDS.labels(result="rejected").inc()
         metrics.GATE_REJECTED_IN_A_ROW.inc()
+
+
+def _prompts_key(prompts: list[list[ChatMessage]], gate: GateConfig, max_new_tokens: int) -> tuple:
+    """What a version's gate answers depend on besides its weights: they pair only if all of it is equal."""
+    return (tuple(map(prompt_key, prompts)), gate.seed, gate.samples_per_prompt, gate.temperature, max_new_tokens)
 
 
 def _copy_files(src: Path, dst: Path) -> None:

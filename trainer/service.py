@@ -40,13 +40,14 @@ from pathlib import Path
 
 from feedback import loop_status
 from feedback.canary import read_canary, users_incumbent
+from feedback.comparisons import ChatMessage
 from feedback.consumer import FeedbackConsumer, SeenIds
 from feedback.registry import BASE_VERSION, version_name
 from feedback.topics import FEEDBACK
 from feedback.unconfirmed import Unconfirmed
 from trainer import checkpoint, metrics
 from trainer.checkpoint import Snapshot, TrainerState
-from trainer.examples import PromptGroup, is_held_out, to_prompt_group
+from trainer.examples import PromptGroup, is_held_out, prompt_key, to_prompt_group
 from trainer.reward_trainer import ReplayBuffer, RewardTrainer, RewardTrainerConfig
 from trainer.rounds import PolicyRounds, RoundConfig, RoundResult, reward_model_fn
 from trainer.voters import voter_of
@@ -74,7 +75,6 @@ class ServiceConfig:
     policy_every_votes: int = 32
     policy_every_s: float = 1800.0
     policy_prompts: int = 16
-    gate_prompts: int = 16
     policy_signals: int = 64  # thumbs, both-bad and edit votes replayed per round (KTO, SFT)
     rm_idle_steps_per_vote: float = 0.5  # replay-only reward-model steps while idle, per vote trained
     redis_url: str = ""  # where the dashboard's loop status goes (feedback/loop_status.py); "" = nowhere
@@ -88,6 +88,7 @@ class TrainerService:
         self.cfg = cfg
         self.reward = RewardTrainer(rm)
         self.rounds = PolicyRounds(cfg.round) if cfg.round is not None else None
+        self.gate_texts = {p.strip() for p in cfg.round.gate_prompts} if cfg.round is not None else set()
         self.state = TrainerState()
         self.held_out: list[PromptGroup] = []
         self.pending: list[PromptGroup] = []
@@ -173,6 +174,10 @@ class TrainerService:
         if consumer.delivered_ids:  # duplicates too: the relay waits for a checkpoint to confirm them
             self.dirty = True
 
+    def _gate_prompt(self, group: PromptGroup) -> bool:
+        """A vote on one of the gate's prompts is held out: what the gate judges on is never trained on."""
+        return any(m.role == "user" and m.content.strip() in self.gate_texts for m in group.messages)
+
     def classify(self, event) -> None:
         label = "edit" if event.kind == "edit" else event.choice or event.rating or "ranking"
         metrics.VOTES_BY_CHOICE.labels(choice=label).inc()
@@ -181,7 +186,7 @@ class TrainerService:
         group = to_prompt_group(event)
         if self.screened_out(event, group):
             return
-        if is_held_out(group.comparison_id, self.cfg.held_out_pct):
+        if is_held_out(prompt_key(group.messages), self.cfg.held_out_pct) or self._gate_prompt(group):
             self.held_out.append(group)
             self.state.events_held_out += 1
             metrics.EVENTS.labels(outcome="held_out").inc()
@@ -290,8 +295,8 @@ class TrainerService:
     def policy_round(self) -> RoundResult | None:
         """Improve the policy with the current reward model on recent user prompts; gate; publish."""
         trained = list(self.reward.replay.items)
-        if not trained or not self.held_out:
-            log.info("policy round skipped: needs trained and held-out comparisons")
+        if not trained:
+            log.info("policy round skipped: needs trained comparisons")
             return None
         fresh = self.state.votes_since_round
         prompt_groups = replay_draw(_distinct_prompts(trained), self.cfg.policy_prompts, self.rng, fresh)
@@ -299,8 +304,9 @@ class TrainerService:
         pairs = replay_draw([g for g in trained if g.pairs], self.cfg.round.policy.pairs_per_round, self.rng, fresh)
         signals = replay_draw([g for g in trained if g.labelled or g.demonstrations], self.cfg.policy_signals,
                               self.rng, fresh)
-        eval_prompts = [g.messages for g in self.held_out[-self.cfg.gate_prompts:]]
-        log.info("policy round: %d prompts, %d users' pairs, %d signals; gate on %d held-out prompts", len(prompts),
+        gate = self.cfg.round.gate
+        eval_prompts = [[ChatMessage(role="user", content=p)] for p in self.cfg.round.gate_prompts[:gate.prompts]]
+        log.info("policy round: %d prompts, %d users' pairs, %d signals; gate on %d gate prompts", len(prompts),
                  len(pairs), len(signals), len(eval_prompts))
         t0 = time.time()
         try:
@@ -415,7 +421,7 @@ def _distinct_prompts(groups: list[PromptGroup]) -> list[PromptGroup]:
     """One group per distinct conversation, its newest, in the order of their newest vote."""
     last: dict[str, PromptGroup] = {}
     for g in groups:
-        key = "\x1e".join(f"{m.role}:{m.content}" for m in g.messages)
+        key = prompt_key(g.messages)
         last.pop(key, None)
         last[key] = g
     return list(last.values())
