@@ -107,6 +107,8 @@ def evaluate(pt: PolicyTrainer, candidate, live, prompts: list[list[ChatMessage]
     while it is needed, so at most one full copy sits beside the trainer's own); `pt.reference()`: the
     reference (base). `live_answers` / `base_answers`: their `gate_answers` on these prompts if known (cached
     by the caller), else sampled here. `checker`: the release checks the candidate must pass."""
+    if judges.weights is None:  # no ordered vote or label to fit on: every verdict would be a tie, so don't sample
+        return GateResult(False, ["judges_untrained"])
     if live_answers is None:
         live = _model(pt, live)
         live_answers = gate_answers(pt, live, prompts, cfg)
@@ -124,8 +126,6 @@ def evaluate(pt: PolicyTrainer, candidate, live, prompts: list[list[ChatMessage]
     del candidate
     if not torch.isfinite(kl).all():
         return GateResult(False, ["nonfinite_logits"])
-    if judges.weights is None:  # no ordered vote or label to fit on: every verdict would be a tie
-        return GateResult(False, ["judges_untrained"], {"kl": float(kl.mean())}, checks)
     verdicts = _judged(judges, prompts, cand, live_answers)
     passed_live, win_rate, low, high = gate_decision(verdicts, cfg)
     passed_base, base_rate, base_low, _ = gate_decision(_judged(judges, prompts, cand, base_answers), cfg)

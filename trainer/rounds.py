@@ -98,7 +98,7 @@ class PolicyRounds:
         self.checker = ReleaseChecker(cfg.release_checks) if cfg.release_checks else None
         # gate answers by version ("base" too), on the prompts they were drawn for: a version answers the gate
         # prompts once, as a candidate, and its answers are reused while it is live (paired by the gate's seed)
-        self.gate_cache: dict[str, tuple[tuple[str, ...], list]] = {}
+        self.gate_cache: dict[str, tuple[tuple, list]] = {}  # name -> (`_prompts_key`, answers)
 
     def state_dict(self) -> dict:
         return {**self.pt.state_dict(), "version": self.version}
