@@ -9,7 +9,7 @@ up: install
 
 test: install
 	@bash scripts/install-test-tools.sh
-	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -ra tests; rc=$$?; [ $$rc -eq 5 ] && exit 0; exit $$rc
+	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -ra --durations=20 tests; rc=$$?; [ $$rc -eq 5 ] && exit 0; exit $$rc
 
 bench: install
 	HF_HUB_OFFLINE=1 .venv/bin/python bench/serving.py

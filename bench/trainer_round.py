@@ -50,6 +50,30 @@ def reset_peak() -> None:
         pass
 
 
+def watch_phases(svc) -> dict[str, int]:
+    """Peak RSS (MB) of each phase of a round — RLOO (with its local sampling here), DPO, signals, export, the
+    gate's live/base answers, the gate — each measured from its own start (the kernel's peak is reset there)."""
+    import trainer.rounds as rounds_module
+
+    peaks: dict[str, int] = {}
+
+    def watched(name, fn):
+        def run(*a, **kw):
+            reset_peak()
+            try:
+                return fn(*a, **kw)
+            finally:
+                peaks[name] = max(peaks.get(name, 0), round(rss_mb("VmHWM")))
+        return run
+
+    pt = svc.rounds.pt
+    for name in ("rloo_round", "pair_round", "signal_round", "export"):
+        setattr(pt, name, watched(name, getattr(pt, name)))
+    svc.rounds._gate_answers = watched("gate_answers(live, base)", svc.rounds._gate_answers)
+    rounds_module.evaluate = watched("gate", rounds_module.evaluate)
+    return peaks
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=2)
@@ -83,6 +107,7 @@ def main() -> None:
     rm_s = (time.perf_counter() - t) / max(1, len(groups) // 8)
     rm_peak = rss_mb("VmHWM")
     svc.cfg.policy_prompts, svc.rounds.cfg.gate.prompts = args.prompts, args.gate_prompts
+    phase_peaks = watch_phases(svc)
     rounds = []
     for r in range(args.rounds):
         reset_peak()
@@ -94,7 +119,9 @@ def main() -> None:
                        **{k: v for k, v in result.train_metrics.items() if k.endswith("_s") or k in
                           ("kl", "changed_fraction", "answer_tokens", "updates", "groups_trained",
                            "informative_fraction", "dpo_pairs")},
-                       "gate_kl": result.gate.metrics.get("kl"), "judged_win_rate": result.gate.metrics.get("win_rate")})
+                       "gate_kl": result.gate.metrics.get("kl"), "judged_win_rate": result.gate.metrics.get("win_rate"),
+                       "peak_rss_mb_by_phase": dict(phase_peaks)})
+        phase_peaks.clear()
         print(json.dumps(rounds[-1]), file=sys.stderr)
 
     def mb(module) -> float:

@@ -53,7 +53,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from serving.app import create_app
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    s = _settings(**overrides)
+    s = _resolve_canary(_settings(**overrides))
     _check_redis(s.redis_url)
     if s.serving_cpus:
         from duet.cpus import parse_cpus, pin_serving
@@ -98,6 +98,8 @@ def cmd_up(args: argparse.Namespace) -> None:
         host, port = args.host or s.host, args.port or s.port
         me = [sys.executable, "-m", "duet.cli"]
         _split_cores(s, env)
+        s = _resolve_canary(s, say=True)
+        env["DUET_CANARY"] = s.canary  # serving and the trainer must agree on who decides
         env.setdefault("DUET_TRAINER_ROLLOUT_URL", f"http://{host}:{port}")  # serving samples for the trainer
         # The trainer is its own process: its steps must not share the API's GIL.
         sup.add(Child("trainer", lambda: spawn(me + ["train"], env, run_dir / "trainer.log")))
@@ -127,6 +129,27 @@ def cmd_up(args: argparse.Namespace) -> None:
         print("\nduet: stopping ...", flush=True)
     finally:
         sup.stop()
+
+
+def _resolve_canary(s, say: bool = False):
+    """DUET_CANARY=auto → "users" where the canary's second engine fits beside the first, else "off"
+    (duet/two_engines.py); the settings with it resolved."""
+    if s.canary != "auto":
+        return s
+    import torch
+
+    from duet.cpus import engine_dtype
+    from duet.model_assets import resolve_model
+    from duet.two_engines import choose_canary, mem_total_gb, weights_gb
+
+    on_gpu = torch.cuda.is_available()
+    choice = choose_canary(s.canary, on_gpu=on_gpu, kv_cache_gb=s.kv_cache_gb,
+                           weights_gb=weights_gb(resolve_model(s.model, s.home), engine_dtype(s.dtype, on_gpu)),
+                           gpu_memory_utilization=s.gpu_memory_utilization, mem_total_gb=mem_total_gb())
+    what = ("users judge each new version against the live one (blind pairs)" if choice.mode == "users" else
+            "off: a version goes live when the trainer's gate and release checks pass it")
+    (print if say else logging.getLogger("duet").info)(f"duet: canary    {what} — {choice.why}")
+    return s.model_copy(update={"canary": choice.mode})
 
 
 def _pin(pin, cpus: tuple[int, ...], setting: str) -> None:
@@ -279,6 +302,7 @@ def _trainer_service(s):
     from trainer.rounds import RoundConfig
     from trainer.service import ServiceConfig, TrainerService
 
+    s = _resolve_canary(s)  # the trainer and serving must agree on who decides
     base = resolve_model(s.model, s.home)
     backbone = {"minilm": minilm_path(), "base": base, "": base}.get(s.rm_backbone) or resolve_model(s.rm_backbone, s.home)
     rm = _section(s, "rm_", RewardTrainerConfig, backbone=backbone, seed=s.seed, precision=s.trainer_precision)
@@ -294,7 +318,7 @@ def _trainer_service(s):
 
 def cmd_train(args: argparse.Namespace) -> None:
     """The trainer: consume votes, train the reward model, checkpoint, and run policy rounds."""
-    s = _settings()
+    s = _resolve_canary(_settings())
     _release_checks(s), _gate_prompts(s)  # a bad file: one line now, before anything starts
     if not s.kafka_bootstrap:
         raise CLIError("DUET_KAFKA_BOOTSTRAP is not set: the trainer reads votes from Kafka")

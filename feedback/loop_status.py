@@ -57,7 +57,7 @@ class RewardModelStatus(BaseModel):
 
 class RoundStatus(BaseModel):
     ts: float = Field(default_factory=time.time)
-    result: Literal["published", "rejected", "failed"]
+    result: Literal["published", "rejected", "held", "failed"]  # held: trained, published later (canary test)
     version: str | None = None  # set when published
     parent_version: str | None = None
     reward_mean: float | None = None

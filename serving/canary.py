@@ -104,6 +104,12 @@ class CanaryRunner:
             return None
         return CrossPair(self.incumbent.engine, self.candidate.engine, self.rng.randrange(2))
 
+    def candidate_engine(self, version: str | None) -> Engine | None:
+        """The second engine, if it holds `version`: the trainer continues from the candidate under test and
+        samples its rollouts there."""
+        c = self.candidate
+        return c.engine if c is not None and version is not None and c.engine.model_version == version else None
+
     async def on_vote(self, record: PendingComparison, choice: str | None) -> None:
         """Count a verdict on a cross-version pair for the running test of its candidate."""
         t = self.test

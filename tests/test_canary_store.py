@@ -96,10 +96,15 @@ def test_one_decision_whoever_asks():
         assert await store.start("v3", "v2")
         assert [h.candidate for h in await store.history()] == ["v2"]
         assert await store.votes() == []
-        # a newer candidate while v3 runs supersedes it
+        # a newer candidate while v3 runs supersedes it; v3's votes stay with v3 and do not count for v4
+        assert await store.tally("v3", 1.0, 5, 5) and await store.tally("v3", 1.0, 5, 5)
         assert await store.start("v4", "v2")
         v3 = (await store.history())[0]
-        assert (v3.candidate, v3.status, v3.reason) == ("v3", "rejected", "superseded")
+        assert (v3.candidate, v3.status, v3.reason, v3.wins) == ("v3", "rejected", "superseded", 2)
+        v4 = await store.current()
+        assert (v4.candidate, v4.status, v4.votes) == ("v4", "running", 0) and await store.votes() == []
+        assert not await store.tally("v3", 1.0, 5, 5)  # a late vote on a v3 pair counts for no one
+        assert (await store.current()).votes == 0
         assert not await store.start("v4", "v2")  # the same announcement again
     with_store(go)
 

@@ -1,7 +1,10 @@
 """When the trainer runs a policy round: every M trained votes, or T seconds after the last round
 (counted from the first start, not from the epoch) if any vote came in."""
 
+import random
 import time
+
+import pytest
 
 from trainer.reward_trainer import RewardTrainerConfig
 from trainer.rounds import RoundConfig
@@ -30,29 +33,89 @@ def test_round_trigger(tiny_model, tmp_path):
     assert not svc.round_due()  # reward model only
 
 
-def test_no_round_while_users_judge_the_last_candidate(tiny_model, tmp_path):
+@pytest.fixture
+def canary_redis():
     import redis
 
-    from feedback.canary import CANARY
     from tests.conftest import TEST_REDIS_DB
 
     url = f"redis://127.0.0.1:6379/{TEST_REDIS_DB + 2}"
     r = redis.Redis.from_url(url)
     r.flushdb()
     try:
-        svc = TrainerService(ServiceConfig(kafka_bootstrap="unused:9092", checkpoint_dir=tmp_path / "ckpt",
-                                          round=RoundConfig(base_model=str(tiny_model), registry_root=tmp_path / "reg"),
-                                          policy_every_votes=64, redis_url=url, canary="users"),
-                            RewardTrainerConfig(backbone=str(tiny_model)))
-        svc.state.votes_since_round = 64
-        assert svc.round_due()  # no test yet
-        r.hset(CANARY, mapping={"candidate": "v000001", "incumbent": "base", "status": "running",
-                                "started_at": time.time()})
-        assert not svc.round_due()
-        r.hset(CANARY, "status", "paused")
-        assert not svc.round_due()
-        r.hset(CANARY, mapping={"status": "rejected", "reason": "votes", "decided_at": time.time()})
-        assert svc.round_due()
+        yield url, r
     finally:
         r.flushdb()
         r.close()
+
+
+def _judged_service(tiny_model, tmp_path, url, **round_kw) -> TrainerService:
+    return TrainerService(ServiceConfig(kafka_bootstrap="unused:9092", checkpoint_dir=tmp_path / "ckpt",
+                                        round=RoundConfig(base_model=str(tiny_model), registry_root=tmp_path / "reg",
+                                                          **round_kw),
+                                        policy_every_votes=64, redis_url=url, canary="users",
+                                        canary_supersede_after=60),
+                          RewardTrainerConfig(backbone=str(tiny_model)))
+
+
+def test_rounds_go_on_while_users_judge_and_publish_once_the_test_has_its_votes(tiny_model, tmp_path, canary_redis):
+    from feedback.canary import CANARY
+
+    url, r = canary_redis
+    svc = _judged_service(tiny_model, tmp_path, url)
+    svc.state.votes_since_round = 64
+    assert svc.round_due() and svc.may_publish()  # no test yet
+    assert svc._canary() == (None, None)  # from the base model, gated against it
+    r.hset(CANARY, mapping={"candidate": "v000002", "incumbent": "v000001", "status": "running",
+                            "started_at": time.time(), "wins": 30, "ties": 0, "losses": 29})
+    assert svc.round_due()  # the trainer does not wait for users
+    assert not svc.may_publish()  # 59 cross-version votes: too few to cut the test short
+    assert svc._canary() == ("v000002", None)  # goes on from the candidate; its incumbent (none promoted) gates
+    r.hset(CANARY, "losses", 30)
+    assert svc.may_publish()  # 60: a newer candidate may supersede it
+    r.hset(CANARY, mapping={"status": "paused", "losses": 0})
+    assert svc.round_due() and not svc.may_publish()
+    r.hset(CANARY, mapping={"status": "rejected", "reason": "votes", "decided_at": time.time()})
+    assert svc.may_publish()
+    assert svc._canary() == (None, None)  # rejected: its state is left behind
+    r.hset(CANARY, "status", "promoted")
+    assert svc._canary() == ("v000002", "v000002")
+    svc.cfg.redis_url, svc.redis = "", _unreachable_redis()
+    assert not svc.may_publish()  # cannot tell: train now, publish later
+
+
+def _unreachable_redis():
+    import redis
+
+    return redis.Redis(host="127.0.0.1", port=9, socket_timeout=0.5, socket_connect_timeout=0.5)
+
+
+def test_a_round_during_a_young_test_trains_and_holds_its_candidate(tiny_model, tmp_path, canary_redis):
+    """A round while users judge a candidate (fewer than `canary_supersede_after` votes): the policy is updated
+    and kept — the next round goes on from it — but nothing is gated or published; once the test has its votes,
+    the next round publishes."""
+    from feedback.canary import CANARY
+    from trainer.examples import to_prompt_group
+    from trainer.gate import GateConfig
+    from trainer.policy import PolicyConfig
+    from trainer.synthetic import marker_event
+
+    url, r = canary_redis
+    svc = _judged_service(tiny_model, tmp_path, url, policy=PolicyConfig(max_new_tokens=8),
+                          gate=GateConfig(min_win_rate=0.0, prompts=2))
+    rng = random.Random(0)
+    svc.reward.step([to_prompt_group(marker_event(rng)) for _ in range(8)])
+    svc.state.votes_since_round = 64
+    r.hset(CANARY, mapping={"candidate": "base", "incumbent": "base", "status": "running",
+                            "started_at": time.time(), "wins": 3, "ties": 0, "losses": 2})
+    updates = svc.rounds.pt.updates
+    held = svc.policy_round()
+    assert held is not None and held.held and held.published is None
+    assert svc.rounds.pt.updates > updates and svc.state.rounds == 1  # trained, and kept
+    assert svc.rounds.registry.latest() is None
+    kept = svc.rounds.pt.updates
+    r.hset(CANARY, "losses", 60)  # the test has its votes now
+    svc.state.votes_since_round = 64
+    published = svc.policy_round()
+    assert published is not None and not published.held and published.published is not None
+    assert svc.rounds.pt.updates > kept  # went on from the held round's update

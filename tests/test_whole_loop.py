@@ -19,6 +19,7 @@ import redis
 
 from duet.cpus import available_cpus, parse_cpus
 from duet.simulate import SimulateConfig, Simulator
+from duet.two_engines import mem_total_gb
 from tests.conftest import free_port, make_blue_llama
 
 pytestmark = pytest.mark.slow
@@ -43,8 +44,9 @@ def restarts(port: int) -> float:
 
 
 @contextmanager
-def duet_up(tmp_path):
-    """`duet up` on the blue tiny model, the trainer at its defaults; yields (process, home, url, supervisor port)."""
+def duet_up(tmp_path, **settings: str):
+    """`duet up` on the blue tiny model, the trainer at its defaults (but `settings`, as DUET_<NAME>); yields
+    (process, home, url, supervisor port)."""
     model = make_blue_llama(tmp_path / "model")
     home, port, sup_port = tmp_path / "home", free_port(), free_port()
     r = redis.Redis.from_url(f"redis://127.0.0.1:6379/{LOOP_REDIS_DB}")
@@ -55,7 +57,7 @@ def duet_up(tmp_path):
            "DUET_SUPERVISOR_METRICS_PORT": str(sup_port), "DUET_RATE_LIMIT_RPM": "100000",
            # the trainer at its defaults (learning rates, β, k, round size and cadence, reward model, gate);
            # only the answers are short, as the simulated users ask for 16 tokens
-           "DUET_POLICY_MAX_NEW_TOKENS": "16"}
+           "DUET_POLICY_MAX_NEW_TOKENS": "16", **{"DUET_" + k.upper(): v for k, v in settings.items()}}
     for k in ("DUET_KAFKA_BOOTSTRAP", "DUET_ADMIN_KEY", "DUET_DEV_KEY", "DUET_REGISTRY_DIR"):
         env.pop(k, None)
     log = open(tmp_path / "up.log", "w")
@@ -80,18 +82,20 @@ def duet_up(tmp_path):
     assert "duet: stopping" in (tmp_path / "up.log").read_text()
 
 
-def simulation(home, url, tmp_path, feedback: str) -> SimulateConfig:
-    # paced (150 s of feedback), so rounds run while users vote, as they would
+def simulation(home, url, tmp_path, feedback: str, settle_s: float = 240) -> SimulateConfig:
+    # paced (150 s of feedback), so rounds run while users vote, as they would; after the votes, wait up to
+    # `settle_s` for a version still in the making to go live
     return SimulateConfig(base_url=url, rule="tests.sim_rules:likes_blue", feedback=feedback, noise=0.1, votes=300,
                           rate=2, concurrency=4, max_tokens=16, eval_every=40, eval_prompts=32, eval_samples=4,
-                          settle_s=240, out_dir=tmp_path / "sim", progress=False,
+                          settle_s=settle_s, out_dir=tmp_path / "sim", progress=False,
                           api_key=(home / "dev_key").read_text().strip(),
                           admin_key=(home / "admin_key").read_text().strip())
 
 
 def test_duet_up_learns_from_simulated_users(tmp_path):
     with duet_up(tmp_path) as (up, home, url, sup_port):
-        cfg = simulation(home, url, tmp_path, "pairs")
+        # users judge (canary): without their votes no later version goes live, so waiting after them is moot
+        cfg = simulation(home, url, tmp_path, "pairs", settle_s=0 if mem_total_gb() >= 16 else 240)
         result = Simulator(cfg).run()
 
         final = result.final
@@ -114,6 +118,11 @@ def test_duet_up_learns_from_simulated_users(tmp_path):
         board = httpx.get(f"{cfg.base_url}/v1/leaderboard", headers=auth, timeout=30).json()["data"]
         scores = {e["model_version"]: e for e in board if e["judge"] == "simulated:tests.sim_rules:likes_blue"}
         assert scores[final.model_version]["score"] > scores["base"]["score"]
+
+        # Users judged the versions (DUET_CANARY=auto: this machine has memory for two engines beside the trainer)
+        if mem_total_gb() >= 16:
+            assert "duet: canary    users judge" in (tmp_path / "up.log").read_text()
+            assert any(e["judge"] == "users" and e["model_version"] != "base" for e in board), board
 
         # Serving (API and engine processes) and the trainer run on the cores `duet up` gave each (duet/cpus.py)
         [line] = [ln for ln in (tmp_path / "up.log").read_text().splitlines() if ln.startswith("duet: cores")]
@@ -139,7 +148,9 @@ def test_duet_up_learns_from_simulated_users(tmp_path):
 def test_thumbs_alone_move_the_served_model_toward_the_users_taste(tmp_path):
     """No pairs at all: users rate single answers up when they say "blue" (the median base answer does not),
     with 10 % coin flips; the trainer at its defaults must publish a version that says "blue" more."""
-    with duet_up(tmp_path) as (up, home, url, sup_port):
+    # thumbs alone cannot judge two versions (a canary test counts votes on cross-version pairs): a product that
+    # collects only thumbs runs with the trainer's gate deciding
+    with duet_up(tmp_path, canary="off") as (up, home, url, sup_port):
         result = Simulator(simulation(home, url, tmp_path, "thumbs")).run()
         final = result.final
         assert result.votes_cast == 300 and result.votes_failed == 0

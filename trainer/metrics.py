@@ -15,7 +15,7 @@ STEP_TIME = Histogram("duet_rm_step_seconds", "Time of one reward-model step",
                       buckets=(0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
 LAG = Gauge("duet_trainer_consumer_lag", "Vote events on Kafka not yet consumed by the trainer")
 CHECKPOINT_TIME = Gauge("duet_trainer_last_checkpoint_timestamp_seconds", "Unix time of the last checkpoint")
-POLICY_ROUNDS = Counter("duet_policy_rounds_total", "Policy rounds, by result (published, rejected, failed)",
+POLICY_ROUNDS = Counter("duet_policy_rounds_total", "Policy rounds, by result (published, rejected, held, failed)",
                         ["result"])
 POLICY_REWARD_MEAN = Gauge("duet_policy_reward_mean", "Mean reward of the last round's samples")
 POLICY_REWARD_STD = Gauge("duet_policy_reward_std", "Std of the reward of the last round's samples")

@@ -13,6 +13,7 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -59,6 +60,7 @@ class RoundResult:
     gate: GateResult
     train_metrics: dict
     trained_events: list[str] = field(default_factory=list)  # votes whose pairs, labels or edits it trained on
+    held: bool = False  # trained but neither gated nor published: users are still judging the last candidate
 
 
 def reward_model_fn(rm) -> RewardFn:
@@ -128,11 +130,14 @@ class PolicyRounds:
     def run(self, prompts: list[list[ChatMessage]], eval_prompts: list[list[ChatMessage]], reward_fn: RewardFn,
             pairs: list[PromptGroup], judge_votes: list[PromptGroup], kafka_offsets: dict[int, int] | None = None,
             oldest_vote_ts: float | None = None, signals: list[PromptGroup] = (),
-            live_name: str | None = "latest", sampling: tuple[int, float] | None = None) -> RoundResult:
+            live_name: str | None = "latest", sampling: tuple[int, float] | None = None,
+            may_publish: Callable[[], bool] | None = None) -> RoundResult:
         """`pairs`: users' votes whose ordered pairs the policy learns from directly (DPO); `signals`: thumbs,
         both-bad and edits (KTO, SFT). `live_name`: the version serving answers with, which the candidate is
         judged against and trained from — the registry's latest by default; users' incumbent under canary tests
-        (None: the base). `sampling`: (max_tokens, temperature) users are served with; RLOO samples the same."""
+        (None: the base). `sampling`: (max_tokens, temperature) users are served with; RLOO samples the same.
+        `may_publish`, asked once the update is done: if False the round is held — its update is kept (the next
+        round goes on from it), nothing is gated or published."""
         cfg = self.cfg
         before = copy.deepcopy(self.pt.state_dict())
         live = self.registry.latest() if live_name == "latest" else (
@@ -141,8 +146,13 @@ class PolicyRounds:
         max_tokens, temperature = sampling or (cfg.policy.max_new_tokens, cfg.policy.temperature)
         max_tokens = min(max_tokens, cfg.policy.max_rollout_tokens)
         trained_events = [g.event_id for g in [*pairs, *signals]]
-        train_metrics = self.update(prompts, reward_fn, pairs, self._live_rollouts(live, temperature, max_tokens),
+        train_metrics = self.update(prompts, reward_fn, pairs, self._rollouts(temperature, max_tokens),
                                     list(signals), temperature, max_tokens)
+        if may_publish is not None and not may_publish():
+            metrics.POLICY_ROUNDS.labels(result="held").inc()
+            log.info("round held: users are still judging the last candidate; its update is kept for the next round")
+            return RoundResult(None, GateResult(passed=False, reasons=["held"]), train_metrics, trained_events,
+                               held=True)
         with tempfile.TemporaryDirectory(prefix="duet-candidate-") as tmp:
             t = time.perf_counter()
             exported = self.pt.export(Path(tmp))
@@ -207,12 +217,12 @@ class PolicyRounds:
         self.gate_cache[name] = (key, answers)
         return answers
 
-    def _live_rollouts(self, live: Manifest | None, temperature: float, max_tokens: int) -> Rollouts | None:
-        """Samples from serving's engine, provided it serves `live` (the version this state was exported as)."""
+    def _rollouts(self, temperature: float, max_tokens: int) -> Rollouts | None:
+        """Samples from serving's engine for the version this state was exported as (the live one, or under a
+        canary test the candidate's engine), provided serving has it; else HF generate here."""
         if self.serving is None:
             return None
-        version = live.name if live else BASE_VERSION
-        return lambda ids, n: self.serving.sample(ids, n, max_tokens, temperature, version)
+        return lambda ids, n: self.serving.sample(ids, n, max_tokens, temperature, self.version)
 
     def update(self, prompts: list[list[ChatMessage]], reward_fn: RewardFn, pairs: list[PromptGroup],
                rollouts: Rollouts | None, signals: list[PromptGroup] = (), temperature: float = 1.0,

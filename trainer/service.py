@@ -78,9 +78,12 @@ class ServiceConfig:
     policy_signals: int = 64  # thumbs, both-bad and edit votes replayed per round (KTO, SFT)
     rm_idle_steps_per_vote: float = 0.5  # replay-only reward-model steps while idle, per vote trained
     redis_url: str = ""  # where the dashboard's loop status goes (feedback/loop_status.py); "" = nowhere
-    # "users": serving tests each published version against users' incumbent (feedback/canary.py): no new
-    # round while a test runs, and each round continues from the incumbent — a rejected candidate is left behind
+    # "users": serving tests each published version against users' incumbent (feedback/canary.py). Rounds go on
+    # while a test runs, continuing from the candidate under test; a round publishes (superseding that test) only
+    # once the test has `canary_supersede_after` cross-version votes, else it is "held": trained, not published.
+    # A rejected candidate's state is left behind: the next round continues from users' incumbent.
     canary: str = "off"
+    canary_supersede_after: int = 60
 
 
 class TrainerService:
@@ -277,20 +280,32 @@ class TrainerService:
         costs seconds — but for at most as many votes again: neither side can starve the other."""
         if self.rounds is None or not self.state.votes_since_round:
             return False
-        if self.cfg.canary == "users" and self._canary_test_running():
-            return False  # users are judging the last candidate: a newer one would cut their test short
         every, trained = self.cfg.policy_every_votes, self.state.votes_since_round
         if trained >= every and len(self.pending) > every and trained < 2 * every:
             return False  # catching up
         return trained >= every or time.time() - self.state.last_round_at >= self.cfg.policy_every_s
 
-    def _canary_test_running(self) -> bool:
+    def _canary(self) -> tuple[str | None, str | None]:
+        """Under users' judgement: (the version this round continues from — the candidate users are judging, or
+        their incumbent —, the incumbent: what the candidate is gated against; None = the base model)."""
+        current, history = read_canary(self.redis)
+        incumbent = users_incumbent(current, history)
+        testing = current is not None and current.status in ("running", "paused")
+        return (current.candidate if testing else incumbent), incumbent
+
+    def may_publish(self) -> bool:
+        """Under users' judgement a new candidate supersedes the running test: only once that test has had
+        `canary_supersede_after` cross-version votes (a clear candidate is decided by then; a close one must not
+        hold the loop). Read when the round's update is done, not when it starts."""
+        if self.cfg.canary != "users":
+            return True
         try:
             current, _ = read_canary(self.redis)
-        except Exception as e:  # Redis away: cannot tell, so wait
+        except Exception as e:  # Redis away: cannot tell, so train now and publish later
             log.warning("cannot read the canary test: %s: %s", type(e).__name__, e)
-            return True
-        return current is not None and current.status in ("running", "paused")
+            return False
+        return (current is None or current.status not in ("running", "paused")
+                or current.votes >= self.cfg.canary_supersede_after)
 
     def policy_round(self) -> RoundResult | None:
         """Improve the policy with the current reward model on recent user prompts; gate; publish."""
@@ -312,12 +327,13 @@ class TrainerService:
         try:
             live = "latest"
             if self.cfg.canary == "users":
-                live = users_incumbent(*read_canary(self.redis))
-                self.rounds.follow(live)
+                start_from, live = self._canary()
+                self.rounds.follow(start_from)
             result = self.rounds.run(prompts, eval_prompts, reward_model_fn(self.reward.model),
                                      pairs=pairs, judge_votes=trained + self.held_out,
                                      kafka_offsets=self.state.offsets, oldest_vote_ts=self.state.oldest_unrounded_vote,
-                                     signals=signals, live_name=live, sampling=served_sampling(prompt_groups))
+                                     signals=signals, live_name=live, sampling=served_sampling(prompt_groups),
+                                     may_publish=self.may_publish)
         except Exception:
             metrics.POLICY_ROUNDS.labels(result="failed").inc()
             log.exception("policy round failed")
@@ -345,7 +361,7 @@ class TrainerService:
         m, g = result.published, result.gate.metrics
         parent = (version_name(m.parent_version) if m.parent_version else BASE_VERSION) if m else None
         loop_status.record(self.redis, loop_status.ROUNDS, loop_status.RoundStatus(
-            result="published" if m else "rejected", version=m.name if m else None, parent_version=parent,
+            result="published" if m else "held" if result.held else "rejected", version=m.name if m else None, parent_version=parent,
             reward_mean=result.train_metrics.get("reward_mean"), kl=g.get("kl"), win_rate=g.get("win_rate"),
             reasons=result.gate.reasons))
         if m and g.get("wins") is not None:

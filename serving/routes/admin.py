@@ -66,7 +66,10 @@ async def admin_evaluation(_: AdminDep, battle: loop_status.Battle, rt: RuntimeD
 
 
 @router.post("/rollouts")
-async def admin_rollouts(_: AdminDep, body: RolloutRequest, engine: EngineDep) -> RolloutResponse:
-    """The live engine samples for the trainer's policy rounds (token ids in, token ids out).
+async def admin_rollouts(_: AdminDep, body: RolloutRequest, engine: EngineDep, rt: RuntimeDep) -> RolloutResponse:
+    """The live engine samples for the trainer's policy rounds (token ids in, token ids out) — or the canary's
+    candidate engine, when the trainer asks for the candidate users are judging (it goes on from that one).
     The key is checked (a dependency) before the body is validated."""
+    if rt.canary is not None and (candidate := rt.canary.candidate_engine(body.model_version)) is not None:
+        engine = candidate
     return await rollouts(engine, body)
