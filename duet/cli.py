@@ -53,12 +53,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from serving.app import create_app
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    s = _resolve_canary(_settings(**overrides))
+    s = _settings(**overrides)
     _check_redis(s.redis_url)
     if s.serving_cpus:
         from duet.cpus import parse_cpus, pin_serving
 
         _pin(pin_serving, parse_cpus(s.serving_cpus), "DUET_SERVING_CPUS")
+    s = _resolve_canary(s)  # after the checks: "auto" may convert the model first (minutes, a progress bar)
     # No access log: one log line per request costs ~15 % of the vote path; /metrics counts requests.
     uvicorn.run(create_app(s), host=s.host, port=s.port, log_level="info", access_log=False,
                 timeout_graceful_shutdown=30)
@@ -318,7 +319,7 @@ def _trainer_service(s):
 
 def cmd_train(args: argparse.Namespace) -> None:
     """The trainer: consume votes, train the reward model, checkpoint, and run policy rounds."""
-    s = _resolve_canary(_settings())
+    s = _settings()  # DUET_CANARY=auto is resolved by _trainer_service, after these checks
     _release_checks(s), _gate_prompts(s)  # a bad file: one line now, before anything starts
     if not s.kafka_bootstrap:
         raise CLIError("DUET_KAFKA_BOOTSTRAP is not set: the trainer reads votes from Kafka")
