@@ -48,6 +48,31 @@ def dashboard(url: str, key: str) -> dict:
     return httpx.get(f"{url}/v1/dashboard?hours=720", headers={"Authorization": f"Bearer {key}"}, timeout=30).json()
 
 
+def canary_tests(url: str, admin_key: str) -> list[dict]:
+    """Users' tests of each version, oldest first (GET /admin/canary): who was promoted, rejected or superseded,
+    after how many cross-version votes and minutes. Empty when users did not judge (DUET_CANARY off)."""
+    r = httpx.get(f"{url}/admin/canary", headers={"Authorization": f"Bearer {admin_key}"}, timeout=30)
+    if r.status_code != 200:
+        return []
+    body = r.json()
+    tests = list(reversed(body.get("history") or [])) + ([body["test"]] if body.get("test") else [])
+    return [{"candidate": x["candidate"], "incumbent": x["incumbent"], "status": x["status"], "reason": x["reason"],
+             "votes": x["votes"], "win_rate": x["win_rate"], "lower": x["lower"], "upper": x["upper"],
+             "minutes": round(((x.get("decided_at") or time.time()) - x["started_at"]) / 60, 1)} for x in tests]
+
+
+def worse_than_predecessor(curve: list[dict]) -> list[str]:
+    """Live versions whose measured win rate against base (by the rule, held-out prompts) fell below the one they
+    replaced: the upper end of their interval under the predecessor's estimate."""
+    out, last = [], None
+    for p in curve:
+        if last is not None and p["model_version"] != last["model_version"] and p["win_rate"] is not None \
+                and last["win_rate"] is not None and p["ci_high"] < last["win_rate"]:
+            out.append(p["model_version"])
+        last = p
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rule", default="shorter")
@@ -83,6 +108,7 @@ def main() -> None:
         res = json.loads((sim_dir / "result.json").read_text())
         dev_key = (home / "dev_key").read_text().strip() if (home / "dev_key").exists() else ""
         board = dashboard(url, dev_key)
+        canary = canary_tests(url, (home / "admin_key").read_text().strip()) if (home / "admin_key").exists() else []
     finally:
         stop_process(up, timeout=120)  # SIGTERM: duet up stops its children in order
     rounds = board.get("rounds", [])
@@ -112,6 +138,9 @@ def main() -> None:
             final["win_rate"] >= 0.7 if args.feedback == "thumbs"
             else final["win_rate"] >= 0.8 and final["ci_low"] >= 0.6),
         "first_version_at_votes": res.get("first_version_at_votes"),
+        "rounds_held": sum(r.get("result") == "held" for r in rounds),
+        "canary_tests": canary,  # users judging each version (DUET_CANARY=auto: on where two engines fit)
+        "promoted_worse_than_predecessor": worse_than_predecessor(res["curve"]),
         "curve": [{k: p[k] for k in ("votes", "seconds", "model_version", "win_rate", "ci_low", "ci_high")}
                   for p in res["curve"]],
     }
