@@ -164,6 +164,8 @@ class Settings(BaseSettings):
     # cross-version votes, so a clear candidate is decided first (median ~97 votes at a true 0.65, bench/canary.py)
     canary_supersede_after: int = Field(60, ge=0)
     canary_pair_share: float = Field(0.5, ge=0.0, le=1.0, description="Share of pairs that are cross-version")
+    canary_pair_share_idle: float = Field(1.0, ge=0.0, le=1.0, description="The same share while the live "
+                                          "version's engine has no other request (low traffic)")
     # The candidate's engine runs at this nice value: on a shared CPU it takes only the time the incumbent's
     # engine leaves (bench/two_versions.py: two engines at equal priority cut the incumbent to 0.22x when both
     # are busy; at 19, 0.91x). 0 on a GPU host where the engines do not share CPU cores for the model.

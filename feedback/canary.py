@@ -43,6 +43,10 @@ Reason = Literal["votes", "budget", "admin", "superseded", "load_failed"]
 class CanaryConfig(BaseModel):
     """Settings' canary_* fields, unchanged (DUET_CANARY_*)."""
     pair_share: float = 0.5  # of paired answers while a test runs: one answer from each version
+    # ...and while the incumbent's engine has no other request: a cross pair makes the user wait for the
+    # candidate's (niced) engine after the incumbent's, which costs little when nobody else waits, and
+    # a test is decided by cross-version votes alone (minutes to a decision ∝ 1/share at low traffic)
+    pair_share_idle: float = 1.0
     margin: float = 0.5  # the candidate must beat the incumbent's win probability by this much
     alpha: float = 0.1  # two-sided: a candidate equal to the incumbent is promoted ≤ α/2 of the time
     max_votes: int = 2000  # undecided after this many cross-version votes: rejected

@@ -95,12 +95,15 @@ class CanaryRunner:
 
     # --- what chat and votes ask ------------------------------------------------------------
     def cross_pair(self) -> CrossPair | None:
-        """For a new pair: one answer from each version (at the configured share), or None."""
+        """For a new pair: one answer from each version, or None. At `pair_share` of pairs, or `pair_share_idle`
+        while the incumbent answers nobody else (low traffic: a test's pace is its cross-version votes)."""
         t = self.test
         if (t is None or t.status != "running" or self.candidate is None
                 or self.candidate.engine.model_version != t.candidate
-                or self.incumbent.engine.model_version != t.incumbent
-                or self.rng.random() >= self.cfg.pair_share):
+                or self.incumbent.engine.model_version != t.incumbent):
+            return None
+        idle = self.incumbent.engine.num_unfinished() == 0
+        if self.rng.random() >= (self.cfg.pair_share_idle if idle else self.cfg.pair_share):
             return None
         return CrossPair(self.incumbent.engine, self.candidate.engine, self.rng.randrange(2))
 
