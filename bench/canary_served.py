@@ -12,7 +12,15 @@ A promotion is right if that interval is above ½, a rejection if it is below; w
 two versions are too close to call with these pairs, and either decision is counted as acceptable.
 The statistics alone, over thousands of simulated tests, are in bench/canary.py.
 
-Usage: python bench/canary_served.py --rule shorter --seed 0 [--minutes 30] [--votes 600]
+With --worse-candidate F (issue 23: a deliberately worse candidate is rejected by users), a version built worse
+by construction is published and announced as soon as `duet up` is ready, before any vote: the base weights
+with the end-of-turn token's embedding scaled by F (< 1; the model's output layer is tied to it, so the
+answer's end gets less likely and answers run on: worse under `shorter`, and a different model under any
+rule). It carries the trainer's probe log-probs, so serving checks it like any version. Reported:
+`worse_candidate` (its test: status, votes, minutes; how much longer its answers were) and whether it was ever
+promoted (target: never). A run of `--votes 200 --minutes 12` is enough for it to be decided.
+
+Usage: python bench/canary_served.py --rule shorter --seed 0 [--minutes 30] [--votes 600] [--worse-candidate 0.6]
 """
 
 from __future__ import annotations
@@ -93,6 +101,57 @@ def screenshot_panel(url: str, key: str, path: Path) -> None:
         browser.close()
 
 
+def publish_worse_candidate(home: Path, factor: float, bootstrap: str) -> str:
+    """The base with its end-of-turn embedding × factor, published with probe log-probs and announced."""
+    import torch
+    from kafka import KafkaProducer
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig
+
+    from duet.model_assets import resolve_model
+    from duet.settings import Settings
+    from feedback.events import WeightsAnnouncement
+    from feedback.registry import MANIFEST, Registry, manifest_checksum
+    from feedback.topics import WEIGHTS
+    from trainer.policy import PolicyConfig, PolicyTrainer
+    from trainer.probe import probe_logprobs
+
+    base = Path(resolve_model(Settings().model, home))
+    eos = AutoConfig.from_pretrained(base).eos_token_id
+    built = home / "worse-candidate"
+    shutil.copytree(base, built)
+    for f in built.glob("*.safetensors"):
+        tensors = load_file(f)
+        for name, t in tensors.items():
+            if name.endswith("embed_tokens.weight") or name == "lm_head.weight":
+                t[eos] = (t[eos].float() * factor).to(t.dtype)
+        save_file(tensors, f, metadata={"format": "pt"})
+    torch.manual_seed(0)
+    probe = probe_logprobs(PolicyTrainer(PolicyConfig(), str(built)), built)
+
+    def write(folder: Path) -> None:
+        for f in built.iterdir():
+            if f.is_file():
+                shutil.copy(f, folder / f.name)
+    manifest, folder = Registry(Settings(home=home).registry_root()).publish(
+        write, base_model=str(base), algorithm=f"worse-by-construction (end-of-turn embedding x {factor})",
+        hyperparameters={}, train_metrics={}, eval={}, kafka_offsets={}, probe=probe)
+    ann = WeightsAnnouncement(version=manifest.version, name=manifest.name, manifest_location=str(folder / MANIFEST),
+                              manifest_sha256=manifest_checksum(folder))
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    producer.send(WEIGHTS, value=ann.model_dump_json().encode()).get(30)
+    producer.close()
+    return manifest.name
+
+
+def broker_of(up_log: Path) -> str:
+    """The embedded broker's address, as `duet up` printed it."""
+    for line in up_log.read_text().splitlines():
+        if line.startswith("duet: broker"):
+            return line.split()[2]
+    raise SystemExit(f"no broker address in {up_log}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rule", default="shorter")
@@ -101,6 +160,8 @@ def main() -> None:
     ap.add_argument("--votes", type=int, default=600)
     ap.add_argument("--noise", type=float, default=0.1)
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--worse-candidate", type=float, default=None, metavar="F",
+                    help="publish the base with its end-of-turn embedding x F before any vote")
     args = ap.parse_args()
 
     home, url, redis_url, env = up_at_defaults("duet-canary-", REDIS_DB, DUET_CANARY="users")
@@ -108,7 +169,10 @@ def main() -> None:
     me = [sys.executable, "-m", "duet.cli"]
     t0 = time.time()
     up = start_server(me + ["up"], env, url, home / "up.log", timeout_s=900)
+    worse = None
     try:
+        if args.worse_candidate is not None:
+            worse = publish_worse_candidate(home, args.worse_candidate, broker_of(home / "up.log"))
         sim_dir = home / "simulation"
         sim = subprocess.run(me + ["simulate", "--rule", args.rule, "--seed", str(args.seed), "--noise", str(args.noise),
                                    "--votes", str(args.votes), "--minutes", str(args.minutes), "--eval-every", "100",
@@ -147,10 +211,16 @@ def main() -> None:
               "final_vs_base": {k: res["final"][k] for k in ("model_version", "win_rate", "ci_low", "ci_high")},
               "aa_vs_base": {k: res["curve"][0][k] for k in ("model_version", "win_rate", "ci_low", "ci_high")},
               "tests": rows, "decided": sum(x["status"] in ("promoted", "rejected") for x in rows),
+              **({"worse_candidate": {"factor": args.worse_candidate, "name": worse,
+                                      "test": next((x for x in rows if x["candidate"] == worse), None),
+                                      "ever_promoted": any(x["candidate"] == worse and x["status"] == "promoted"
+                                                           for x in rows) or models["current"] == worse}}
+                 if worse else {}),
               "right": sum(x["right"] is True for x in rows), "wrong": sum(x["right"] is False for x in rows)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"canary-served-{args.rule}-seed{args.seed}.json").write_text(json.dumps(result, indent=2))
+    tag = f"-worse{args.worse_candidate}" if worse else ""
+    (out / f"canary-served-{args.rule}-seed{args.seed}{tag}.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 
 

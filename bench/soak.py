@@ -11,7 +11,11 @@ read by the trainer (in its checkpoint), or waiting in the outbox or the unconfi
 The swaps alternate between base and a copy of the base weights published as a version (with the
 trainer's probe log-probs, so the full check runs): what is measured is the swap machinery, not a policy.
 
-Usage: python bench/soak.py [--minutes 30] [--concurrency 16] [--kill-broker-every 10]
+With --oversized-vote, one outbox entry larger than the broker takes (1.2 MB, as a vote accepted under a larger
+body limit or a longer-context model would be) is put in the outbox halfway: it must be dead-lettered with its
+reason (`duet:outbox:dead`) and every vote behind it relayed (issue 24's target).
+
+Usage: python bench/soak.py [--minutes 30] [--concurrency 16] [--kill-broker-every 10] [--oversized-vote]
 """
 
 from __future__ import annotations
@@ -89,6 +93,25 @@ def account_votes(home: Path, redis_url: str) -> dict[str, int]:
             "votes_unconfirmed": len(unconfirmed)}
 
 
+OVERSIZED_ID = "soak-oversized-vote"
+
+
+def inject_oversized_vote(redis_url: str) -> None:
+    """An outbox entry over the broker's limit, as the vote script would have written it."""
+    from feedback.outbox import OUTBOX
+
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    r.xadd(OUTBOX, {"event_id": OVERSIZED_ID, "key": "cmp_soak_oversized", "payload": "x" * 1_200_000})
+
+
+def dead_letters(redis_url: str) -> dict[str, str]:
+    """event id → reason of every dead-lettered outbox entry."""
+    from feedback.outbox import DEAD_VOTES
+
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    return {f["event_id"]: f["reason"] for _, f in r.xrange(DEAD_VOTES)}
+
+
 async def run_load(url: str, key: str, minutes: float, concurrency: int, swap_times: list[float]) -> dict:
     chats, failures, votes = [], [], 0
     deadline = time.time() + minutes * 60
@@ -133,6 +156,7 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=30.0)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--kill-broker-every", type=float, default=0.0, help="minutes; 0: never")
+    ap.add_argument("--oversized-vote", action="store_true", help="inject one 1.2 MB outbox entry halfway")
     ap.add_argument("--catch-up-minutes", type=float, default=10.0, help="wait this long for the trainer")
     ap.add_argument("--out", default="bench/results/soak.json")
     args = ap.parse_args()
@@ -175,9 +199,14 @@ def main() -> None:
                 await asyncio.sleep(args.kill_broker_every * 60)
                 kills.append(kill_broker(up.pid))
 
+        async def oversized() -> None:
+            if args.oversized_vote:
+                await asyncio.sleep(args.minutes * 30)
+                inject_oversized_vote(redis_url)
+
         async def both():
             return (await asyncio.gather(run_load(url, key, args.minutes, args.concurrency, swap_times), swapper(),
-                                         broker_killer()))[0]
+                                         broker_killer(), oversized()))[0]
         load = asyncio.run(both())
         deadline = time.time() + args.catch_up_minutes * 60  # the trainer consumes every vote
         consumed = None
@@ -193,13 +222,17 @@ def main() -> None:
     finally:
         stop_process(up, timeout=120)  # SIGTERM: duet up stops its children in order
     accounted = account_votes(home, redis_url)
+    dead = dead_letters(redis_url)
     result = {"minutes": args.minutes, "concurrency": args.concurrency, **load, "votes_consumed_by_trainer": consumed,
               "broker_kills": sum(kills), **accounted,
               "votes_unaccounted": load["votes_accepted"] - sum(accounted.values()),
               "swaps": len(swaps), "swaps_ok": sum(s.get("result") == "ok" for s in swaps),
               "swap_pause_s": [round(s.get("pause_s", 0), 3) for s in swaps],
               "swap_failures": [s.get("error") for s in swaps if s.get("result") != "ok"][:5],
-              "targets": {"failed": 0, "votes_consumed_by_trainer": "== votes_accepted", "votes_unaccounted": 0}}
+              **({"oversized_vote_dead_lettered": OVERSIZED_ID in dead, "dead_letter_reason": dead.get(OVERSIZED_ID)}
+                 if args.oversized_vote else {}),
+              "targets": {"failed": 0, "votes_consumed_by_trainer": "== votes_accepted", "votes_unaccounted": 0,
+                          "oversized_vote_dead_lettered": True}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

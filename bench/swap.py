@@ -91,9 +91,13 @@ def main() -> None:
     s = Settings()
     base = resolve_model(s.model, s.home)
     tmp = Path(tempfile.mkdtemp(prefix="duet-swap-"))
-    copy = Registry(tmp / "registry").publish(
+    from trainer.policy import PolicyConfig, PolicyTrainer
+    from trainer.probe import probe_logprobs
+
+    copy = Registry(tmp / "registry").publish(  # with probe log-probs, as the trainer publishes: serving checks them
         lambda d: [shutil.copy(f, d / f.name) for f in Path(base).iterdir() if f.is_file()],
-        base_model=base, algorithm="copy", hyperparameters={}, train_metrics={}, eval={}, kafka_offsets={})[0]
+        base_model=base, algorithm="copy", hyperparameters={}, train_metrics={}, eval={}, kafka_offsets={},
+        probe=probe_logprobs(PolicyTrainer(PolicyConfig(), base), Path(base)))[0]
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "DUET_PORT": str(port), "DUET_DEV_KEY": KEY, "DUET_ADMIN_KEY": ADMIN, "DUET_MODEL": base,

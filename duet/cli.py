@@ -47,6 +47,15 @@ def _check_redis(url: str) -> None:
                        f"(e.g. `redis-server --daemonize yes`) or set DUET_REDIS_URL")
 
 
+def _hold(path, what: str, setting: str) -> None:
+    from duet.home_lock import AlreadyRunning, hold
+
+    try:
+        hold(path, what)
+    except AlreadyRunning as e:
+        raise CLIError(f"{e}: stop it first, or give this one another {setting}") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
@@ -74,6 +83,7 @@ def cmd_up(args: argparse.Namespace) -> None:
     from feedback.topics import ensure_topics
 
     s = _settings()
+    _hold(s.home / "duet.lock", f"duet up on port {args.port or s.port}", "DUET_HOME")
     _release_checks(s), _gate_prompts(s)  # a bad file is an error now, not a trainer that crash-loops
     run_dir = s.home / "runs" / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -323,6 +333,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     _release_checks(s), _gate_prompts(s)  # a bad file: one line now, before anything starts
     if not s.kafka_bootstrap:
         raise CLIError("DUET_KAFKA_BOOTSTRAP is not set: the trainer reads votes from Kafka")
+    _hold(s.home / "trainer" / "checkpoints" / ".lock", "duet train", "DUET_HOME")
     if s.trainer_cpus:
         from duet.cpus import parse_cpus, pin_trainer
 

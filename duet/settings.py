@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     kafka_replication: int = 1  # 3 on a real cluster (deploy/)
     kafka_min_insync: int | None = None  # 2 on a real cluster
     outbox_max: int = 100_000  # votes waiting for Kafka; past it votes get 503 + Retry-After
+    # the largest vote event (the vote with the conversation and answers it judges) accepted, in bytes: 413 above;
+    # the relay lowers it to what the broker takes (max.message.bytes) where the broker says
+    vote_max_bytes: int = Field(1_000_000, ge=10_000)
     relay_batch: int = 500
     # Votes Kafka acknowledged stay in Redis until a trainer checkpoint covers them (at most this long), so
     # a broker that loses its log (the embedded one keeps it in memory) loses none; 0: drop them on the ack

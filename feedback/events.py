@@ -17,6 +17,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from feedback.comparisons import PendingComparison
+from feedback.registry import version_name, version_number
 
 SCHEMA_VERSION = "1.1"  # 1.1: edits (kind "edit", `edit`)
 SCHEMA_MAJOR = 1
@@ -107,3 +108,12 @@ class WeightsAnnouncement(BaseModel):
     manifest_sha256: str
     parent_version: int | None = None
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+    @model_validator(mode="after")
+    def _a_registry_name(self) -> WeightsAnnouncement:
+        # Anyone who can write to the topic could otherwise name a folder outside the registry
+        # ("/abs/v000777", "../../evil/v000777") and have every replica load and serve it.
+        if version_number(self.name) is None or version_name(self.version) != self.name:
+            raise ValueError(f"name {self.name[:80]!r} is not the registry name of version {self.version} "
+                             f"({version_name(max(0, self.version))})")
+        return self

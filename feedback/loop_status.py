@@ -10,6 +10,8 @@ Redis layout:
     duet:loop:rounds         STREAM  field `json`: RoundStatus
     duet:loop:swaps          STREAM  field `json`: SwapStatus
     duet:loop:battles        STREAM  field `json`: Battle
+    duet:loop:backlog        STRING  TrainerBacklog JSON, refreshed every few seconds by the trainer (even
+                                     through a policy round); expires when the trainer stops refreshing it
     duet:stats:votes:{day}   HASH    field "{unix minute}:{choice}" -> count; expires after 30 days
 """
 
@@ -27,6 +29,8 @@ REWARD_MODEL = "duet:loop:reward_model"
 ROUNDS = "duet:loop:rounds"
 SWAPS = "duet:loop:swaps"
 BATTLES = "duet:loop:battles"
+BACKLOG = "duet:loop:backlog"
+BACKLOG_TTL_S = 60
 MAXLEN = 10_000
 VOTE_STATS_TTL_S = 30 * 86400
 
@@ -53,6 +57,13 @@ class RewardModelStatus(BaseModel):
     consumer_lag: int | None = None
     votes_quarantined: int = 0  # from voters whose agreement is below chance with confidence (not trained)
     voters_quarantined: int = 0
+
+
+class TrainerBacklog(BaseModel):
+    """What waits for the trainer now: votes on Kafka it has not read, and votes it read but not yet trained."""
+    ts: float = Field(default_factory=time.time)
+    consumer_lag: int
+    votes_untrained: int
 
 
 class RoundStatus(BaseModel):
@@ -126,3 +137,15 @@ async def aread(r, stream: str, cls: type[M], count: int = 1000) -> list[M]:
         except Exception:  # a newer writer's shape: skip, don't break the dashboard
             continue
     return out
+
+
+def write_backlog(r, backlog: TrainerBacklog) -> None:
+    try:
+        r.set(BACKLOG, backlog.model_dump_json(), ex=BACKLOG_TTL_S)
+    except Exception as e:
+        log.warning("trainer backlog not written: %s", e)
+
+
+async def aread_backlog(r) -> TrainerBacklog | None:
+    raw = await r.get(BACKLOG)
+    return TrainerBacklog.model_validate_json(raw) if raw else None

@@ -119,6 +119,11 @@ class Registry:
         pointed = version_number(pointer.read_text().strip()) if pointer.exists() else None
         return max([m.version for m in self.versions()] + [pointed or 0])
 
+    def issued(self, name: str) -> bool:
+        """`name` is base or a version this registry has issued (it may since have been pruned)."""
+        number = version_number(name)
+        return name == BASE_VERSION or (number is not None and 1 <= number <= self._highest_issued())
+
     def show(self, name_or_version: str | int) -> Manifest | None:
         name = version_name(name_or_version) if isinstance(name_or_version, int) else parse_version(name_or_version)
         if version_number(name) is None:  # not a version name: nothing to look for on disk

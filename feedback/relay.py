@@ -15,13 +15,26 @@ import time
 import redis
 
 from feedback import metrics
-from feedback.outbox import OUTBOX, RELAY_LOCK, outbox_stats, stream_id_ms
-from feedback.relay_metrics import (LOG_LOSSES, PRODUCE_ERRORS, PRODUCE_LATENCY, RELAY_DELAY, RELAYED,
+from feedback.outbox import DEAD_VOTES, OUTBOX, RELAY_LOCK, VOTE_LIMIT, dead_letter, outbox_stats, stream_id_ms
+from feedback.relay_metrics import (DEAD_LETTERED, LOG_LOSSES, PRODUCE_ERRORS, PRODUCE_LATENCY, RELAY_DELAY, RELAYED,
                                     REPUBLISHED, UNCONFIRMED_AGE, UNCONFIRMED_DEPTH)
-from feedback.topics import FEEDBACK, ensure_topics
+from feedback.topics import FEEDBACK, ensure_topics, vote_event_limit
 from feedback.unconfirmed import Unconfirmed
 
 log = logging.getLogger(__name__)
+
+
+def _refused_for_good() -> tuple[type[Exception], ...]:
+    """Errors about one record that no retry can cure (kafka-python's names; the broker's
+    MESSAGE_TOO_LARGE, RECORD_LIST_TOO_LARGE, CORRUPT_MESSAGE and INVALID_RECORD)."""
+    from kafka import errors
+
+    names = ("MessageSizeTooLargeError", "RecordListTooLargeError", "CorruptRecordError", "CorruptRecordException",
+             "InvalidRecordError", "InvalidRecordException")
+    return tuple(getattr(errors, n) for n in names if hasattr(errors, n))
+
+
+REFUSED_FOR_GOOD = _refused_for_good()
 
 
 class OutboxRelay:
@@ -133,6 +146,8 @@ class OutboxRelay:
             from kafka import KafkaProducer
 
             ensure_topics(self.bootstrap, self.partitions, self.replication, self.min_insync)
+            # what the API may accept from now on (serving's vote script reads it): never more than we can send
+            self.redis.set(VOTE_LIMIT, vote_event_limit(self.bootstrap, self.topic))
             self._producer = KafkaProducer(
                 bootstrap_servers=self.bootstrap, client_id="duet-outbox-relay",
                 acks="all", enable_idempotence=True, retries=10, linger_ms=5, compression_type="gzip",
@@ -181,23 +196,34 @@ class OutboxRelay:
         log.warning("the broker lost the feedback log (%s): sending %d unconfirmed votes again", evidence, n)
 
     def drain_once(self) -> int:
-        """Send up to `batch` outbox entries; move those Kafka acknowledged out of the outbox. Returns how many."""
+        """Send up to `batch` outbox entries; move those Kafka acknowledged out of the outbox, and those it
+        refused for good to the dead stream. Returns how many left the outbox."""
         entries = self.redis.xrange(OUTBOX, count=self.batch)
         if not entries:
             return 0
         producer = self._producer_or_connect()
         t0 = time.perf_counter()
-        futures = [(entry_id, producer.send(self.topic, key=f["key"].encode(), value=f["payload"].encode(),
-                                            headers=[("event_id", f["event_id"].encode())]))
-                   for entry_id, f in entries]
+        futures, dead = [], 0
+        for entry_id, f in entries:
+            try:
+                futures.append((entry_id, f, producer.send(self.topic, key=f["key"].encode(),
+                                                           value=f["payload"].encode(),
+                                                           headers=[("event_id", f["event_id"].encode())])))
+            except REFUSED_FOR_GOOD as e:  # over the producer's max_request_size: refused before sending
+                dead += self._dead_letter(entry_id, f, e)
         producer.flush(timeout=20)
-        accepted = {entry_id: int(f.get("accepted_ms") or stream_id_ms(entry_id)) for entry_id, f in entries}
-        acked = [(entry_id, fut.value.partition, fut.value.offset, accepted[entry_id])
-                 for entry_id, fut in futures if fut.is_done and fut.succeeded()]
+        for entry_id, f, fut in futures:  # refused by the broker (e.g. over its max.message.bytes)
+            if fut.is_done and fut.failed() and isinstance(fut.exception, REFUSED_FOR_GOOD):
+                dead += self._dead_letter(entry_id, f, fut.exception)
+        futures = [(i, f, fut) for i, f, fut in futures if not isinstance(fut.exception, REFUSED_FOR_GOOD)]
+        acked = [(entry_id, fut.value.partition, fut.value.offset,
+                  int(f.get("accepted_ms") or stream_id_ms(entry_id)))
+                 for entry_id, f, fut in futures if fut.is_done and fut.succeeded()]
         if acked:
             known = self.unconfirmed.log_end() if self.keep_s else {}
-            if lower := [(p, o) for _, p, o, _ in acked if o < known.get(p, 0)]:
-                # Kafka handed out an offset it had handed out before: a new log
+            # Kafka handed out an offset it had handed out before: a new log. (Offset -1 is no such sign: a
+            # retried send the broker had already written — e.g. after it froze — is acked without an offset.)
+            if lower := [(p, o) for _, p, o, _ in acked if 0 <= o < known.get(p, 0)]:
                 self._log_lost(f"acks at {lower[:3]} below the acknowledged end {known}")
             self.unconfirmed.record_sent(acked, keep=self.keep_s > 0)
             now = time.time()
@@ -205,7 +231,17 @@ class OutboxRelay:
                 RELAY_DELAY.observe(max(0.0, now - accepted_ms / 1000))
             RELAYED.inc(len(acked))
         PRODUCE_LATENCY.observe(time.perf_counter() - t0)
-        failed = next((fut.exception for _, fut in futures if fut.is_done and fut.failed()), None)
-        if len(acked) < len(entries):
-            raise failed or TimeoutError(f"{len(entries) - len(acked)} outbox entries not acknowledged")
-        return len(acked)
+        failed = next((fut.exception for *_, fut in futures if fut.is_done and fut.failed()), None)
+        if len(acked) < len(futures):
+            raise failed or TimeoutError(f"{len(futures) - len(acked)} outbox entries not acknowledged")
+        return len(acked) + dead
+
+    def _dead_letter(self, entry_id: str, fields: dict, error: Exception) -> int:
+        """One entry the broker will never take must not stop every vote behind it (the relay sends in
+        stream order and retries what failed): it moves to the dead stream, counted and logged."""
+        reason = f"{type(error).__name__}: {error}"
+        dead_letter(self.redis, entry_id, fields, reason)
+        DEAD_LETTERED.labels(error=type(error).__name__).inc()
+        log.error("outbox entry %s (event %s, %d bytes) refused by the broker for good, moved to %s: %s",
+                  entry_id, fields.get("event_id"), len(fields.get("payload", "")), DEAD_VOTES, reason)
+        return 1

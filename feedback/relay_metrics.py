@@ -14,3 +14,5 @@ UNCONFIRMED_DEPTH = Gauge("duet_outbox_unconfirmed", "Votes Kafka acknowledged t
 UNCONFIRMED_AGE = Gauge("duet_outbox_unconfirmed_oldest_age_seconds", "Age of the oldest unconfirmed vote")
 LOG_LOSSES = Counter("duet_feedback_log_losses_total", "Times the relay found the broker had lost acknowledged votes")
 REPUBLISHED = Counter("duet_outbox_republished_total", "Unconfirmed votes sent again after a lost log")
+DEAD_LETTERED = Counter("duet_outbox_dead_lettered_total", "Outbox entries the broker refused for good (moved to "
+                        "duet:outbox:dead instead of blocking the votes behind them)", ["error"])

@@ -11,6 +11,9 @@ FEEDBACK = "duet.feedback.v1"  # vote events (FeedbackEvent), keyed by compariso
 DEAD_LETTERS = "duet.feedback.dlq"  # messages a consumer could not decode or validate, with the reason
 WEIGHTS = "duet.weights.v1"  # announcements of published policy versions
 
+PRODUCER_MAX_REQUEST_BYTES = 1_048_576  # kafka-python's max_request_size, which the relay's producer keeps
+RECORD_OVERHEAD_BYTES = 1_024  # a record's key, event_id header and framing, besides its value
+
 
 @dataclass(frozen=True)
 class TopicSpec:
@@ -54,3 +57,31 @@ def ensure_topics(bootstrap: str, partitions: int = 3, replication: int = 1, min
         return created
     finally:
         admin.close()
+
+
+def message_limit(bootstrap: str, topic: str, timeout_ms: int = 5_000) -> int | None:
+    """The topic's `max.message.bytes` as the broker reports it; None where it does not say (the embedded
+    broker answers no DescribeConfigs) — callers then keep the producer's own limit."""
+    from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
+
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms, client_id="duet-admin")
+        try:
+            responses = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic, ["max.message.bytes"])])
+        finally:
+            admin.close()
+        for response in responses if isinstance(responses, list) else [responses]:
+            for resource in response.resources:
+                for entry in resource[4]:  # (name, value, read_only, ...)
+                    if entry[0] == "max.message.bytes" and entry[1]:
+                        return int(entry[1])
+    except Exception as e:
+        log.info("the broker did not say its message size limit (%s: %s)", type(e).__name__, e)
+    return None
+
+
+def vote_event_limit(bootstrap: str, topic: str) -> int:
+    """The largest vote event (a record's value) the relay can publish: its producer's request limit or the
+    topic's, whichever is lower, less the record's other bytes."""
+    broker = message_limit(bootstrap, topic) or PRODUCER_MAX_REQUEST_BYTES
+    return min(PRODUCER_MAX_REQUEST_BYTES, broker) - RECORD_OVERHEAD_BYTES

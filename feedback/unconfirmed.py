@@ -54,8 +54,11 @@ for i = 3, #ARGV, 4 do
     end
     redis.call('XDEL', KEYS[1], sid)
   end
-  if not sent_max[part] or off > sent_max[part] then sent_max[part] = off end
-  if not sent_min[part] or off < sent_min[part] then sent_min[part] = off end
+  -- offset -1: the broker had already written this record (a retry's duplicate): no offset to learn from
+  if off >= 0 then
+    if not sent_max[part] or off > sent_max[part] then sent_max[part] = off end
+    if not sent_min[part] or off < sent_min[part] then sent_min[part] = off end
+  end
 end
 for part, off in pairs(sent_max) do
   local cur = tonumber(redis.call('HGET', KEYS[5], part) or '-1')

@@ -42,7 +42,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
         redis = aioredis.from_url(s.redis_url, decode_responses=True, socket_timeout=s.redis_timeout_s,
                                   socket_connect_timeout=s.redis_timeout_s)
         breaker = RedisBreaker()
-        outbox = Outbox(redis, s.outbox_max, s.vote_cap_per_key, s.vote_cap_per_user)
+        outbox = Outbox(redis, s.outbox_max, s.vote_cap_per_key, s.vote_cap_per_user, s.vote_max_bytes)
         votes = VoteService(ComparisonStore(redis), outbox, s.resolved_secret(), s.max_edit_chars)
         rt = Runtime(settings=s, redis=redis, breaker=breaker, votes=votes, started=time.time(),
                      keys=KeyStore(redis, s.admin_key, s.auth_disabled, dev_key=s.dev_key, breaker=breaker),

@@ -113,6 +113,12 @@ class CanaryRunner:
         c = self.candidate
         return c.engine if c is not None and version is not None and c.engine.model_version == version else None
 
+    def loading(self, version: str | None) -> bool:
+        """`version` is the candidate of the running test, and its engine is not serving it yet."""
+        t = self.test
+        return (version is not None and t is not None and t.candidate == version and t.status == "running"
+                and self.candidate_engine(version) is None and self.load_error is None)
+
     async def on_vote(self, record: PendingComparison, choice: str | None) -> None:
         """Count a verdict on a cross-version pair for the running test of its candidate."""
         t = self.test

@@ -43,7 +43,8 @@ class Dashboard(BaseModel):
     reward_model: list[ls.RewardModelStatus]
     rounds: list[ls.RoundStatus]
     swaps: list[ls.SwapStatus]
-    consumer_lag: int | None
+    consumer_lag: int | None  # votes on Kafka the trainer has not read (current even during a round)
+    votes_untrained: int | None = None  # votes it read but has not trained on yet
     outbox_depth: int
     outbox_oldest_age_s: float
     canary: CanaryPanel | None = None  # with DUET_CANARY=users
@@ -124,15 +125,17 @@ async def canary_panel(redis, cfg: CanaryConfig) -> CanaryPanel:
 async def build_dashboard(redis, model_version: str | None, hours: float = 24.0,
                           canary: CanaryConfig | None = None) -> Dashboard:
     bucket_s = 60 if hours <= 6 else 600
-    (votes, totals), rm, rounds, swaps, battles, (depth, age) = await asyncio.gather(
+    (votes, totals), rm, rounds, swaps, battles, (depth, age), backlog = await asyncio.gather(
         vote_buckets(redis, hours, bucket_s), ls.aread(redis, ls.REWARD_MODEL, ls.RewardModelStatus, 500),
         ls.aread(redis, ls.ROUNDS, ls.RoundStatus, 200), ls.aread(redis, ls.SWAPS, ls.SwapStatus, 200),
-        ls.aread(redis, ls.BATTLES, ls.Battle, 2000), async_outbox_stats(redis))
+        ls.aread(redis, ls.BATTLES, ls.Battle, 2000), async_outbox_stats(redis), ls.aread_backlog(redis))
     # win-rate rows are bootstrapped: keep that CPU work off the event loop
     rates = await asyncio.to_thread(win_rates, battles)
     return Dashboard(model_version=model_version, votes_total=totals, votes=votes, bucket_s=bucket_s,
                      win_rates=rates, reward_model=rm, rounds=rounds, swaps=swaps,
-                     consumer_lag=rm[-1].consumer_lag if rm else None, outbox_depth=depth, outbox_oldest_age_s=age,
+                     consumer_lag=backlog.consumer_lag if backlog else rm[-1].consumer_lag if rm else None,
+                     votes_untrained=backlog.votes_untrained if backlog else None, outbox_depth=depth,
+                     outbox_oldest_age_s=age,
                      canary=await canary_panel(redis, canary) if canary else None)
 
 

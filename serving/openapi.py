@@ -1,6 +1,8 @@
 """The OpenAPI document with every route's real request body.
 
-Two routes parse their bodies by hand, so FastAPI cannot see them: chat completions (it checks the key and
+Every route lists the errors it can answer, from what it depends on (a key: 401, 429 and 503 when Redis cannot
+check it; the admin key: 403; the engine: 503; a path parameter: 404; a body or query: 400 — Duet answers
+validation errors with 400, never FastAPI's 422) and what it declares itself. Two routes parse their bodies by hand, so FastAPI cannot see them: chat completions (it checks the key and
 the size before parsing, and streams) and `/v1/feedback` (a plain Starlette route for speed). Their
 bodies, responses and errors are added here from the same pydantic models they parse with.
 """
@@ -17,8 +19,15 @@ from serving.protocol import ChatCompletionRequest, ChatCompletionResponse, Erro
 from serving.votes import VoteAccepted, VoteRequest
 
 _ERRORS = {"400": "invalid request (the field is named in `error.param`)", "401": "missing or wrong API key",
-           "403": "not allowed for this key", "409": "conflict", "410": "expired", "413": "body too large",
-           "429": "rate limited (Retry-After)", "503": "not ready or overloaded (Retry-After)"}
+           "403": "not allowed for this key", "409": "conflict", "410": "expired", "413": "body (or the vote event) too large",
+           "429": "rate limited (Retry-After)", "503": "not ready or overloaded (Retry-After)",
+           "404": "no such resource (the path names it)", "422": "the request was understood but refused",
+           "499": "the client closed the connection (its work was cancelled)"}
+
+
+def errors(*codes: str) -> dict:
+    """`responses=` for a route that answers these errors itself (besides what its dependencies bring)."""
+    return {int(c): {"model": ErrorResponse, "description": _ERRORS[c]} for c in codes}
 
 
 def install_openapi(app: FastAPI) -> None:
@@ -30,11 +39,14 @@ def install_openapi(app: FastAPI) -> None:
         chat = doc["paths"].setdefault("/v1/chat/completions", {}).setdefault("post", {})
         chat.update(_operation(schemas, ChatCompletionRequest, {"200": (ChatCompletionResponse, "the answers; "
                                "with stream=true, server-sent chat.completion.chunk events")},
-                               "Chat completions (OpenAI-compatible), with Duet's `duet` extension"))
+                               "Chat completions (OpenAI-compatible), with Duet's `duet` extension",
+                               ("400", "401", "404", "413", "429", "503")))
+        _document_errors(doc, app, schemas)
         doc["paths"]["/v1/feedback"] = {"post": _operation(
-            schemas, VoteRequest, {"202": (VoteAccepted, "accepted: durable in the outbox"),
-                                   "200": (VoteAccepted, "a retry with the same Idempotency-Key")},
-            "A vote, rating or edit on answers this key received")}
+            schemas, VoteRequest, {"202": (VoteAccepted, "accepted: durable in the outbox; a retry with the "
+                                                         "first vote's Idempotency-Key gets this answer again")},
+            "A vote, rating or edit on answers this key received",
+            ("400", "401", "403", "409", "410", "413", "429", "503"))}
         app.openapi_schema = doc
         return doc
 
@@ -42,7 +54,7 @@ def install_openapi(app: FastAPI) -> None:
 
 
 def _operation(schemas: dict, body: type[BaseModel], ok: dict[str, tuple[type[BaseModel], str]],
-               summary: str) -> dict:
+               summary: str, codes: tuple[str, ...]) -> dict:
     def ref(model: type[BaseModel]) -> dict:
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
@@ -52,7 +64,47 @@ def _operation(schemas: dict, body: type[BaseModel], ok: dict[str, tuple[type[Ba
     responses = {code: {"description": text, "content": {"application/json": {"schema": ref(model)}}}
                  for code, (model, text) in ok.items()}
     error = ref(ErrorResponse)
-    responses.update({code: {"description": text, "content": {"application/json": {"schema": error}}}
-                      for code, text in _ERRORS.items()})
+    responses.update({code: {"description": _ERRORS[code], "content": {"application/json": {"schema": error}}}
+                      for code in codes})
     return {"summary": summary, "security": [{"bearer": []}], "responses": responses,
             "requestBody": {"required": True, "content": {"application/json": {"schema": ref(body)}}}}
+
+
+# errors a dependency brings to every route that uses it (serving/deps.py)
+_DEPENDENCY_ERRORS = {"api_key": ("401", "429", "503"), "admin_key": ("403",), "engine": ("503",),
+                      "swapper": ("503",), "chat_service": ("503",), "canary": ("409", "503")}
+
+
+def _calls(dependant) -> set[str]:
+    names = set()
+    for dep in dependant.dependencies:
+        names.add(getattr(dep.call, "__name__", ""))
+        names |= _calls(dep)
+    return names
+
+
+def _document_errors(doc: dict, app: FastAPI, schemas: dict) -> None:
+    """Each operation's error responses as served (see the module docstring)."""
+    from fastapi.routing import APIRoute
+
+    schemas.setdefault("ErrorResponse", ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}"))
+    schemas.update(schemas["ErrorResponse"].pop("$defs", {}))
+    for route in app.routes:
+        if not isinstance(route, APIRoute) or not route.include_in_schema:
+            continue
+        d = route.dependant
+        codes = {c for name in _calls(d) for c in _DEPENDENCY_ERRORS.get(name, ())}
+        if d.body_params or d.query_params or d.path_params:
+            codes.add("400")
+        if d.path_params:
+            codes.add("404")
+        for method in route.methods:
+            op = doc["paths"].get(route.path_format, {}).get(method.lower())
+            if op is None:
+                continue
+            responses = op.setdefault("responses", {})
+            if responses.get("422", {}).get("description") == "Validation Error":  # FastAPI's, never served
+                del responses["422"]
+            for code in sorted(codes - responses.keys()):
+                responses[code] = {"description": _ERRORS.get(code, "error"), "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}

@@ -37,6 +37,14 @@ class RedisBreaker:
         metrics.REDIS_ERRORS.inc()
 
 
+    def recovered(self) -> None:
+        """Redis answered (e.g. /ready's ping): stop skipping it now rather than at the end of the cool-down,
+        so what /ready reports and what requests get agree."""
+        if self.tripped():
+            log.info("Redis answers again")
+        self.down_until = 0.0
+
+
 def unavailable(what: str) -> APIError:
     return APIError(503, f"{what} needs Redis, which is not answering; retry shortly.", code="redis_unavailable",
                     headers={"Retry-After": str(RETRY_AFTER_S)})

@@ -1,7 +1,7 @@
 """Hot-swap: verify a published version, load it into the running engine, probe it, roll back on trouble.
 
-Verification (in a thread, while the engine keeps serving): the manifest's checksum matches the
-announcement, every file matches the manifest, the architecture and every tensor's shape match the
+Verification (in a thread, while the engine keeps serving): the version is a registry name (never a path),
+the manifest's checksum matches the announcement, it carries probe log-probs, every file matches the manifest, the architecture and every tensor's shape match the
 running model, and every value is finite. Only then is the engine paused, for the reload itself.
 A request that spans a swap reports every version its tokens came from (`duet.model_versions`).
 """
@@ -21,7 +21,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from feedback import loop_status
 from feedback.comparisons import ChatMessage, SamplingSpec
 from feedback.probes import mean_abs_diff
-from feedback.registry import MANIFEST, Registry, sha256_file, verify
+from feedback.registry import MANIFEST, Registry, sha256_file, verify, version_number
 from serving import metrics
 from serving.engine import BASE_VERSION, Engine, WeightsUnavailable
 from serving.prompting import PromptBuilder
@@ -103,6 +103,8 @@ class WeightSwapper:
     def check(self, version: str, manifest_sha256: str | None = None) -> list[str]:
         if version == BASE_VERSION:
             return []
+        if version_number(version) is None:  # a path ("../x/v000001", "/abs/v000001"): only registry names
+            return [f"{version[:80]!r} is not a version name (v and 6 digits, a folder of {self.registry.root})"]
         folder = self.path_of(version)
         if not (folder / MANIFEST).exists():
             return [f"{version}: no such version in {self.registry.root}"]
@@ -111,6 +113,8 @@ class WeightSwapper:
         problems = verify(folder)
         if problems:
             return problems
+        if self.registry.show(version).probe is None:  # the post-swap check would have nothing to compare
+            return [f"{version}: its manifest has no probe log-probs, so the engine's load cannot be checked"]
         mine, theirs = (json.loads((p / "config.json").read_text()) for p in (self.base_path, folder))
         for key in _ARCH_KEYS:
             if mine.get(key) != theirs.get(key):
@@ -132,7 +136,7 @@ class WeightSwapper:
         if version == BASE_VERSION:
             return []
         manifest = self.path_of(version) / MANIFEST
-        if not manifest.exists():
+        if version_number(version) is None or not manifest.exists():
             return self.check(version, manifest_sha256)
         sha = sha256_file(manifest)
         if self._verified.get(version) == sha and manifest_sha256 in (None, sha):

@@ -73,12 +73,17 @@ class VoteService:
         self.canary = None  # serving.canary.CanaryRunner while DUET_CANARY=users: counts cross-version votes
 
     async def vote(self, req: VoteRequest, key: ApiKeyRecord, idempotency_key: str | None) -> tuple[int, str]:
-        """Returns (HTTP status, event id): 202 for a new vote, 200 for an idempotent retry."""
+        """Returns (HTTP status, event id): 202 for a new vote, and the same for a retry with the first vote's
+        Idempotency-Key (the original answer, even after the comparison expired)."""
         is_comparison = req.comparison_id is not None
         record_id = req.comparison_id or req.completion_id
         param = "comparison_id" if is_comparison else "completion_id"
+        # a verdict and an edit each have their own one-per-record mark
+        mark = f"{record_id}:edit" if req.edited_answer is not None else record_id
         record = await self.store.get(record_id)
         if record is None:
+            if retried := await self._retry_of(mark, idempotency_key):
+                return 202, retried
             raise self._reject(410, "unknown_or_expired",
                                f"{param} '{record_id}' is unknown or has expired; votes are accepted while it lives",
                                param)
@@ -89,8 +94,6 @@ class VoteService:
             raise self._reject(403, "bad_token", "vote_token does not match this comparison and API key",
                                "vote_token")
         event = self._event(req, record, key)
-        # an edit has its own one-per-record mark, apart from the verdict's
-        mark = f"{record_id}:edit" if req.edited_answer is not None else record_id
         result = await self.outbox.record_vote(record_id, event.event_id, event.model_dump_json(),
                                                idempotency_key or "", choice=_choice_label(req), mark_id=mark,
                                                key_id=key.key_id, user_hash=record.user_hash)
@@ -101,7 +104,7 @@ class VoteService:
             return 202, event.event_id
         if result.status == "voted":
             if idempotency_key and result.idempotency_key == idempotency_key:
-                return 200, result.event_id or ""
+                return 202, result.event_id or ""
             what = "an edit" if req.edited_answer is not None else "a vote"
             raise self._reject(409, "already_voted", f"{param} '{record_id}' already has {what}", param)
         if result.status == "capped":
@@ -110,10 +113,24 @@ class VoteService:
             raise self._reject(429, "vote_cap", f"{who} has cast {cap} votes today, the daily cap "
                                                 f"(DUET_VOTE_CAP_PER_{result.capped.upper()}); more count from "
                                                 "00:00 UTC", None, headers={"Retry-After": str(_to_midnight())})
+        if result.status == "too_large":  # it could never reach Kafka: refused now rather than lost later
+            raise self._reject(413, "vote_too_large", f"this vote's event is {len(event.model_dump_json().encode())} "
+                                                      f"bytes with the conversation it carries; the feedback log takes "
+                                                      f"at most {result.limit} (DUET_VOTE_MAX_BYTES, or the broker's "
+                                                      "max.message.bytes if lower)", None)
         if result.status == "full":
             raise self._reject(503, "outbox_full", "Votes are queued faster than Kafka takes them; retry later.",
                                None, headers={"Retry-After": "30"})
+        if retried := await self._retry_of(mark, idempotency_key):  # expired between the read and the vote
+            return 202, retried
         raise self._reject(410, "unknown_or_expired", f"{param} '{record_id}' has expired", param)
+
+    async def _retry_of(self, mark: str, idempotency_key: str | None) -> str | None:
+        """The event id of the vote this request repeats (same Idempotency-Key), else None."""
+        if not idempotency_key:
+            return None
+        earlier = await self.outbox.earlier_vote(mark)
+        return earlier[0] if earlier and earlier[1] == idempotency_key else None
 
     def _event(self, req: VoteRequest, record: PendingComparison, key: ApiKeyRecord) -> FeedbackEvent:
         k = len(record.answers)

@@ -14,6 +14,7 @@ import threading
 
 from feedback.events import WeightsAnnouncement
 from feedback.topics import WEIGHTS
+from serving.metrics import ANNOUNCEMENTS_REFUSED
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,8 @@ class WeightsWatcher:
                     for m in batch:
                         try:
                             ann = WeightsAnnouncement.model_validate_json(m.value)
-                        except Exception as e:
+                        except Exception as e:  # malformed, or naming something outside the registry
+                            ANNOUNCEMENTS_REFUSED.inc()
                             log.warning("ignoring a malformed weights announcement: %s", e)
                             continue
                         fut = asyncio.run_coroutine_threadsafe(self.on_announcement(ann), self.loop)

@@ -18,6 +18,8 @@ from duet.processes import stop_process
 
 TEST_REDIS_DB = int(os.environ.get("DUET_TEST_REDIS_DB", "13"))
 REDIS_URL = f"redis://127.0.0.1:6379/{TEST_REDIS_DB}"
+# What any `duet` a test starts without naming its own database reaches: never database 0, a user's `duet up`'s
+os.environ["DUET_REDIS_URL"] = REDIS_URL
 ADMIN_KEY = "test-admin-key"
 SECRET = "test-secret"
 MAX_MODEL_LEN = 256
@@ -182,3 +184,71 @@ def client(duet_server, api_key):
     with httpx.Client(base_url=duet_server.url, headers={"Authorization": f"Bearer {api_key}"},
                       timeout=120) as c:
         yield c
+
+
+class Db0Watch:
+    """Redis clients of this test session (pytest and its descendants) that sit in database 0, the default a
+    user's `duet up` uses. Sampled once a second from CLIENT LIST; a client counts when the same connection is
+    seen there twice in a row (a new connection is in 0 for the instant before its SELECT)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.offenders: list[str] = []
+        self._seen: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="db0-watch", daemon=True)
+
+    def start(self) -> Db0Watch:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def sample(self, r: redis.Redis) -> None:
+        import psutil
+
+        in_db0 = {int(c["id"]): c for c in r.client_list() if c.get("db") == "0"}
+        again = [c for i, c in in_db0.items() if i in self._seen]
+        self._seen = set(in_db0)
+        if not again:
+            return
+        ours = {os.getpid()} | {p.pid for p in psutil.Process().children(recursive=True)}
+        by_port = {c.laddr.port: c.pid for c in psutil.net_connections("tcp")
+                   if c.raddr and c.raddr.port == 6379 and c.pid}
+        for c in again:
+            pid = by_port.get(int(c["addr"].rsplit(":", 1)[1]))
+            if pid in ours:
+                try:
+                    what = " ".join(psutil.Process(pid).cmdline()[:4])
+                except psutil.Error:
+                    what = "?"
+                self.offenders.append(f"pid {pid} ({what}) last ran {c.get('cmd')} in database 0")
+                self._seen.discard(int(c["id"]))  # reported once
+
+    def _run(self) -> None:
+        r = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+        while not self._stop.wait(1.0):
+            try:
+                self.sample(r)
+            except Exception:  # Redis briefly away (a chaos test): the next sample will tell
+                pass
+        r.close()
+
+
+@pytest.fixture(scope="session")
+def db0_watch():
+    watch = Db0Watch().start()
+    yield watch
+    watch.stop()
+
+
+@pytest.fixture(autouse=True)
+def never_database_0(db0_watch):
+    """Fails a test whose processes used Redis database 0 (a user's data), found while it ran."""
+    before = len(db0_watch.offenders)
+    yield
+    found = db0_watch.offenders[before:]
+    assert not found, "a test touched Redis database 0 (use the tests' own databases): " + "; ".join(found)

@@ -108,7 +108,14 @@ def test_redis_hung_down_and_restarted_empty(tiny_model, tmp_path):
                 assert ready["ready"] and ready["degraded"] and ready["redis"] == "unreachable"
                 if outage == "hung":
                     os.kill(store.proc.pid, signal.SIGCONT)
-                    time.sleep(6)  # past the breaker's cool-down: Redis is used again
+                    deadline = time.time() + 30
+                    while httpx.get(url + "/ready", timeout=10).json()["redis"] != "ok":
+                        assert time.time() < deadline, "Redis did not come back"
+                        time.sleep(0.2)
+                    # as soon as /ready says Redis answers, requests that need it work (no cool-down left)
+                    fresh = chat(url, team).json()
+                    assert len(fresh["choices"]) == 2, fresh
+                    assert vote(url, team, fresh).status_code == 202
 
             store.start()  # back, and empty: every key and comparison is gone
             deadline = time.time() + 30

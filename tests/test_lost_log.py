@@ -104,6 +104,34 @@ def test_unconfirmed_votes_are_sent_again_into_a_new_log(r, tmp_path):
         broker.stop()
 
 
+def test_a_frozen_broker_is_not_a_lost_log(r, tmp_path):
+    """A broker frozen (SIGSTOP) for 14 s while votes are sent: the producer's retries reach it after it wakes,
+    and one it had already written is acknowledged with offset -1. That is not a lost log: every vote is
+    relayed, the log epoch stays (the trainer does not re-read the topic), nothing is sent again."""
+    import signal
+
+    broker = EmbeddedBroker(log_path=tmp_path / "tansu.log").start()
+    relay = OutboxRelay(REDIS_URL, broker.bootstrap, log_check_s=0.3).start()
+    store = Unconfirmed(r)
+    try:
+        for i in range(10):
+            add_vote(r, f"a{i}")
+        wait_until(lambda: r.xlen(OUTBOX) == 0 and r.hlen(UNCONFIRMED) == 10, 30, "10 votes relayed")
+        broker.proc.send_signal(signal.SIGSTOP)
+        try:
+            for i in range(10):
+                add_vote(r, f"b{i}")
+            time.sleep(14)  # the fault itself: the broker stays frozen this long, as in the probe
+        finally:
+            broker.proc.send_signal(signal.SIGCONT)
+        wait_until(lambda: r.xlen(OUTBOX) == 0 and r.hlen(UNCONFIRMED) == 20, 60, "20 votes relayed")
+        assert store.epoch() == 0, "a slow acknowledgement was read as a lost log"
+        assert set(log_ids(broker.bootstrap, 20)) == {f"a{i}" for i in range(10)} | {f"b{i}" for i in range(10)}
+    finally:
+        relay.stop()
+        broker.stop()
+
+
 def _relay_metrics() -> str:
     from prometheus_client import REGISTRY, generate_latest
 

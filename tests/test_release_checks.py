@@ -41,6 +41,8 @@ def test_the_default_set_loads_and_off_means_none():
     ('{"name": "x", "kind": "length", "prompt": "p", "no_worse_than_base": 1}', "no worse direction"),
     ('{"name": "x y", "kind": "length", "prompt": "p", "at_least": 1}', "name"),
     ('{"name": "x", "kind": "length", "prompt": "p", "at_least": 1, "typo": 3}', "typo"),
+    ('{"name": "x", "kind": "repetition", "prompt": "p", "samples": 4, "no_worse_than_base": 0.1}', "temperature"),
+    ('{"name": "x", "kind": "repetition", "prompt": "p", "temperature": 0.8, "no_worse_than_base": 0.1}', "samples"),
 ])
 def test_a_bad_check_names_its_line(tmp_path, line, says):
     path = write(tmp_path, "", line)  # a blank first line: the error is on line 2
@@ -96,6 +98,17 @@ def test_checks_measure_the_candidate_against_the_base_model(tiny_model):
     assert by_name["loops"].passed and by_name["loops"].value == by_name["loops"].base
     assert not by_name["never"].passed and by_name["never"].value == 0.0
     assert set(checker._base) == {"like", "loops"}
+
+
+def test_a_sampled_check_averages_its_answers_and_repeats_itself(tiny_model):
+    """With samples > 1 the value is the mean over answers drawn at the check's temperature with a fixed seed:
+    the same model measured twice gives the same value (a check passes or fails the same way every time)."""
+    pt = PolicyTrainer(PolicyConfig(max_new_tokens=8), str(tiny_model))
+    sampled = ReleaseCheck(name="some", kind="contains", prompt="hello", pattern="e", samples=8, temperature=1.0,
+                           max_tokens=6, at_least=0)
+    checker = ReleaseChecker([sampled])
+    first, again = (checker._measure(pt, pt.model, sampled)[0] for _ in range(2))
+    assert first == again and first * 8 == round(first * 8)  # a share of the 8 answers
 
 
 def test_a_candidate_that_fails_a_release_check_is_never_published(blue_model, tmp_path):

@@ -207,6 +207,18 @@ def test_auth_errors(duet_server):
     assert_openai_error(httpx.post(evaluations, json=huge, headers={"Authorization": f"Bearer {ADMIN_KEY}"}), 400, "wins")
 
 
+@pytest.mark.parametrize("pair,wins,param", [
+    (("base", "base"), 3, "model_b"),  # a version against itself
+    (("base", "v999999"), 0, "wins"),  # no verdict at all (refused before the names are looked up)
+    (("v999999", "base"), 3, "model_a"),  # never published
+    (("base", "0"), 3, "model_b"),  # not a version name (the fuzz left "0" with 3.6 M battles)
+])
+def test_evaluations_name_real_distinct_versions_and_carry_verdicts(duet_server, pair, wins, param):
+    body = {"model_a": pair[0], "model_b": pair[1], "wins": wins, "ties": 0, "losses": 0, "judge": "human"}
+    r = httpx.post(duet_server.url + "/admin/evaluations", json=body, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    assert_openai_error(r, 400, param)
+
+
 @pytest.mark.parametrize("body,param", [
     ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
     ({"messages": []}, "messages"),

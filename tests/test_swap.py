@@ -24,7 +24,18 @@ from tests.test_serving_api import HELLO, assert_openai_error
 pytestmark = pytest.mark.slow
 
 
+def probe_of(weights: Path):
+    """What the trainer records with every version: the log-probs its exported files give the probe
+    conversations (serving refuses a version without them)."""
+    from trainer.policy import PolicyConfig, PolicyTrainer
+    from trainer.probe import probe_logprobs
+
+    return probe_logprobs(PolicyTrainer(PolicyConfig(), str(weights)), weights)
+
+
 def publish(registry: Path, source: Path, probe=None) -> str:
+    probe = probe or probe_of(source)
+
     def write(folder):
         for f in source.iterdir():
             shutil.copy(f, folder / f.name)
@@ -137,7 +148,8 @@ def test_refusals_keep_the_old_version(admin, duet_server, other_weights, tmp_pa
     wide = publish(duet_server.registry, make_tiny_llama(tmp_path / "wide", hidden_size=192))
     assert "architecture differs" in _refused(admin, wide)
     nan = publish(duet_server.registry, make_tiny_llama(
-        tmp_path / "nan", seed=2, edit=lambda m: m.model.norm.weight.fill_(float("nan"))))
+        tmp_path / "nan", seed=2, edit=lambda m: m.model.norm.weight.fill_(float("nan"))),
+        probe=probe_of(other_weights))  # (its own would be NaN)
     assert "non-finite" in _refused(admin, nan)
     assert_openai_error(admin.post("/admin/models/v999999/activate"), 404, "version")
     for odd in ("²", "9" * 5000, "v1.5"):  # not digits for int(), too long, not a version

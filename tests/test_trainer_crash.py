@@ -19,11 +19,18 @@ from feedback.broker import EmbeddedBroker
 from feedback.topics import FEEDBACK, ensure_topics
 from trainer import checkpoint
 from feedback.registry import Registry, verify
+from tests.conftest import TEST_REDIS_DB, empty_redis
 from trainer.synthetic import marker_event
 
 pytestmark = pytest.mark.slow
 
 N_EVENTS = 240
+CRASH_REDIS = f"redis://127.0.0.1:6379/{TEST_REDIS_DB + 1}"
+
+
+@pytest.fixture(autouse=True)
+def own_redis():
+    yield from empty_redis(CRASH_REDIS)
 
 
 def test_sigkill_across_restarts_trains_every_event_exactly_once(tiny_model, tmp_path):
@@ -51,6 +58,7 @@ def test_sigkill_across_restarts_trains_every_event_exactly_once(tiny_model, tmp
         feeder = threading.Thread(target=stream)
         feeder.start()
         env = {**os.environ, "DUET_KAFKA_BOOTSTRAP": broker.bootstrap, "DUET_HOME": str(tmp_path / "home"),
+               "DUET_REDIS_URL": CRASH_REDIS,  # its loop status: never a user's database 0
                "DUET_RM_BACKBONE": str(tiny_model), "DUET_RM_LR": "1e-3", "DUET_RM_STEP_GROUPS": "4",
                "DUET_RM_MAX_WAIT_S": "0.5", "DUET_RM_MAX_TOKENS": "96", "DUET_TRAINER_METRICS_PORT": "0",
                "DUET_HELD_OUT_PCT": "10", "HF_HUB_OFFLINE": "1",

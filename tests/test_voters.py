@@ -20,6 +20,8 @@ def _vote(rng: random.Random, key: str, flip: bool = False):
 
 
 def test_a_saboteur_is_quarantined_and_honest_voters_are_not(tiny_model, tmp_path):
+    """The saboteur names a new `user` with every vote (each a fresh identity with one vote): its key, which it
+    cannot choose, answers for them all."""
     svc = TrainerService(ServiceConfig(kafka_bootstrap="unused:9092", checkpoint_dir=tmp_path, held_out_pct=0.0),
                          RewardTrainerConfig(backbone=str(tiny_model), lr=1e-3, max_tokens=96))
     rng = random.Random(0)
@@ -28,8 +30,8 @@ def test_a_saboteur_is_quarantined_and_honest_voters_are_not(tiny_model, tmp_pat
             svc.classify(_vote(rng, f"honest{rng.randrange(3)}"))
             if len(svc.pending) >= 16:
                 svc.train_reward_model()
-    for i in range(120):  # then a saboteur votes alongside them
-        svc.classify(_vote(rng, "saboteur", flip=True))
+    for i in range(120):  # then a saboteur votes alongside them, naming a fresh end user every time
+        svc.classify(_vote(rng, "saboteur", flip=True).model_copy(update={"user_hash": f"{rng.getrandbits(64):x}"}))
         svc.classify(_vote(rng, f"honest{i % 3}"))
         if len(svc.pending) >= 16:
             svc.train_reward_model()

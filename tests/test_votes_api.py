@@ -165,13 +165,17 @@ def test_rejections(client, duet_server, redis_client):
     first = vote(client, good, **{"Idempotency-Key": "k1"})
     assert first.status_code == 202
     retry = vote(client, good, **{"Idempotency-Key": "k1"})
-    assert retry.status_code == 200 and retry.json() == first.json()
+    assert retry.status_code == 202 and retry.json() == first.json()  # the original answer
     assert_openai_error(vote(client, {**good, "choice": "b"}), 409, "comparison_id")
     assert_openai_error(vote(client, good, **{"Idempotency-Key": "k2"}), 409)
-    # expired -> 410
+    # expired -> 410; but a retry of a vote made before it expired gets the original answer
     late = pair(client)
     redis_client.delete("duet:cmp:" + late["duet"]["comparison_id"])
     assert_openai_error(vote(client, ballot(late, choice="a")), 410, "comparison_id")
+    redis_client.delete("duet:cmp:" + good["comparison_id"])
+    after = vote(client, good, **{"Idempotency-Key": "k1"})
+    assert after.status_code == 202 and after.json() == first.json()
+    assert_openai_error(vote(client, good, **{"Idempotency-Key": "k3"}), 410, "comparison_id")
     metrics = client.get("/metrics").text
     for reason in ("malformed", "unknown_or_expired", "bad_token", "already_voted"):
         assert f'duet_vote_rejections_total{{reason="{reason}"}}' in metrics

@@ -7,17 +7,27 @@
         replay.jsonl, heldout.jsonl  the replay buffer and the held-out set (PromptGroup per line)
         pending.jsonl              consumed votes not yet trained (so a checkpoint may be written at any time)
         policy.pt                  the policy's state: fp32 adapters, AdamW moments (absent without rounds)
+        checksums.json             sha256 of every other file, written last: a checkpoint that does not match
+                                   it is not loaded (the trainer falls back to the previous one)
 
 Written into a temporary folder, fsynced, then renamed into place: a crash leaves either the old
 checkpoint or the new one, never half of one. The newest `keep` are kept. What did not change since the last
 checkpoint (the policy between rounds; the reward model between its steps) is hard-linked from it, not
 written again: most checkpoints are a few small files.
+
+A checkpoint damaged after it was written (a disk error, a file cut short, a hand edit) would crash every
+start; `load_newest_good` verifies each against its checksums, newest first, moves one that fails aside as
+`.corrupt-ckpt-…` (kept for a person to look at), counts it, and resumes from the newest good one. Pruning
+never removes a checkpoint before a newer one is complete on disk.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -26,10 +36,15 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, Field
 from safetensors.torch import load_file, save_file
 
+from feedback.registry import sha256_file
 from trainer.examples import PromptGroup
+from trainer.metrics import CHECKPOINT_FALLBACKS
 from trainer.voters import VoterScreen
 
+log = logging.getLogger(__name__)
+
 PREFIX = "ckpt-"
+SUMS = "checksums.json"
 
 
 class TrainerState(BaseModel):
@@ -108,6 +123,7 @@ def save(root: Path, snap: Snapshot, model: torch.nn.Module, optimizer: torch.op
     (tmp / "heldout.jsonl").write_text(_jsonl(snap.held_out))
     (tmp / "pending.jsonl").write_text(_jsonl(snap.pending))
     (tmp / "state.json").write_text(snap.state.model_dump_json())
+    (tmp / SUMS).write_text(json.dumps(_checksums(tmp, previous)))
     for f in tmp.iterdir():
         _fsync(f)
     _fsync(tmp)
@@ -116,6 +132,58 @@ def save(root: Path, snap: Snapshot, model: torch.nn.Module, optimizer: torch.op
     for old in checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _checksums(folder: Path, previous: Path | None) -> dict[str, str]:
+    """sha256 of every file; a file hard-linked from `previous` keeps the sum recorded there (same inode)."""
+    before = _read_sums(previous) if previous is not None else {}
+    sums = {}
+    for f in sorted(folder.iterdir()):
+        linked = previous is not None and f.name in before and (previous / f.name).exists() and \
+            os.path.samestat(f.stat(), (previous / f.name).stat())
+        sums[f.name] = before[f.name] if linked else sha256_file(f)
+    return sums
+
+
+def _read_sums(path: Path) -> dict[str, str]:
+    try:
+        return json.loads((path / SUMS).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def verify(path: Path) -> list[str]:
+    """What is wrong with a checkpoint on disk: files missing or not matching its checksums. Empty when it is
+    sound (or predates checksums: then only loading it tells)."""
+    if not (path / SUMS).exists():
+        return []
+    sums = _read_sums(path)
+    if not sums:
+        return [f"{SUMS} unreadable"]
+    return [f"{name}: {'missing' if not (path / name).exists() else 'checksum mismatch'}"
+            for name, digest in sums.items() if not (path / name).exists() or sha256_file(path / name) != digest]
+
+
+def load_newest_good(root: Path, model: torch.nn.Module,
+                     optimizer: torch.optim.Optimizer) -> tuple[Path, Snapshot] | None:
+    """The newest checkpoint that verifies and loads (None: there is none). One that does not is moved aside
+    and counted (`duet_trainer_checkpoint_fallbacks_total`), and the one before it is tried: a damaged newest
+    checkpoint costs the votes since the previous one, which Kafka still holds, not a crash loop."""
+    for path in reversed(checkpoints(root)):
+        problems = verify(path)
+        if not problems:
+            try:
+                return path, load(path, model, optimizer)
+            except MemoryError:  # the machine's trouble, not the checkpoint's
+                raise
+            except Exception as e:
+                problems = [f"{type(e).__name__}: {e}"]
+        aside = root / f".corrupt-{path.name}-{int(time.time())}"
+        os.replace(path, aside)
+        CHECKPOINT_FALLBACKS.inc()
+        log.error("checkpoint %s is damaged (%s); moved to %s, trying the one before", path.name,
+                  "; ".join(problems)[:500], aside.name)
+    return None
 
 
 def checkpoints(root: Path) -> list[Path]:

@@ -10,10 +10,13 @@ VOTES_BY_CHOICE = Counter("duet_trainer_votes_total", "Vote events consumed, by 
 RM_LOSS = Gauge("duet_rm_loss", "Reward-model loss of the last training step")
 RM_ACCURACY = Gauge("duet_rm_heldout_accuracy", "Reward-model accuracy on held-out comparisons (0-1)")
 RM_ACCURACY.set(float("nan"))  # not measured yet: NaN, not a misleading 0
+CHECKPOINT_FALLBACKS = Counter("duet_trainer_checkpoint_fallbacks_total", "Checkpoints found damaged at start "
+                               "(checksum or load failed), moved aside; the trainer resumed from an older one")
 RM_STEPS = Counter("duet_rm_steps_total", "Reward-model optimizer steps")
 STEP_TIME = Histogram("duet_rm_step_seconds", "Time of one reward-model step",
                       buckets=(0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
 LAG = Gauge("duet_trainer_consumer_lag", "Vote events on Kafka not yet consumed by the trainer")
+UNTRAINED = Gauge("duet_trainer_votes_untrained", "Vote events the trainer consumed but has not trained on yet")
 CHECKPOINT_TIME = Gauge("duet_trainer_last_checkpoint_timestamp_seconds", "Unix time of the last checkpoint")
 POLICY_ROUNDS = Counter("duet_policy_rounds_total", "Policy rounds, by result (published, rejected, held, failed)",
                         ["result"])

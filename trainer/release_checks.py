@@ -4,8 +4,10 @@ once taught a chat model sycophancy); these checks hold what must not change wha
 
 A check file is JSON Lines, one check per line (blank lines allowed). Every check has a unique `name`, a
 `kind`, and the user `prompt` it is asked (optionally with a `system` message). The candidate answers it
-greedily (deterministic: a check passes or fails the same way every time) in at most `max_tokens` tokens,
-and the check computes one value from that answer:
+greedily in at most `max_tokens` tokens — or, with `samples` > 1, that many answers at `temperature` (fixed
+seeds: a check passes or fails the same way every time), the value then being the mean over them: a small
+model's greedy answer can fall into a loop or out of one from a tiny change, where what users see (sampled
+answers) hardly moved. The check computes one value from an answer:
 
     kind          value                                               worse when it is
     likelihood    mean log-prob per token of the reference `answer`   lower   (forgetting how to answer)
@@ -61,6 +63,8 @@ class ReleaseCheck(BaseModel):
     answer: str | None = None  # likelihood: the reference answer
     pattern: str | None = None  # contains / not_contains: a Python regular expression
     max_tokens: int = Field(64, ge=1, le=512)
+    samples: int = Field(1, ge=1, le=16)  # answers to average over (not likelihood: it reads no answer)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)  # > 0 with samples > 1
     at_least: float | None = None
     at_most: float | None = None
     no_worse_than_base: float | None = Field(None, ge=0.0)
@@ -79,6 +83,8 @@ class ReleaseCheck(BaseModel):
                 re.compile(self.pattern)
             except re.error as e:
                 raise ValueError(f"`pattern` is not a regular expression: {e}") from None
+        if (self.samples > 1) != (self.temperature > 0):
+            raise ValueError("samples > 1 needs temperature > 0, and temperature > 0 needs samples > 1")
         if self.kind == "length" and self.no_worse_than_base is not None:
             raise ValueError("a length check has no worse direction: use at_least / at_most")
         if self.at_least is None and self.at_most is None and self.no_worse_than_base is None:
@@ -154,6 +160,17 @@ def passes(check: ReleaseCheck, value: float, base: float | None) -> bool:
     return True
 
 
+SAMPLE_SEED = 0
+
+
+def _value(check: ReleaseCheck, s) -> float:
+    if check.kind in ("contains", "not_contains"):
+        return float(re.search(check.pattern, s.text) is not None)
+    if check.kind == "repetition":
+        return repetition(s.text)
+    return float(len(s.completion_ids))
+
+
 @dataclass
 class ReleaseChecker:
     """Runs the checks on a candidate. The base model's values are computed once (it never changes)."""
@@ -169,12 +186,11 @@ class ReleaseChecker:
             sample = pt.answer_sample(check.messages, check.answer)
             logp, mask = pt.token_logprobs(model, [sample])
             return float((logp * mask).sum() / mask.sum().clamp(min=1)), ""
-        [[s]] = pt.sample(model, [check.messages], 1, temperature=0.0, max_new_tokens=check.max_tokens)
-        if check.kind in ("contains", "not_contains"):
-            return float(re.search(check.pattern, s.text) is not None), s.text
-        if check.kind == "repetition":
-            return repetition(s.text), s.text
-        return float(len(s.completion_ids)), s.text
+        # the candidate and base draw with the same seed, every time (paired, and repeatable)
+        [answers] = pt.sample(model, [check.messages], check.samples, temperature=check.temperature,
+                              max_new_tokens=check.max_tokens, seed=SAMPLE_SEED)
+        values = [_value(check, s) for s in answers]
+        return sum(values) / len(values), answers[0].text
 
     def run(self, pt, candidate) -> list[CheckResult]:
         """`pt`: the PolicyTrainer (tokenizer, sampling, and the reference model as `pt.reference()`);

@@ -46,11 +46,12 @@ from feedback.registry import BASE_VERSION, version_name
 from feedback.topics import FEEDBACK
 from feedback.unconfirmed import Unconfirmed
 from trainer import checkpoint, metrics
+from trainer.backlog import BacklogWatcher
 from trainer.checkpoint import Snapshot, TrainerState
 from trainer.examples import PromptGroup, is_held_out, prompt_key, to_prompt_group
 from trainer.reward_trainer import ReplayBuffer, RewardTrainer, RewardTrainerConfig
 from trainer.rounds import PolicyRounds, RoundConfig, RoundResult, reward_model_fn
-from trainer.voters import voter_of
+from trainer.voters import voters_of
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +97,10 @@ class TrainerService:
         self.held_out: list[PromptGroup] = []
         self.pending: list[PromptGroup] = []
         self.stop = threading.Event()
-        path = checkpoint.latest(cfg.checkpoint_dir)
-        if path is not None:
-            snap = checkpoint.load(path, self.reward.model, self.reward.optimizer)
+        # a damaged newest checkpoint is moved aside and the one before it used (not a crash loop)
+        found = checkpoint.load_newest_good(cfg.checkpoint_dir, self.reward.model, self.reward.optimizer)
+        if found is not None:
+            path, snap = found
             self.state, self.held_out, self.pending = snap.state, snap.held_out, snap.pending
             self.reward.replay = ReplayBuffer(rm.replay_capacity, snap.replay, seed=rm.seed)
             self.reward.steps = self.state.step
@@ -119,6 +121,7 @@ class TrainerService:
         self.to_confirm: list[str] = []  # event ids in a checkpoint, not yet confirmed to the relay
         self.epoch_checked = 0.0
         self.last_lag: int | None = None
+        self.positions: dict[int, int] | None = None  # partition → next offset to consume, as of the last look
         self.rng = random.Random(rm.seed)
         self.saved_marks: dict[str, object] = {}  # what the newest checkpoint holds (see `checkpoint`)
 
@@ -128,6 +131,9 @@ class TrainerService:
         consumer = FeedbackConsumer(self.cfg.kafka_bootstrap, self.cfg.trainer_group_id, topic=self.cfg.topic,
                                     start_offsets=self.state.offsets, seen=self.seen)
         bar = _progress(self.state)
+        # the backlog stays current while a round or a step keeps this loop busy for minutes
+        watcher = None if once else BacklogWatcher(self.cfg.kafka_bootstrap, self.cfg.topic, lambda: self.positions,
+                                                   lambda: len(self.pending), self.redis).start()
         try:
             while not self.stop.is_set():
                 self.follow_log(consumer)
@@ -148,6 +154,8 @@ class TrainerService:
                         self.checkpoint(consumer)
                     break
         finally:
+            if watcher is not None:
+                watcher.stop()
             if bar is not None:
                 bar.close()
             consumer.close()
@@ -202,19 +210,22 @@ class TrainerService:
                 self.state.oldest_unrounded_vote = voted
 
     def screened_out(self, event, group: PromptGroup) -> bool:
-        """Score the vote's agreement with the reward model (trainer/voters.py); True if its voter is
-        quarantined (then it is counted, not trained on)."""
-        screen, voter = self.state.screen, voter_of(event)
-        if not screen.is_quarantined(voter):
+        """Score the vote's agreement with the reward model (trainer/voters.py) for its key and its user; True if
+        either is quarantined (then it is counted, not trained on)."""
+        screen, voters = self.state.screen, voters_of(event)
+        if not any(screen.is_quarantined(v) for v in voters):
             score = self.reward.agreement(group) if self.state.step > 0 else None  # an untrained model: no evidence
-            if score is not None and screen.record(voter, score):
-                log.warning("voter %s quarantined: agreement %.2f over %d votes, below chance with confidence",
-                            voter, screen.voters[voter].agreement / screen.voters[voter].votes,
-                            screen.voters[voter].votes)
-                metrics.QUARANTINED_VOTERS.inc()
-            if not screen.is_quarantined(voter):
+            for voter in voters if score is not None else []:
+                if screen.record(voter, score):
+                    log.warning("voter %s quarantined: agreement %.2f over %d votes, below chance with confidence",
+                                voter, screen.voters[voter].agreement / screen.voters[voter].votes,
+                                screen.voters[voter].votes)
+                    metrics.QUARANTINED_VOTERS.inc()
+            if not any(screen.is_quarantined(v) for v in voters):
                 return False
-        screen.voters[voter].quarantined_votes += 1
+        for voter in voters:
+            if screen.is_quarantined(voter):
+                screen.voters[voter].quarantined_votes += 1
         self.state.events_quarantined += 1
         metrics.EVENTS.labels(outcome="quarantined").inc()
         return True
@@ -413,11 +424,14 @@ class TrainerService:
             return None
         try:
             ends = consumer.consumer.end_offsets(assigned)
-            lag = sum(max(0, ends[tp] - consumer.consumer.position(tp)) for tp in assigned)
+            positions = {tp.partition: consumer.consumer.position(tp) for tp in assigned}
+            lag = sum(max(0, ends[tp] - positions[tp.partition]) for tp in assigned)
         except Exception as e:  # a broker restarting answers for some partitions only (kafka-python: KeyError)
             log.warning("cannot read the feedback topic's end offsets: %s: %s", type(e).__name__, e)
             return None
+        self.positions = positions  # what the backlog watcher subtracts from the ends while this loop is busy
         metrics.LAG.set(lag)
+        metrics.UNTRAINED.set(len(self.pending))
         self.last_lag = lag
         if len(assigned) < len(consumer.consumer.partitions_for_topic(self.cfg.topic) or ()):
             return None

@@ -3,8 +3,8 @@ with confidence, so noise or sabotage from a few keys cannot steer the policy.
 
 Each vote is scored, before it is trained on, by the reward model as the other votes shaped it: a pick
 agrees when the model ranks the chosen answer higher, a thumbs label when σ(r) is on the same side of ½
-(a vote's share of agreeing pairs and labels is its score x ∈ [0, 1]). Per voter (the hashed OpenAI `user`
-field, else the API key), an anytime-valid confidence sequence (feedback/sequential.py) follows the mean
+(a vote's share of agreeing pairs and labels is its score x ∈ [0, 1]). Per voter (the API key, and apart from
+it each hashed OpenAI `user` within that key: a vote counts for both, `voters_of`), an anytime-valid confidence sequence (feedback/sequential.py) follows the mean
 score; once its upper end is below ½ — agreement below chance, with confidence, however often it was
 looked at — the voter is quarantined: their later votes are counted and kept on Kafka but not trained
 on. An honest voter whose agreement is at least ½ at every vote is quarantined with probability ≤ α/2;
@@ -19,8 +19,12 @@ from feedback.events import FeedbackEvent
 from feedback.sequential import ConfidenceSequence
 
 
-def voter_of(event: FeedbackEvent) -> str:
-    return f"user:{event.user_hash}" if event.user_hash else f"key:{event.key_id}"
+def voters_of(event: FeedbackEvent) -> list[str]:
+    """Who answers for a vote: its API key always, and the end user within that key where the client names
+    one. The `user` field is the client's to choose, so a fresh string would be a fresh identity; the key is
+    not, so a client whose votes as a whole disagree is quarantined however it names its users."""
+    key = f"key:{event.key_id}"
+    return [key, f"user:{event.key_id}:{event.user_hash}"] if event.user_hash else [key]
 
 
 class VoterRecord(BaseModel):

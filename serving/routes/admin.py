@@ -5,16 +5,17 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from feedback import loop_status
 from feedback.canary import USERS_JUDGE
-from feedback.registry import parse_version
+from feedback.registry import Registry, parse_version
 from feedback.rollouts import RolloutRequest, RolloutResponse
 from serving.deps import AdminDep, EngineDep, RuntimeDep, SwapperDep
 from serving.engine import BASE_VERSION
 from serving.errors import APIError
+from serving.openapi import errors
 from serving.rollouts import rollouts
 
 router = APIRouter(prefix="/admin")
@@ -33,7 +34,7 @@ async def admin_models(swapper: SwapperDep, rt: RuntimeDep) -> dict:
     return out
 
 
-@router.post("/models/{version}/activate")
+@router.post("/models/{version}/activate", responses=errors("409", "422"))
 async def admin_activate(version: str, swapper: SwapperDep) -> JSONResponse:
     version = parse_version(version)
     if version != BASE_VERSION and swapper.registry.show(version) is None:
@@ -61,15 +62,30 @@ async def admin_evaluation(_: AdminDep, battle: loop_status.Battle, rt: RuntimeD
     if battle.judge == USERS_JUDGE:
         raise APIError(400, f"the judge name '{USERS_JUDGE}' is reserved for users' votes in canary tests",
                        param="judge", code="reserved_judge")
+    if battle.model_a == battle.model_b:
+        raise APIError(400, "model_a and model_b are the same version: a battle needs two", param="model_b",
+                       code="invalid_value")
+    if battle.wins + battle.ties + battle.losses == 0:
+        raise APIError(400, "wins, ties and losses are all 0: no verdict to record", param="wins",
+                       code="invalid_value")
+    registry = Registry(rt.settings.registry_root())
+    for field in ("model_a", "model_b"):  # names on the leaderboard must be versions that exist(ed)
+        if not registry.issued(name := getattr(battle, field)):
+            raise APIError(400, f"{field}: '{name}' is neither base nor a version the registry has published",
+                           param=field, code="unknown_version")
     await loop_status.arecord(rt.redis, loop_status.BATTLES, battle)
     return battle
 
 
-@router.post("/rollouts")
-async def admin_rollouts(_: AdminDep, body: RolloutRequest, engine: EngineDep, rt: RuntimeDep) -> RolloutResponse:
+@router.post("/rollouts", responses=errors("409", "499"))
+async def admin_rollouts(_: AdminDep, body: RolloutRequest, engine: EngineDep, rt: RuntimeDep,
+                         request: Request) -> RolloutResponse:
     """The live engine samples for the trainer's policy rounds (token ids in, token ids out) — or the canary's
     candidate engine, when the trainer asks for the candidate users are judging (it goes on from that one).
     The key is checked (a dependency) before the body is validated."""
     if rt.canary is not None and (candidate := rt.canary.candidate_engine(body.model_version)) is not None:
         engine = candidate
-    return await rollouts(engine, body)
+    elif rt.canary is not None and rt.canary.loading(body.model_version):  # soon: worth waiting for
+        raise APIError(503, f"{body.model_version} is under test and its engine is still loading; retry shortly",
+                       param="model_version", code="candidate_loading", headers={"Retry-After": "5"})
+    return await rollouts(engine, body, request.is_disconnected)

@@ -11,6 +11,7 @@ from fastapi import APIRouter
 from feedback.registry import parse_version
 from serving.deps import CanaryDep
 from serving.errors import APIError
+from serving.openapi import errors
 
 router = APIRouter(prefix="/admin/canary")
 
@@ -26,7 +27,7 @@ async def canary_status(canary: CanaryDep) -> dict:
     return await canary.status()
 
 
-@router.post("/{candidate}/{action}")
+@router.post("/{candidate}/{action}", responses=errors("409"))
 async def canary_action(candidate: str, action: Literal["promote", "reject", "pause", "resume"],
                         canary: CanaryDep) -> dict:
     candidate = parse_version(candidate)

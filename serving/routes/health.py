@@ -24,6 +24,8 @@ async def ready(rt: RuntimeDep) -> JSONResponse:
         redis_ok = bool(await asyncio.wait_for(rt.redis.ping(), timeout=1.0))
     except Exception:
         redis_ok = False
+    if redis_ok:
+        rt.breaker.recovered()
     engine_ok = rt.chat is not None
     # Ready as long as the engine answers: without Redis, chat still serves single answers (degraded);
     # taking the replica out of the load balancer would turn a Redis outage into a full one.

@@ -145,6 +145,7 @@
     // small held-out sets make early accuracies jumpy: say how many votes it is measured on
     $("rm-acc").textContent = rm.length ? `${pct(rm[rm.length - 1].held_out_accuracy)} (of ${rm[rm.length - 1].votes_held_out} held out)` : "–";
     $("lag").textContent = data.consumer_lag ?? "–";
+    $("untrained").textContent = data.votes_untrained ?? "–";
     $("outbox").textContent = data.outbox_depth;
     const last = data.reward_model[data.reward_model.length - 1];
     $("quarantined").textContent = last ? `${last.votes_quarantined ?? 0} (${last.voters_quarantined ?? 0} voters)` : "–";
