@@ -12,7 +12,7 @@ The swaps alternate between base and a copy of the base weights published as a v
 trainer's probe log-probs, so the full check runs): what is measured is the swap machinery, not a policy.
 
 With --oversized-vote, one outbox entry larger than the broker takes (1.2 MB, as a vote accepted under a larger
-body limit or a longer-context model would be) is put in the outbox halfway: it must be dead-lettered with its
+body limit or a longer-context model would be) is put in the outbox a third of the way in: it must be dead-lettered with its
 reason (`duet:outbox:dead`) and every vote behind it relayed (issue 24's target).
 
 Usage: python bench/soak.py [--minutes 30] [--concurrency 16] [--kill-broker-every 10] [--oversized-vote]
@@ -201,7 +201,7 @@ def main() -> None:
 
         async def oversized() -> None:
             if args.oversized_vote:
-                await asyncio.sleep(args.minutes * 30)
+                await asyncio.sleep(args.minutes * 20)  # a third of the way in (apart from a broker kill)
                 inject_oversized_vote(redis_url)
 
         async def both():

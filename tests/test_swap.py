@@ -258,7 +258,7 @@ def test_a_version_changing_only_linear_layers_is_served(client, admin, duet_ser
 
 def test_a_tied_output_layer_follows_the_embedding(client, admin, duet_server, tmp_path):
     """The tiny model ties lm_head to the input embedding. The final norm is zeroed but for dimension 0
-    and two tokens get embedding ±1000 there, so the next token is one of them — if and only if the
+    and two tokens get embedding ±8 there (every other token 0), so the next token is one of them — if and only if the
     logits come from the new embedding (on CPU vLLM keeps a packed copy per layer; a reload that only
     refreshed the embedding layer left the logits on the old one)."""
     from transformers import AutoTokenizer
@@ -270,7 +270,8 @@ def test_a_tied_output_layer_follows_the_embedding(client, admin, duet_server, t
         m.model.norm.weight.zero_()
         m.model.norm.weight[0] = 1.0
         emb = m.model.embed_tokens.weight
-        emb[loud[0], 0], emb[loud[1], 0] = 1000.0, -1000.0
+        emb[:, 0] = 0.0  # every other logit exactly 0: one of the two wins, by a margin the probe can still measure
+        emb[loud[0], 0], emb[loud[1], 0] = 8.0, -8.0
 
     name = publish(duet_server.registry, make_tiny_llama(tmp_path / "loud", seed=0, edit=edit))
     try:

@@ -18,7 +18,6 @@ from feedback.events import WeightsAnnouncement
 from feedback.outbox import DEAD_VOTES, OUTBOX, VOTE_LIMIT, Outbox
 from feedback.registry import Registry, manifest_checksum
 from feedback.relay import OutboxRelay
-from feedback.topics import FEEDBACK
 from serving.auth import ApiKeyRecord
 from serving.errors import APIError
 from serving.pairing import ComparisonStore, vote_token
@@ -29,6 +28,7 @@ from tests.kafka_helpers import read_topic
 from trainer.synthetic import marker_event
 
 REDIS_URL = f"redis://127.0.0.1:6379/{TEST_REDIS_DB + 2}"  # its own database: the session server uses 13
+TOPIC = "duet.test.dead-letters"
 
 
 @pytest.fixture()
@@ -116,9 +116,14 @@ def test_a_vote_larger_than_the_log_takes_is_refused_with_the_limit(r):
 def test_an_entry_the_broker_refuses_is_dead_lettered_and_the_rest_relayed(r, broker):
     """An outbox entry over the broker's/producer's message limit used to fail on every retry and hold back
     every vote behind it. Now it moves to duet:outbox:dead with its reason and the next vote reaches Kafka."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    admin.create_topics([NewTopic(TOPIC, 1, 1)])  # its own: the session's feedback log is read by other tests
+    admin.close()
     r.xadd(OUTBOX, {"event_id": "huge", "key": "cmp_huge", "payload": "x" * 1_200_000})
     r.xadd(OUTBOX, {"event_id": "after-huge", "key": "cmp_after", "payload": "{}"})
-    relay = OutboxRelay(REDIS_URL, broker.bootstrap, keep_s=0)
+    relay = OutboxRelay(REDIS_URL, broker.bootstrap, topic=TOPIC, keep_s=0)
     try:
         assert relay.drain_once() == 2
     finally:
@@ -126,7 +131,7 @@ def test_an_entry_the_broker_refuses_is_dead_lettered_and_the_rest_relayed(r, br
     assert r.xlen(OUTBOX) == 0
     (_, dead), = r.xrange(DEAD_VOTES)
     assert dead["event_id"] == "huge" and "MessageSizeTooLarge" in dead["reason"] and len(dead["payload"]) == 1_200_000
-    records = read_topic(broker.bootstrap, FEEDBACK,
+    records = read_topic(broker.bootstrap, TOPIC,
                          lambda recs: any(dict(x.headers)["event_id"] == b"after-huge" for x in recs), timeout_s=30)
     ids = {dict(x.headers)["event_id"] for x in records}
     assert b"after-huge" in ids and b"huge" not in ids
