@@ -64,12 +64,16 @@ def message_limit(bootstrap: str, topic: str, timeout_ms: int = 5_000) -> int | 
     broker answers no DescribeConfigs) — callers then keep the producer's own limit."""
     from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
 
+    kafka_log = logging.getLogger("kafka")
+    level = kafka_log.level
+    kafka_log.setLevel(logging.CRITICAL)  # a broker that hangs up on the question is an answer here, not an error
     try:
         admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms, client_id="duet-admin")
         try:
             responses = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic, ["max.message.bytes"])])
         finally:
             admin.close()
+            kafka_log.setLevel(level)
         for response in responses if isinstance(responses, list) else [responses]:
             for resource in response.resources:
                 for entry in resource[4]:  # (name, value, read_only, ...)
@@ -77,6 +81,8 @@ def message_limit(bootstrap: str, topic: str, timeout_ms: int = 5_000) -> int | 
                         return int(entry[1])
     except Exception as e:
         log.info("the broker did not say its message size limit (%s: %s)", type(e).__name__, e)
+    finally:
+        kafka_log.setLevel(level)
     return None
 
 
