@@ -53,21 +53,25 @@ def install_openapi(app: FastAPI) -> None:
     app.openapi = openapi
 
 
+def _ref(schemas: dict, model: type[BaseModel]) -> dict:
+    """`model`'s schema among the document's components (with the ones it uses); a reference to it."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas.update(schema.pop("$defs", {}))
+    schemas[model.__name__] = schema
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _response(description: str, schema: dict) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
 def _operation(schemas: dict, body: type[BaseModel], ok: dict[str, tuple[type[BaseModel], str]],
                summary: str, codes: tuple[str, ...]) -> dict:
-    def ref(model: type[BaseModel]) -> dict:
-        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-        schemas.update(schema.pop("$defs", {}))
-        schemas[model.__name__] = schema
-        return {"$ref": f"#/components/schemas/{model.__name__}"}
-
-    responses = {code: {"description": text, "content": {"application/json": {"schema": ref(model)}}}
-                 for code, (model, text) in ok.items()}
-    error = ref(ErrorResponse)
-    responses.update({code: {"description": _ERRORS[code], "content": {"application/json": {"schema": error}}}
-                      for code in codes})
+    responses = {code: _response(text, _ref(schemas, model)) for code, (model, text) in ok.items()}
+    error = _ref(schemas, ErrorResponse)
+    responses.update({code: _response(_ERRORS[code], error) for code in codes})
     return {"summary": summary, "security": [{"bearer": []}], "responses": responses,
-            "requestBody": {"required": True, "content": {"application/json": {"schema": ref(body)}}}}
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(schemas, body)}}}}
 
 
 # errors a dependency brings to every route that uses it (serving/deps.py)
@@ -87,8 +91,7 @@ def _document_errors(doc: dict, app: FastAPI, schemas: dict) -> None:
     """Each operation's error responses as served (see the module docstring)."""
     from fastapi.routing import APIRoute
 
-    schemas.setdefault("ErrorResponse", ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}"))
-    schemas.update(schemas["ErrorResponse"].pop("$defs", {}))
+    error = _ref(schemas, ErrorResponse)
     for route in app.routes:
         if not isinstance(route, APIRoute) or not route.include_in_schema:
             continue
@@ -106,5 +109,4 @@ def _document_errors(doc: dict, app: FastAPI, schemas: dict) -> None:
             if responses.get("422", {}).get("description") == "Validation Error":  # FastAPI's, never served
                 del responses["422"]
             for code in sorted(codes - responses.keys()):
-                responses[code] = {"description": _ERRORS.get(code, "error"), "content": {"application/json": {
-                    "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+                responses[code] = _response(_ERRORS.get(code, "error"), error)

@@ -94,7 +94,8 @@ class VoteService:
             raise self._reject(403, "bad_token", "vote_token does not match this comparison and API key",
                                "vote_token")
         event = self._event(req, record, key)
-        result = await self.outbox.record_vote(record_id, event.event_id, event.model_dump_json(),
+        payload = event.model_dump_json()
+        result = await self.outbox.record_vote(record_id, event.event_id, payload,
                                                idempotency_key or "", choice=_choice_label(req), mark_id=mark,
                                                key_id=key.key_id, user_hash=record.user_hash)
         if result.status == "ok":
@@ -114,7 +115,7 @@ class VoteService:
                                                 f"(DUET_VOTE_CAP_PER_{result.capped.upper()}); more count from "
                                                 "00:00 UTC", None, headers={"Retry-After": str(_to_midnight())})
         if result.status == "too_large":  # it could never reach Kafka: refused now rather than lost later
-            raise self._reject(413, "vote_too_large", f"this vote's event is {len(event.model_dump_json().encode())} "
+            raise self._reject(413, "vote_too_large", f"this vote's event is {len(payload.encode())} "
                                                       f"bytes with the conversation it carries; the feedback log takes "
                                                       f"at most {result.limit} (DUET_VOTE_MAX_BYTES, or the broker's "
                                                       "max.message.bytes if lower)", None)
