@@ -46,7 +46,7 @@ from feedback.registry import BASE_VERSION, version_name
 from feedback.topics import FEEDBACK
 from feedback.unconfirmed import Unconfirmed
 from trainer import checkpoint, metrics
-from trainer.backlog import BacklogWatcher
+from trainer.backlog import BacklogWatcher, backlog_of
 from trainer.checkpoint import Snapshot, TrainerState
 from trainer.examples import PromptGroup, is_held_out, prompt_key, to_prompt_group
 from trainer.reward_trainer import ReplayBuffer, RewardTrainer, RewardTrainerConfig
@@ -425,13 +425,14 @@ class TrainerService:
         try:
             ends = consumer.consumer.end_offsets(assigned)
             positions = {tp.partition: consumer.consumer.position(tp) for tp in assigned}
-            lag = sum(max(0, ends[tp] - positions[tp.partition]) for tp in assigned)
+            backlog = backlog_of({tp.partition: ends[tp] for tp in assigned}, positions, len(self.pending))
         except Exception as e:  # a broker restarting answers for some partitions only (kafka-python: KeyError)
             log.warning("cannot read the feedback topic's end offsets: %s: %s", type(e).__name__, e)
             return None
         self.positions = positions  # what the backlog watcher subtracts from the ends while this loop is busy
+        lag = backlog.consumer_lag
         metrics.LAG.set(lag)
-        metrics.UNTRAINED.set(len(self.pending))
+        metrics.UNTRAINED.set(backlog.votes_untrained)
         self.last_lag = lag
         if len(assigned) < len(consumer.consumer.partitions_for_topic(self.cfg.topic) or ()):
             return None
