@@ -2,7 +2,7 @@
 train offline with TRL's `DPOTrainer` on the same base model, evaluated as bench/learning.py evaluates Duet
 (prints JSON).
 
-1. Pairs: the base model (SmolLM2-135M-Instruct, vLLM, bf16) answers --votes prompts drawn from `duet simulate`'s
+1. Pairs: the base model (SmolLM2-135M-Instruct, vLLM, in serving's dtype) answers --votes prompts drawn from `duet simulate`'s
    training prompts twice each (T = 0.8, --max-tokens, as the simulated users ask); a simulated user picks by the
    rule with 10 % random votes (`duet.preferences.judge`); ties are dropped (DPO needs an order), as Duet's trainer
    drops them from its pairs.
@@ -44,14 +44,17 @@ TEMPERATURE = 0.8  # what `duet simulate` asks for
 
 
 def sample(model_path: str, prompts: list[str], n: int, max_tokens: int, seed: int) -> list[list[str]]:
-    """n answers per prompt from a vLLM engine in this process, as serving samples them (bf16, eager)."""
+    """n answers per prompt from a vLLM engine in this process, as serving samples them (its dtype: bf16 where the CPU
+    has bf16 instructions, float32 where it has not; eager)."""
     import os
+
+    from duet.cpus import engine_dtype
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model_path, dtype="bfloat16", enforce_eager=True, max_model_len=1024, seed=seed)
+    llm = LLM(model=model_path, dtype=engine_dtype("auto", on_gpu=False), enforce_eager=True, max_model_len=1024, seed=seed)
     msgs = [[{"role": "user", "content": p}] for p in prompts]
     # no per-request seed: vLLM's CPU sampler refuses one ("CPU Generator does not use offset"); the engine's seed holds
     outs = llm.chat(msgs, SamplingParams(n=n, temperature=TEMPERATURE, top_p=1.0, max_tokens=max_tokens))
