@@ -48,6 +48,7 @@ from feedback.comparisons import COMPARISON_KEY_PREFIX, PendingComparison  # noq
 
 sys.path.append(str(Path(__file__).resolve().parent))
 from benchlib import start_server, up_at_defaults  # noqa: E402
+from duet.wiring import policy_config  # noqa: E402
 
 REDIS_DB = 11  # not the tests' databases
 
@@ -113,7 +114,7 @@ def publish_worse_candidate(home: Path, factor: float, bootstrap: str) -> str:
     from feedback.events import WeightsAnnouncement
     from feedback.registry import MANIFEST, Registry, manifest_checksum
     from feedback.topics import WEIGHTS
-    from trainer.policy import PolicyConfig, PolicyTrainer
+    from trainer.policy import PolicyTrainer
     from trainer.probe import probe_logprobs
 
     base = Path(resolve_model(Settings().model, home))
@@ -127,7 +128,7 @@ def publish_worse_candidate(home: Path, factor: float, bootstrap: str) -> str:
                 t[eos] = (t[eos].float() * factor).to(t.dtype)
         save_file(tensors, f, metadata={"format": "pt"})
     torch.manual_seed(0)
-    probe = probe_logprobs(PolicyTrainer(PolicyConfig(), str(built)), built)
+    probe = probe_logprobs(PolicyTrainer(policy_config(), str(built)), built)
 
     def write(folder: Path) -> None:
         for f in built.iterdir():

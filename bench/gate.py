@@ -31,7 +31,8 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from trainer.gate import GateConfig, gate_decision  # noqa: E402
+from trainer.gate import gate_decision  # noqa: E402
+from duet.wiring import gate_config, policy_config  # noqa: E402
 
 
 def simulated_verdicts(g: torch.Generator, w: float, prompts: int, samples: int, judges: int = 8,
@@ -62,18 +63,18 @@ def served(args) -> dict:
     from trainer.examples import PromptGroup
     from trainer.gate import gate_answers, load_gate_prompts
     from trainer.judge import JudgeEnsemble, SentenceEncoder
-    from trainer.policy import PolicyConfig, PolicyTrainer
+    from trainer.policy import PolicyTrainer
     from trainer.reward_model import minilm_path
     from trainer.synthetic import TOPICS
 
-    s, cfg, rule, rng = Settings(), GateConfig(), load_rule(args.rule), random.Random(args.seed)
-    pt = PolicyTrainer(PolicyConfig(precision=s.trainer_precision), resolve_model(s.model, s.home))
+    s, cfg, rule, rng = Settings(), gate_config(), load_rule(args.rule), random.Random(args.seed)
+    pt = PolicyTrainer(policy_config(precision=s.trainer_precision), resolve_model(s.model, s.home))
     gate = [[ChatMessage(role="user", content=p)] for p in load_gate_prompts("", cfg.prompts)[:cfg.prompts]]
     voted = [[ChatMessage(role="user", content=f"Tell me about {t}.")] for t in TOPICS]
     pools = []
     for i in tqdm(range(0, len(gate) + len(voted), 8), desc="base answers (8 per prompt)", unit="8 prompts"):
         chunk = (gate + voted)[i:i + 8]
-        pools += [[a.text for a in g] for g in gate_answers(pt, pt.model, chunk, GateConfig(samples_per_prompt=8,
+        pools += [[a.text for a in g] for g in gate_answers(pt, pt.model, chunk, gate_config(samples_per_prompt=8,
                                                                                             seed=args.seed + i))]
     gate_pools, vote_pools = pools[:len(gate)], pools[len(gate):]
     votes = []
@@ -128,7 +129,7 @@ def main() -> None:
     if args.served:
         print(json.dumps(served(args), indent=2))
         return
-    cfg = GateConfig()
+    cfg = gate_config()
     g = torch.Generator().manual_seed(args.seed)
     rows = []
     grid = [(n, w) for n in map(int, args.prompts.split(",")) for w in (0.40, 0.50, 0.55, 0.60)]

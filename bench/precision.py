@@ -27,8 +27,9 @@ import feedback  # noqa: E402,F401
 from duet.cpus import available_cpus, pin_trainer, plan_split  # noqa: E402
 from duet.model_assets import resolve_model  # noqa: E402
 from duet.settings import Settings  # noqa: E402
-from trainer.policy import PolicyConfig, PolicyTrainer, Sample  # noqa: E402
+from trainer.policy import PolicyTrainer, Sample  # noqa: E402
 from duet.cpus import cpu_flags, cpu_has_fast_bf16  # noqa: E402
+from duet.wiring import policy_config  # noqa: E402
 
 
 def timed(fn, reps: int) -> float:
@@ -52,7 +53,7 @@ def main() -> None:
     result = {"cores": list(cores), "cpu_bf16_instructions": cpu_has_fast_bf16(),
               "flags": sorted(f for f in cpu_flags() if "bf16" in f or "amx" in f or f == "avx512f")}
     for precision in ("fp32", "bf16"):
-        pt = PolicyTrainer(PolicyConfig(precision=precision), base)
+        pt = PolicyTrainer(policy_config(precision=precision), base)
         g = torch.Generator().manual_seed(0)
         batch = [Sample(torch.randint(100, 40000, (40,), generator=g).tolist(),
                         torch.randint(100, 40000, (96,), generator=g).tolist(), "") for _ in range(8)]

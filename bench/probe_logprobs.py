@@ -22,6 +22,7 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)  # keep bench/ from shadowing packages
 
 import feedback  # noqa: E402,F401  (the package, before bench/ could shadow it)
+from duet.wiring import policy_config  # noqa: E402
 
 
 def main() -> None:
@@ -32,12 +33,12 @@ def main() -> None:
     from duet.settings import Settings
     from feedback.probes import mean_abs_diff
     from serving.app import vllm_engine_factory
-    from trainer.policy import PolicyConfig, PolicyTrainer
+    from trainer.policy import PolicyTrainer
     from trainer.probe import probe_logprobs
 
     s = Settings()
     model = resolve_model(s.model, s.home)
-    pt = PolicyTrainer(PolicyConfig(), model)
+    pt = PolicyTrainer(policy_config(), model)
     same = probe_logprobs(pt, Path(model))
     other_dir = Path(tempfile.mkdtemp(prefix="duet-probe-"))
     for f in Path(model).iterdir():

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from duet.wiring import reward_config
 
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)  # keep bench/ from shadowing packages
@@ -61,7 +62,7 @@ def main() -> None:
     from duet.model_assets import resolve_model
     from duet.settings import Settings
     from trainer.examples import to_prompt_group
-    from trainer.reward_trainer import RewardTrainer, RewardTrainerConfig
+    from trainer.reward_trainer import RewardTrainer
     from trainer.synthetic import marker_event
 
     torch.set_num_threads(torch.get_num_threads())
@@ -85,7 +86,7 @@ def main() -> None:
                     "threads": torch.get_num_threads()}
 
     # --- Duet ---------------------------------------------------------------------------
-    duet = RewardTrainer(RewardTrainerConfig(backbone=backbone, lr=args.lr, replay_ratio=0.0,
+    duet = RewardTrainer(reward_config(backbone=backbone, lr=args.lr, replay_ratio=0.0,
                                              max_tokens=args.max_length, seed=0))
     t0 = time.perf_counter()
     for _ in range(args.epochs):

@@ -43,6 +43,7 @@ sys.path.append(str(Path(__file__).resolve().parent))
 from benchlib import start_server, up_at_defaults  # noqa: E402
 
 from duet.processes import stop_process  # noqa: E402
+from duet.wiring import policy_config  # noqa: E402
 
 REDIS_DB = 10
 PROMPTS = ["Say hello.", "Name a colour.", "What is 2 + 2?", "Give me a tip for sleeping well.",
@@ -51,10 +52,10 @@ PROMPTS = ["Say hello.", "Name a colour.", "What is 2 + 2?", "Give me a tip for 
 
 def publish_copy_of_base(home: Path, model: str) -> str:
     from feedback.registry import Registry
-    from trainer.policy import PolicyConfig, PolicyTrainer
+    from trainer.policy import PolicyTrainer
     from trainer.probe import probe_logprobs
 
-    probe = probe_logprobs(PolicyTrainer(PolicyConfig(), model), Path(model))
+    probe = probe_logprobs(PolicyTrainer(policy_config(), model), Path(model))
 
     def write(folder: Path) -> None:
         for f in Path(model).iterdir():

@@ -34,6 +34,7 @@ from feedback.registry import Registry  # noqa: E402
 # benchlib sits beside this file: importable only now that `feedback` is the package in sys.modules
 sys.path.append(str(Path(__file__).resolve().parent))
 from benchlib import start_server  # noqa: E402
+from duet.wiring import policy_config  # noqa: E402
 
 KEY, ADMIN = "bench-key", "bench-admin"
 
@@ -91,13 +92,13 @@ def main() -> None:
     s = Settings()
     base = resolve_model(s.model, s.home)
     tmp = Path(tempfile.mkdtemp(prefix="duet-swap-"))
-    from trainer.policy import PolicyConfig, PolicyTrainer
+    from trainer.policy import PolicyTrainer
     from trainer.probe import probe_logprobs
 
     copy = Registry(tmp / "registry").publish(  # with probe log-probs, as the trainer publishes: serving checks them
         lambda d: [shutil.copy(f, d / f.name) for f in Path(base).iterdir() if f.is_file()],
         base_model=base, algorithm="copy", hyperparameters={}, train_metrics={}, eval={}, kafka_offsets={},
-        probe=probe_logprobs(PolicyTrainer(PolicyConfig(), base), Path(base)))[0]
+        probe=probe_logprobs(PolicyTrainer(policy_config(), base), Path(base)))[0]
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "DUET_PORT": str(port), "DUET_DEV_KEY": KEY, "DUET_ADMIN_KEY": ADMIN, "DUET_MODEL": base,

@@ -83,7 +83,7 @@ def main() -> None:
     ap.add_argument("--out", default="")
     args = ap.parse_args()
 
-    from duet.cli import _trainer_service
+    from duet.wiring import build_trainer
 
     s = Settings(kafka_bootstrap="unused:9092", home=scratch_home("duet-round-"))
     from duet.cpus import available_cpus, plan_split, pin_trainer
@@ -93,7 +93,7 @@ def main() -> None:
     pin_trainer(split.trainer)
     rss0 = rss_mb()
     t = time.perf_counter()
-    svc = _trainer_service(s)
+    svc = build_trainer(s)
     svc.rounds.cfg.bootstrap = ""  # no broker here: publish to the scratch registry, announce nothing
     load_s = time.perf_counter() - t
     rss_loaded = rss_mb()

@@ -59,7 +59,7 @@ def _hold(path, what: str, setting: str) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from serving.app import create_app
+    from duet.wiring import build_app
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     s = _settings(**overrides)
@@ -70,7 +70,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         _pin(pin_serving, parse_cpus(s.serving_cpus), "DUET_SERVING_CPUS")
     s = _resolve_canary(s)  # after the checks: "auto" may convert the model first (minutes, a progress bar)
     # No access log: one log line per request costs ~15 % of the vote path; /metrics counts requests.
-    uvicorn.run(create_app(s), host=s.host, port=s.port, log_level="info", access_log=False,
+    uvicorn.run(build_app(s), host=s.host, port=s.port, log_level="info", access_log=False,
                 timeout_graceful_shutdown=30)
 
 
@@ -88,40 +88,37 @@ def cmd_up(args: argparse.Namespace) -> None:
     run_dir = s.home / "runs" / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
     sup = Supervisor()
-    env = dict(os.environ)
     try:
-        redis_url = _redis_for_up(s, sup, run_dir)
-        env["DUET_REDIS_URL"] = redis_url
+        # what the children must agree on is resolved here once and handed to both as their settings (to_env)
+        given: dict = {"redis_url": _redis_for_up(s, sup, run_dir)}
         resolve_model(s.model, s.home)  # converts the default model on first run, with a progress bar
-        env["DUET_DEV_KEY"] = s.dev_key or _persistent_dev_key(s.home)
-        env["DUET_ADMIN_KEY"] = s.admin_key or _persistent_admin_key(s.home)
+        given["dev_key"] = s.dev_key or _persistent_dev_key(s.home)
+        given["admin_key"] = s.admin_key or _persistent_admin_key(s.home)
         if not s.kafka_bootstrap:
             broker = EmbeddedBroker(log_path=run_dir / "broker.log")
             sup.add(Child("broker", lambda: broker.start().proc, stop_timeout_s=10))
-            env["DUET_KAFKA_BOOTSTRAP"] = broker.bootstrap
-            env["DUET_TRAINER_FRESH_BROKER"] = "true"
+            given["kafka_bootstrap"], given["trainer_fresh_broker"] = broker.bootstrap, True
             print(f"duet: broker    {broker.bootstrap} (embedded tansu, in memory)")
-        bootstrap = env["DUET_KAFKA_BOOTSTRAP"]
+        bootstrap = given.get("kafka_bootstrap", s.kafka_bootstrap)
         try:
             ensure_topics(bootstrap, s.kafka_partitions, s.kafka_replication, s.kafka_min_insync)
         except Exception as e:
             raise CLIError(f"Kafka at {bootstrap} does not answer ({type(e).__name__}): check DUET_KAFKA_BOOTSTRAP") from None
-        host, port = args.host or s.host, args.port or s.port
-        me = [sys.executable, "-m", "duet.cli"]
-        _split_cores(s, env)
-        s = _resolve_canary(s, say=True)
-        env["DUET_CANARY"] = s.canary  # serving and the trainer must agree on who decides
-        env.setdefault("DUET_TRAINER_ROLLOUT_URL", f"http://{host}:{port}")  # serving samples for the trainer
+        given["host"], given["port"] = args.host or s.host, args.port or s.port
+        given |= _split_cores(s)
+        s = _resolve_canary(s.model_copy(update=given), say=True)  # serving and the trainer must agree on who decides
+        if not s.trainer_rollout_url:
+            s = s.model_copy(update={"trainer_rollout_url": f"http://{s.host}:{s.port}"})  # serving samples for it
+        env, me, host, port = s.to_env(), [sys.executable, "-m", "duet.cli"], s.host, s.port
         # The trainer is its own process: its steps must not share the API's GIL.
         sup.add(Child("trainer", lambda: spawn(me + ["train"], env, run_dir / "trainer.log")))
-        sup.add(Child("serving", lambda: spawn(me + ["serve", "--host", host, "--port", str(port)], env,
-                                               run_dir / "serving.log")))
+        sup.add(Child("serving", lambda: spawn(me + ["serve"], env, run_dir / "serving.log")))
         _serve_metrics(s.supervisor_metrics_port, s.host, "supervisor")
         base = f"http://{host}:{port}"
-        print(f"duet: chat      {base}/#key={env['DUET_DEV_KEY']}")
+        print(f"duet: chat      {base}/#key={s.dev_key}")
         print(f"duet: dashboard {base}/dashboard")
         print(f"duet: API       {base}/v1  (OpenAI-compatible; votes: POST /v1/feedback)")
-        print(f"duet: dev key   {env['DUET_DEV_KEY']}   admin key in {s.home / 'admin_key'}")
+        print(f"duet: dev key   {s.dev_key}   admin key in {s.home / 'admin_key'}")
         print(f"duet: metrics   {base}/metrics, trainer :{s.trainer_metrics_port}, relay :{s.relay_metrics_port}, "
               f"supervisor :{s.supervisor_metrics_port}")
         print(f"duet: logs      {run_dir}")
@@ -143,24 +140,9 @@ def cmd_up(args: argparse.Namespace) -> None:
 
 
 def _resolve_canary(s, say: bool = False):
-    """DUET_CANARY=auto → "users" where the canary's second engine fits beside the first, else "off"
-    (duet/two_engines.py); the settings with it resolved."""
-    if s.canary != "auto":
-        return s
-    import torch
+    from duet.wiring import resolve_canary
 
-    from duet.cpus import engine_dtype
-    from duet.model_assets import resolve_model
-    from duet.two_engines import choose_canary, mem_total_gb, weights_gb
-
-    on_gpu = torch.cuda.is_available()
-    choice = choose_canary(s.canary, on_gpu=on_gpu, kv_cache_gb=s.kv_cache_gb,
-                           weights_gb=weights_gb(resolve_model(s.model, s.home), engine_dtype(s.dtype, on_gpu)),
-                           gpu_memory_utilization=s.gpu_memory_utilization, mem_total_gb=mem_total_gb())
-    what = ("users judge each new version against the live one (blind pairs)" if choice.mode == "users" else
-            "off: a version goes live when the trainer's gate and release checks pass it")
-    (print if say else logging.getLogger("duet").info)(f"duet: canary    {what} — {choice.why}")
-    return s.model_copy(update={"canary": choice.mode})
+    return resolve_canary(s, print if say else None)
 
 
 def _pin(pin, cpus: tuple[int, ...], setting: str) -> None:
@@ -170,19 +152,21 @@ def _pin(pin, cpus: tuple[int, ...], setting: str) -> None:
         raise CLIError(f"{setting}={','.join(map(str, cpus))}: cannot run there ({e.strerror})") from None
 
 
-def _split_cores(s, env: dict[str, str]) -> None:
-    """Disjoint cores for serving and the trainer (duet/cpus.py), handed to both as DUET_*_CPUS."""
+def _split_cores(s) -> dict[str, str]:
+    """Disjoint cores for serving and the trainer (duet/cpus.py): the serving_cpus / trainer_cpus settings both
+    children get; none with DUET_CPU_SPLIT=off."""
     from duet.cpus import available_cpus, format_cpus, plan_split
 
     if s.cpu_split == "off":
-        return
+        return {}
     try:
         split = plan_split(available_cpus(), s.serving_cpus, s.trainer_cpus)
     except ValueError as e:
         raise CLIError(f"bad DUET_SERVING_CPUS / DUET_TRAINER_CPUS: {e}") from None
-    env["DUET_SERVING_CPUS"], env["DUET_TRAINER_CPUS"] = format_cpus(split.serving), format_cpus(split.trainer)
+    cores = {"serving_cpus": format_cpus(split.serving), "trainer_cpus": format_cpus(split.trainer)}
     shared = "" if split.disjoint else " (shared: this machine has one core)"
-    print(f"duet: cores     serving {env['DUET_SERVING_CPUS']}, trainer {env['DUET_TRAINER_CPUS']}{shared}")
+    print(f"duet: cores     serving {cores['serving_cpus']}, trainer {cores['trainer_cpus']}{shared}")
+    return cores
 
 
 def _announce_ready(url: str, sup) -> None:
@@ -262,7 +246,7 @@ def _serve_metrics(port: int, host: str, what: str) -> None:
 
 def cmd_relay(args: argparse.Namespace) -> None:
     """Publish the vote outbox to Kafka until stopped (serving starts this itself unless DUET_RELAY=off)."""
-    from feedback.relay import OutboxRelay
+    from duet.wiring import build_relay
 
     s = _settings()
     if args.with_parent:
@@ -273,74 +257,47 @@ def cmd_relay(args: argparse.Namespace) -> None:
         raise CLIError("DUET_KAFKA_BOOTSTRAP is not set: the relay needs a broker")
     _check_redis(s.redis_url)
     _serve_metrics(s.relay_metrics_port, s.host, "relay")
-    OutboxRelay(s.redis_url, s.kafka_bootstrap, batch=s.relay_batch, partitions=s.kafka_partitions,
-                replication=s.kafka_replication, min_insync=s.kafka_min_insync, keep_s=s.outbox_keep_s).run_forever()
-
-
-def _section(s, prefix: str, config_cls, **extra):
-    """A component's config from the settings fields named `prefix` + its field names, unchanged."""
-    import dataclasses
-
-    names = {f.name for f in dataclasses.fields(config_cls)}
-    values = {n: getattr(s, prefix + n) for n in names if hasattr(s, prefix + n)}
-    return config_cls(**{**values, **extra})
+    build_relay(s).run_forever()
 
 
 def _release_checks(s):
-    from trainer.release_checks import ReleaseChecksError, load_release_checks
+    from duet.wiring import release_checks
+    from trainer.release_checks import ReleaseChecksError
 
     try:
-        return load_release_checks(s.release_checks)
+        return release_checks(s)
     except ReleaseChecksError as e:
         raise CLIError(f"{e} (DUET_RELEASE_CHECKS)") from None
 
 
 def _gate_prompts(s) -> list[str]:
-    from trainer.gate import GatePromptsError, load_gate_prompts
+    from duet.wiring import gate_prompts
+    from trainer.gate import GatePromptsError
 
     try:
-        return load_gate_prompts(s.gate_prompt_file, s.gate_prompts)
+        return gate_prompts(s)
     except GatePromptsError as e:
         raise CLIError(str(e)) from None
 
 
-def _trainer_service(s):
-    from duet.model_assets import resolve_model
-    from trainer.gate import GateConfig
-    from trainer.policy import PolicyConfig
-    from trainer.reward_model import minilm_path
-    from trainer.reward_trainer import RewardTrainerConfig
-    from trainer.rounds import RoundConfig
-    from trainer.service import ServiceConfig, TrainerService
-
-    s = _resolve_canary(s)  # the trainer and serving must agree on who decides
-    base = resolve_model(s.model, s.home)
-    backbone = {"minilm": minilm_path(), "base": base, "": base}.get(s.rm_backbone) or resolve_model(s.rm_backbone, s.home)
-    rm = _section(s, "rm_", RewardTrainerConfig, backbone=backbone, seed=s.seed, precision=s.trainer_precision)
-    round_cfg = RoundConfig(
-        base_model=base, registry_root=s.registry_root(), keep_versions=s.keep_versions, bootstrap=s.kafka_bootstrap,
-        rollout_url=s.trainer_rollout_url, rollout_key=s.admin_key, release_checks=_release_checks(s),
-        gate_prompts=_gate_prompts(s),
-        policy=_section(s, "policy_", PolicyConfig, seed=s.seed, precision=s.trainer_precision),
-        gate=_section(s, "gate_", GateConfig))
-    service = _section(s, "", ServiceConfig, checkpoint_dir=s.home / "trainer" / "checkpoints", round=round_cfg)
-    return TrainerService(service, rm)
-
-
 def cmd_train(args: argparse.Namespace) -> None:
     """The trainer: consume votes, train the reward model, checkpoint, and run policy rounds."""
-    s = _settings()  # DUET_CANARY=auto is resolved by _trainer_service, after these checks
+    s = _settings()  # DUET_CANARY=auto is resolved by build_trainer, after these checks
     _release_checks(s), _gate_prompts(s)  # a bad file: one line now, before anything starts
     if not s.kafka_bootstrap:
         raise CLIError("DUET_KAFKA_BOOTSTRAP is not set: the trainer reads votes from Kafka")
-    _hold(s.home / "trainer" / "checkpoints" / ".lock", "duet train", "DUET_HOME")
+    from duet.wiring import checkpoint_dir
+
+    _hold(checkpoint_dir(s) / ".lock", "duet train", "DUET_HOME")
     if s.trainer_cpus:
         from duet.cpus import parse_cpus, pin_trainer
 
         _pin(pin_trainer, parse_cpus(s.trainer_cpus), "DUET_TRAINER_CPUS")  # before torch starts its thread pool
     if s.trainer_nice:
         os.nice(s.trainer_nice)  # serving first where cores are shared
-    svc = _trainer_service(s)
+    from duet.wiring import build_trainer
+
+    svc = build_trainer(s)
     if args.round:
         result = svc.policy_round()
         if result is None:

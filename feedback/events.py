@@ -1,7 +1,8 @@
 """Vote events: the self-contained records serving puts on Kafka and the trainer consumes.
 
 An event carries everything the trainer needs (the messages, every answer, the model version of each,
-the sampling parameters), so the trainer never reads Redis. Versioning: `schema_version` is
+the sampling parameters), so the trainer learns from the log alone (it touches Redis only for the dashboard's
+loop status and users' canary tests). Versioning: `schema_version` is
 "MAJOR.MINOR"; consumers accept any minor of the major they know and ignore unknown fields, and send
 an unknown major to the dead-letter topic.
 """

@@ -23,7 +23,6 @@ by event id, so re-publishing a vote it had already read costs nothing but a dup
 
 from __future__ import annotations
 
-import json
 import time
 
 from feedback.outbox import OUTBOX
@@ -165,8 +164,3 @@ class Unconfirmed:
 
     def epoch(self) -> int:
         return int(self.redis.get(LOG_EPOCH) or 0)
-
-
-def unconfirmed_payloads(r) -> dict[str, dict]:
-    """event id → stored record (for tests and `duet` diagnostics)."""
-    return {k: json.loads(v) for k, v in r.hgetall(UNCONFIRMED).items()}

@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -15,6 +17,7 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from duet.settings import Settings
+from feedback.canary import CanaryConfig
 from feedback.outbox import Outbox
 from serving.auth import KeyStore
 from serving.errors import install_error_handlers
@@ -23,8 +26,7 @@ from serving.openapi import install_openapi
 from serving.pairing import ComparisonStore
 from serving.rate_limit import RateLimiter
 from serving.redis_health import RedisBreaker, on_redis_error
-from serving.relay_child import RelayChild
-from serving.routes import admin, canary, chat, dashboard, feedback, health
+from serving.routes import admin, chat, dashboard, feedback, health
 from serving.runtime import EngineFactory, Runtime, load_engine, sample_gauges, vllm_engine_factory
 from serving.votes import VoteService
 
@@ -33,8 +35,11 @@ log = logging.getLogger(__name__)
 __all__ = ["create_app", "vllm_engine_factory"]
 
 
-def create_app(settings: Settings | None = None, engine_factory: EngineFactory = vllm_engine_factory) -> FastAPI:
-    s = settings or Settings()
+def create_app(s: Settings, engine_factory: EngineFactory = vllm_engine_factory, canary: CanaryConfig | None = None,
+               start_relay: Callable[[], Any] | None = None) -> FastAPI:
+    """`canary`: users judge each published version (DUET_CANARY=users) with this test's settings; None: versions
+    go live as published. `start_relay`: starts the outbox relay beside the API (a child process or a thread;
+    duet/wiring.py builds both) and returns it, stopped with the app; None: the relay runs elsewhere."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -44,19 +49,13 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
         breaker = RedisBreaker()
         outbox = Outbox(redis, s.outbox_max, s.vote_cap_per_key, s.vote_cap_per_user, s.vote_max_bytes)
         votes = VoteService(ComparisonStore(redis), outbox, s.resolved_secret(), s.max_edit_chars)
-        rt = Runtime(settings=s, redis=redis, breaker=breaker, votes=votes, started=time.time(),
+        rt = Runtime(settings=s, redis=redis, breaker=breaker, votes=votes, started=time.time(), canary_cfg=canary,
                      keys=KeyStore(redis, s.admin_key, s.auth_disabled, dev_key=s.dev_key, breaker=breaker),
                      limiter=RateLimiter(redis, s.rate_limit_rpm, breaker))
         if not s.kafka_bootstrap:
             log.warning("DUET_KAFKA_BOOTSTRAP is unset: votes are kept in the Redis outbox until a broker is set")
-        elif s.relay == "process":
-            rt.relay = RelayChild(s).start()
-        elif s.relay == "thread":
-            from feedback.relay import OutboxRelay  # registers the relay's metrics in this process
-
-            rt.relay = OutboxRelay(s.redis_url, s.kafka_bootstrap, batch=s.relay_batch,
-                                   partitions=s.kafka_partitions, replication=s.kafka_replication,
-                                   min_insync=s.kafka_min_insync, keep_s=s.outbox_keep_s).start()
+        elif start_relay is not None:
+            rt.relay = start_relay()
         app.state.rt = rt
         loader = asyncio.create_task(load_engine(rt, engine_factory))
         sampler = asyncio.create_task(sample_gauges(rt))

@@ -17,7 +17,7 @@ from duet.cpus import engine_dtype
 from duet.model_assets import resolve_model
 from duet.settings import Settings
 from feedback import metrics as feedback_metrics
-from feedback.canary import CanaryStore
+from feedback.canary import CanaryConfig, CanaryStore
 from feedback.events import WeightsAnnouncement
 from feedback.outbox import async_outbox_stats
 from serving import metrics
@@ -68,7 +68,8 @@ class Runtime:
     engine: Engine | None = None
     chat: ChatService | None = None
     engine_error: str | None = None
-    canary: CanaryRunner | None = None  # with DUET_CANARY=users
+    canary_cfg: CanaryConfig | None = None  # users judge each published version (DUET_CANARY=users)
+    canary: CanaryRunner | None = None  # runs the tests, once the engine has loaded
     canary_task: asyncio.Task | None = None
     started: float = 0.0
 
@@ -87,8 +88,8 @@ async def load_engine(rt: Runtime, factory: EngineFactory) -> None:
         if s.kafka_bootstrap:
             rt.watcher = WeightsWatcher(s.kafka_bootstrap, asyncio.get_running_loop(),
                                         lambda ann: on_announcement(rt, ann)).start()
-        if s.canary == "users":
-            rt.canary = CanaryRunner(CanaryStore(rt.redis), s.canary_config(), rt.swapper,
+        if rt.canary_cfg is not None:
+            rt.canary = CanaryRunner(CanaryStore(rt.redis), rt.canary_cfg, rt.swapper,
                                      lambda: call_niced(s.canary_engine_nice, factory, s, model_path))
             rt.votes.canary = rt.canary
         latest = rt.swapper.registry.latest()

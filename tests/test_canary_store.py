@@ -8,8 +8,9 @@ import random
 
 import redis.asyncio as aioredis
 
-from feedback.canary import CanaryConfig, CanaryStore, CanaryTest, decide, outcome
+from feedback.canary import CanaryStore, CanaryTest, decide, outcome
 from tests.conftest import TEST_REDIS_DB
+from duet.wiring import canary_config
 
 REDIS_URL = f"redis://127.0.0.1:6379/{TEST_REDIS_DB + 2}"  # its own database: the session server uses 13
 
@@ -34,7 +35,7 @@ def test_outcome_is_the_candidates_score():
 
 
 def test_decide_promotes_rejects_and_stops_at_the_budget():
-    cfg = CanaryConfig(max_votes=500, max_hours=1)
+    cfg = canary_config(max_votes=500, max_hours=1)
     t = CanaryTest(candidate="v2", incumbent="v1", started_at=0.0)
     assert decide(t, cfg, now=10) is None  # no votes: undecided
     assert decide(t.model_copy(update={"wins": 150, "losses": 50}), cfg, now=10) == ("promoted", "votes")
@@ -45,7 +46,7 @@ def test_decide_promotes_rejects_and_stops_at_the_budget():
     assert decide(t, cfg, now=3600) == ("rejected", "budget")
     assert decide(t.model_copy(update={"status": "paused", "wins": 200}), cfg, now=10) is None  # paused: waits
     # the length-controlled rule withholds a promotion won by length alone, and nothing else
-    lc = CanaryConfig(max_votes=500, rule="length_controlled")
+    lc = canary_config(max_votes=500, rule="length_controlled")
     ahead = t.model_copy(update={"wins": 150, "losses": 50})
     assert decide(ahead, lc, now=10, length_controlled_win_rate=0.45) is None
     assert decide(ahead, lc, now=10, length_controlled_win_rate=0.7) == ("promoted", "votes")
@@ -57,7 +58,7 @@ def test_aa_candidates_are_rarely_promoted():
     """Candidate = incumbent, 200 tests of up to 500 votes looked at after every vote. With α = 0.1 the
     promotion rate is at most 5 % in theory; at that rate 200 tests show more than 20 promotions with
     probability < 0.1 % (binomial tail): the false-failure rate of this test."""
-    cfg = CanaryConfig(max_votes=500)
+    cfg = canary_config(max_votes=500)
     rng = random.Random(3)
     promoted = 0
     for _ in range(200):

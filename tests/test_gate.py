@@ -9,12 +9,11 @@ import pytest
 import torch
 
 from feedback.comparisons import ChatMessage
-from trainer.gate import GateConfig, GatePromptsError, evaluate, gate_answers, gate_decision, load_gate_prompts
-from trainer.policy import PolicyConfig, PolicyTrainer
-from trainer.reward_trainer import RewardTrainerConfig
-from trainer.rounds import RoundConfig
-from trainer.service import ServiceConfig, TrainerService
+from trainer.gate import GatePromptsError, evaluate, gate_answers, gate_decision, load_gate_prompts
+from trainer.policy import PolicyTrainer
+from trainer.service import TrainerService
 from trainer.synthetic import marker_event
+from duet.wiring import gate_config, policy_config, reward_config, round_config, service_config
 
 
 def verdicts(per_prompt: list[list[float]], judges: int = 4) -> list[torch.Tensor]:
@@ -23,7 +22,7 @@ def verdicts(per_prompt: list[list[float]], judges: int = 4) -> list[torch.Tenso
 
 
 def test_the_decision_on_fixed_verdicts():
-    cfg = GateConfig()
+    cfg = gate_config()
     assert gate_decision(verdicts([[1.0, 1.0]] * 48), cfg)[0]  # wins everywhere
     assert not gate_decision(verdicts([[0.0, 0.0]] * 48), cfg)[0]  # losses everywhere
     passed, rate, low, high = gate_decision(verdicts([[0.5, 0.5]] * 48), cfg)
@@ -37,7 +36,7 @@ def test_the_decision_on_fixed_verdicts():
     assert not gate_decision(verdicts([[1.0, 1.0]] * 2 + [[0.0, 0.0]] * 1), cfg)[0]
     # judges who disagree widen it: half the judges say win, half loss, on every prompt
     split = [torch.tensor([[1.0, 1.0], [1.0, 1.0], [0.0, 0.0], [0.0, 0.0]])] * 48
-    assert gate_decision(split, GateConfig(min_win_rate=0.45))[2] < 0.45
+    assert gate_decision(split, gate_config(min_win_rate=0.45))[2] < 0.45
 
 
 class TextJudges:
@@ -55,12 +54,12 @@ class TextJudges:
 
 
 def test_answers_pair_by_seed_and_a_candidate_worse_than_base_is_refused(tiny_model):
-    pt = PolicyTrainer(PolicyConfig(max_new_tokens=6), str(tiny_model))
+    pt = PolicyTrainer(policy_config(max_new_tokens=6), str(tiny_model))
     prompts = [[ChatMessage(role="user", content=f"Say something about {t}.")] for t in ("tea", "rain", "maps")]
-    cfg = GateConfig(min_win_rate=0.4, max_kl=1e9, max_length_ratio=1e9, max_empty_share=1.0, prompts=3)
+    cfg = gate_config(min_win_rate=0.4, max_kl=1e9, max_length_ratio=1e9, max_empty_share=1.0, prompts=3)
     first, again = gate_answers(pt, pt.model, prompts, cfg), gate_answers(pt, pt.model, prompts, cfg)
     assert [[s.completion_ids for s in g] for g in first] == [[s.completion_ids for s in g] for g in again]
-    other = gate_answers(pt, pt.model, prompts, GateConfig(seed=1))
+    other = gate_answers(pt, pt.model, prompts, gate_config(seed=1))
     assert [[s.completion_ids for s in g] for g in first] != [[s.completion_ids for s in g] for g in other]
 
     # candidate = live = base model: every answer identical, every verdict a tie: passes
@@ -81,7 +80,7 @@ def test_answers_pair_by_seed_and_a_candidate_worse_than_base_is_refused(tiny_mo
 
 
 def test_gate_prompts_load_and_a_short_file_is_refused(tmp_path):
-    assert len(load_gate_prompts("", GateConfig().prompts)) >= GateConfig().prompts
+    assert len(load_gate_prompts("", gate_config().prompts)) >= gate_config().prompts
     short = tmp_path / "prompts.txt"
     short.write_text("Hello?\nHello?\n\nHow are you?\n")
     assert load_gate_prompts(str(short), 2) == ["Hello?", "How are you?"]  # distinct, blank lines skipped
@@ -94,10 +93,10 @@ def test_votes_on_gate_prompts_and_repeated_prompts_are_held_out_by_text(tiny_mo
     the same side of the held-out split, whatever their comparison ids."""
     gate_prompt = "Why is the sky blue?"
     svc = TrainerService(
-        ServiceConfig(kafka_bootstrap="unused:9092", checkpoint_dir=tmp_path, held_out_pct=10.0,
-                      round=RoundConfig(base_model=str(tiny_model), registry_root=tmp_path / "registry",
-                                        gate_prompts=[gate_prompt])),
-        RewardTrainerConfig(backbone=str(tiny_model), max_tokens=96))
+        service_config(kafka_bootstrap="unused:9092", checkpoint_dir=tmp_path, held_out_pct=10.0,
+                      rounds=round_config(base_model=str(tiny_model), registry_root=tmp_path / "registry",
+                                        gate_prompts=[gate_prompt], release_checks=[]), redis_url="", canary="off"),
+        reward_config(backbone=str(tiny_model), max_tokens=96))
     rng = random.Random(0)
 
     def vote(text: str):

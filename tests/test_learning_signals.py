@@ -12,13 +12,12 @@ import torch
 from feedback.events import EditedAnswer
 from trainer.examples import to_prompt_group
 from trainer.gate import GateConfig
-from trainer.policy import PolicyConfig, PolicyTrainer, informative_groups
+from trainer.policy import PolicyTrainer, informative_groups
 from duet.cpus import cpu_has_fast_bf16, engine_dtype
 from trainer.precision import use_bf16
-from trainer.reward_trainer import RewardTrainerConfig
-from trainer.rounds import RoundConfig
-from trainer.service import ServiceConfig, TrainerService, replay_draw, served_sampling
+from trainer.service import TrainerService, replay_draw, served_sampling
 from trainer.synthetic import marker_event, marker_rating
+from duet.wiring import gate_config, policy_config, reward_config, round_config, service_config
 
 
 def test_informative_selection_keeps_a_group_with_a_hit_and_drops_a_flat_one():
@@ -39,7 +38,7 @@ def _cut(event, finish: list[str]):
 
 
 def test_only_answers_that_stopped_end_in_end_of_sequence(tiny_model):
-    pt = PolicyTrainer(PolicyConfig(max_new_tokens=8), str(tiny_model))
+    pt = PolicyTrainer(policy_config(max_new_tokens=8), str(tiny_model))
     eos = pt.tokenizer.eos_token_id
     group = to_prompt_group(_cut(marker_event(random.Random(0)), ["length", "stop"]))
     assert group.stopped == [False, True]
@@ -67,15 +66,15 @@ def test_replay_draw_takes_the_newest_then_older_ones():
 
 def _service(tiny_model, tmp_path, gate: GateConfig) -> TrainerService:
     return TrainerService(
-        ServiceConfig(kafka_bootstrap="unused:9092", checkpoint_dir=tmp_path / "ckpt", policy_prompts=4,
-                      policy_signals=8,
-                      round=RoundConfig(base_model=str(tiny_model), registry_root=tmp_path / "registry",
-                                        policy=PolicyConfig(max_new_tokens=8, k=4), gate=gate)),
-        RewardTrainerConfig(backbone=str(tiny_model), max_tokens=96))
+        service_config(kafka_bootstrap="unused:9092", checkpoint_dir=tmp_path / "ckpt", policy_prompts=4,
+                       policy_signals=8, redis_url="", canary="off",
+                       rounds=round_config(base_model=str(tiny_model), registry_root=tmp_path / "registry",
+                                           policy=policy_config(max_new_tokens=8, k=4), gate=gate, release_checks=[])),
+        reward_config(backbone=str(tiny_model), max_tokens=96))
 
 
 def test_a_refused_rounds_signals_are_trained_again_and_rounds_train_on_users_pairs(tiny_model, tmp_path):
-    svc = _service(tiny_model, tmp_path, GateConfig(max_kl=-1.0, prompts=2))  # refuses every candidate
+    svc = _service(tiny_model, tmp_path, gate_config(max_kl=-1.0, prompts=2))  # refuses every candidate
     rng = random.Random(0)
     pairs = [to_prompt_group(marker_event(rng)) for _ in range(10)]
     thumbs = [to_prompt_group(marker_rating(rng)) for _ in range(4)]
@@ -118,7 +117,7 @@ def test_serving_dtype_follows_the_cpu_flags():
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_the_policy_trains_in_either_precision_with_fp32_adapters(tiny_model, precision):
-    pt = PolicyTrainer(PolicyConfig(max_new_tokens=8, k=4, precision=precision), str(tiny_model))
+    pt = PolicyTrainer(policy_config(max_new_tokens=8, k=4, precision=precision), str(tiny_model))
     base_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     assert pt.model.model.embed_tokens.weight.dtype == base_dtype
     before = {k: v.clone() for k, v in pt.state_dict()["adapters"].items()}
@@ -152,7 +151,7 @@ def test_the_clipped_loss_is_rloo_on_policy_and_stops_pushing_past_the_clip():
 
 def test_completion_log_probs_equal_those_of_the_whole_sequence(tiny_model):
     """The vocabulary projection only over the completions gives the same per-token log-probs."""
-    pt = PolicyTrainer(PolicyConfig(max_new_tokens=8, precision="fp32"), str(tiny_model))
+    pt = PolicyTrainer(policy_config(max_new_tokens=8, precision="fp32"), str(tiny_model))
     samples = [pt.answer_sample(m, a) for m, a in zip(_prompts(3), ["Yes.", "A longer answer here.", "No"])]
     samples[1] = samples[1].__class__(samples[1].prompt_ids + [5, 6, 7], samples[1].completion_ids, "")  # longer prompt
     with torch.no_grad():

@@ -19,14 +19,15 @@ from tests.kafka_helpers import read_topic
 from trainer.examples import to_prompt_group
 from trainer import checkpoint
 from trainer.checkpoint import Snapshot, TrainerState
-from trainer.gate import GateConfig, evaluate
+from trainer.gate import evaluate
 from trainer.judge import JudgeEnsemble, SentenceEncoder
 from trainer.losses import dpo_loss, kl_penalized_rewards, rloo_advantages, rloo_loss
-from trainer.policy import PolicyConfig, PolicyTrainer, load_causal_lm
+from trainer.policy import PolicyTrainer, load_causal_lm
 from trainer.reward_model import minilm_path
 from feedback.registry import Registry, verify
-from trainer.rounds import PolicyRounds, RoundConfig
+from trainer.rounds import PolicyRounds
 from trainer.synthetic import TOPICS, marker_event, marker_rating
+from duet.wiring import gate_config, policy_config, round_config
 
 PROMPTS = [[ChatMessage(role="user", content=f"Tell me about {t}.")] for t in TOPICS]
 
@@ -118,7 +119,7 @@ def blue_reward(messages, answers):
 
 def test_rloo_at_default_settings_shifts_the_policy_toward_the_reward(blue_model):
     """Default learning rate, β, k, rank: only the answer length is cut to keep the test short."""
-    pt = PolicyTrainer(PolicyConfig(max_new_tokens=16), str(blue_model))
+    pt = PolicyTrainer(policy_config(max_new_tokens=16), str(blue_model))
     before = mean_reward(pt, blue_reward, reference=True)
     for _ in range(4):
         out = pt.rloo_round(PROMPTS[:16], blue_reward)
@@ -126,8 +127,8 @@ def test_rloo_at_default_settings_shifts_the_policy_toward_the_reward(blue_model
     # it samples the full distribution, as vLLM serves it: "blue" is rare at first, then common
     assert before < 2.0 and after > before + 1.0, (before, after)
     assert out["kl"] > 0 and math.isfinite(out["reward_mean"])
-    assert out["updates"] == 4 * PolicyConfig().steps_per_round
-    assert 0 < out["groups_trained"] <= PolicyConfig().groups_per_round and 0 < out["informative_fraction"] <= 1
+    assert out["updates"] == 4 * policy_config().steps_per_round
+    assert 0 < out["groups_trained"] <= policy_config().groups_per_round and 0 < out["informative_fraction"] <= 1
 
 
 def _blue_groups(pt, label: str, rng: random.Random):
@@ -157,7 +158,7 @@ def _rated(messages, text, up, rng):
 def test_thumbs_and_edits_alone_move_the_policy_at_default_settings(blue_model, signal):
     """KTO on thumbs (few ups: the weights balance them) or SFT on edits, no reward model, default lr and β:
     the policy says "blue" more often."""
-    pt = PolicyTrainer(PolicyConfig(max_new_tokens=16), str(blue_model))
+    pt = PolicyTrainer(policy_config(max_new_tokens=16), str(blue_model))
     before = mean_reward(pt, blue_reward, reference=True)
     rng = random.Random(0)
     for _ in range(3):
@@ -175,11 +176,11 @@ def test_thumbs_and_edits_alone_move_the_policy_at_default_settings(blue_model, 
 def test_dpo_raises_the_margin_of_preferred_answers(tiny_model):
     rng = random.Random(0)
     groups = [to_prompt_group(marker_event(rng)) for _ in range(24)]
-    pt = PolicyTrainer(PolicyConfig(algorithm="dpo", lr=1e-3, beta=0.1), str(tiny_model))
+    pt = PolicyTrainer(policy_config(algorithm="dpo", lr=1e-3, beta=0.1), str(tiny_model))
     first = pt.pair_round(groups)
     second = pt.pair_round(groups)
     assert second["dpo_margin"] > first["dpo_margin"] and second["dpo_loss"] < first["dpo_loss"]
-    assert first["dpo_pairs"] == PolicyConfig().pairs_per_round  # capped per round
+    assert first["dpo_pairs"] == policy_config().pairs_per_round  # capped per round
 
 
 @pytest.fixture(scope="module")
@@ -216,14 +217,14 @@ def test_judges_without_ordered_votes_say_nothing():
 
 
 def test_gate_refuses_nan_weights_and_too_much_kl(tiny_model, judges):
-    pt = PolicyTrainer(PolicyConfig(max_new_tokens=8), str(tiny_model))
+    pt = PolicyTrainer(policy_config(max_new_tokens=8), str(tiny_model))
     live = load_causal_lm(str(tiny_model), pt.device)
     candidate = load_causal_lm(str(tiny_model), pt.device)
-    lenient = GateConfig(min_win_rate=0.0, max_kl=1e9, max_length_ratio=1e9, max_empty_share=1.0)
+    lenient = gate_config(min_win_rate=0.0, max_kl=1e9, max_length_ratio=1e9, max_empty_share=1.0)
     ok = evaluate(pt, candidate, live, PROMPTS[:3], judges, lenient)
     assert ok.passed, ok.reasons
     assert 0.0 <= ok.metrics["win_rate_low"] <= ok.metrics["win_rate"] <= ok.metrics["win_rate_high"] <= 1.0
-    strict = evaluate(pt, candidate, live, PROMPTS[:3], judges, GateConfig(min_win_rate=0.0, max_kl=-1.0,
+    strict = evaluate(pt, candidate, live, PROMPTS[:3], judges, gate_config(min_win_rate=0.0, max_kl=-1.0,
                                                                             max_length_ratio=1e9, max_empty_share=1.0))
     assert not strict.passed and "kl_too_high" in strict.reasons
     with torch.no_grad():
@@ -241,16 +242,17 @@ def test_a_round_at_default_settings_publishes_what_was_learned(blue_model, tmp_
     """Every policy setting at its default (only the answers are short), the gate's too but for its win-rate bar
     (its judges are fitted on unrelated synthetic votes here): the export differs from its parent (not
     rounded away in bf16), the KL to the reference stays bounded, and the state carries into the next round."""
-    rounds = PolicyRounds(RoundConfig(base_model=str(blue_model), registry_root=tmp_path / "registry",
-                                      policy=PolicyConfig(max_new_tokens=16), gate=GateConfig(min_win_rate=0.0)))
+    rounds = PolicyRounds(round_config(base_model=str(blue_model), registry_root=tmp_path / "registry",
+                                       policy=policy_config(max_new_tokens=16), gate=gate_config(min_win_rate=0.0),
+                                       release_checks=[]))
     votes = _synthetic_votes()
     first = rounds.run(PROMPTS[:16], PROMPTS[16:20], blue_reward, pairs=votes, judge_votes=votes)
     assert first.published is not None, (first.gate.reasons, first.gate.metrics)
     assert first.train_metrics["changed_fraction"] > 0.5  # most weights of the adapted layers moved
-    assert 0.0 < first.gate.metrics["kl"] < GateConfig().max_kl
+    assert 0.0 < first.gate.metrics["kl"] < gate_config().max_kl
     # RLOO steps, and DPO steps on users' pairs (16 pairs, 8 a step), each loss with its own AdamW
     rloo_steps = first.train_metrics["updates"] - 2
-    assert first.train_metrics["dpo_pairs"] == 16 and 1 <= rloo_steps <= PolicyConfig().steps_per_round
+    assert first.train_metrics["dpo_pairs"] == 16 and 1 <= rloo_steps <= policy_config().steps_per_round
     moments = rounds.pt.optimizer.state_dict()["state"]
     assert moments and all(s["step"] == rloo_steps for s in moments.values())  # AdamW kept its state
     dpo = rounds.pt.signal_optimizers["dpo"].state_dict()["state"]
@@ -262,8 +264,9 @@ def test_a_round_at_default_settings_publishes_what_was_learned(blue_model, tmp_
 
 
 def test_a_refused_candidate_leaves_the_policy_where_it_was(blue_model, tmp_path):
-    rounds = PolicyRounds(RoundConfig(base_model=str(blue_model), registry_root=tmp_path / "registry",
-                                      policy=PolicyConfig(max_new_tokens=8), gate=GateConfig(max_kl=-1.0)))
+    rounds = PolicyRounds(round_config(base_model=str(blue_model), registry_root=tmp_path / "registry",
+                                       policy=policy_config(max_new_tokens=8), gate=gate_config(max_kl=-1.0),
+                                       release_checks=[]))
     before = rounds.pt.state_dict()
     votes = _synthetic_votes(10)
     result = rounds.run(PROMPTS[:4], PROMPTS[4:6], blue_reward, pairs=votes, judge_votes=votes)
@@ -275,12 +278,12 @@ def test_a_refused_candidate_leaves_the_policy_where_it_was(blue_model, tmp_path
 
 def test_policy_state_round_trips_through_a_checkpoint(blue_model, tmp_path):
     """fp32 adapters and AdamW moments are saved with the trainer's checkpoint and restored exactly."""
-    pt = PolicyTrainer(PolicyConfig(max_new_tokens=8), str(blue_model))
+    pt = PolicyTrainer(policy_config(max_new_tokens=8), str(blue_model))
     pt.rloo_round(PROMPTS[:4], blue_reward)
     rm = torch.nn.Linear(2, 1)
     opt = torch.optim.AdamW(rm.parameters())
     path = checkpoint.save(tmp_path, Snapshot(TrainerState(), policy=pt.state_dict()), rm, opt)
-    fresh = PolicyTrainer(PolicyConfig(max_new_tokens=8), str(blue_model))
+    fresh = PolicyTrainer(policy_config(max_new_tokens=8), str(blue_model))
     fresh.load_state_dict(checkpoint.load(path, rm, opt).policy)
     a, b = pt.state_dict(), fresh.state_dict()
     assert a["updates"] == b["updates"] > 0
@@ -292,10 +295,10 @@ def test_policy_state_round_trips_through_a_checkpoint(blue_model, tmp_path):
 
 def test_round_publishes_verifiable_versions_and_announces(tiny_model, tmp_path, broker):
     ensure_topics(broker.bootstrap)
-    cfg = RoundConfig(base_model=str(tiny_model), registry_root=tmp_path / "registry", bootstrap=broker.bootstrap,
-                      policy=PolicyConfig(lr=2e-3, max_new_tokens=8, prompts_per_step=2),
-                      gate=GateConfig(min_win_rate=0.0, max_kl=1e9, max_length_ratio=1e9, max_empty_share=1.0),
-                      keep_versions=2)
+    cfg = round_config(base_model=str(tiny_model), registry_root=tmp_path / "registry", bootstrap=broker.bootstrap,
+                      policy=policy_config(lr=2e-3, max_new_tokens=8, prompts_per_step=2),
+                      gate=gate_config(min_win_rate=0.0, max_kl=1e9, max_length_ratio=1e9, max_empty_share=1.0),
+                      keep_versions=2, release_checks=[])
     from transformers import AutoTokenizer
 
     reward = low_id_reward(AutoTokenizer.from_pretrained(str(tiny_model)))
@@ -370,7 +373,7 @@ def test_pruning_keeps_the_parent_however_old(tmp_path):
 def test_gate_kl_estimates_the_true_kl(tiny_model, judges):
     """One-token answers make KL(π‖π_ref) exact (a sum over the vocabulary). The gate's sampled
     estimate must match it; sampling at 0.7 instead of the policy's own temperature doubled it here."""
-    pt = PolicyTrainer(PolicyConfig(max_new_tokens=1), str(tiny_model))
+    pt = PolicyTrainer(policy_config(max_new_tokens=1), str(tiny_model))
     candidate = load_causal_lm(str(tiny_model), pt.device)
     with torch.no_grad():
         candidate.model.norm.weight.mul_(3.0)  # a sharper candidate
@@ -382,17 +385,18 @@ def test_gate_kl_estimates_the_true_kl(tiny_model, judges):
     exact = (lp.exp() * (lp - lr)).sum().item()
     torch.manual_seed(0)
     gate = evaluate(pt, candidate, pt.model, [messages], judges,
-                    GateConfig(min_win_rate=0.0, max_kl=1e9, samples_per_prompt=400, kl_samples=400, max_length_ratio=1e9,
-                               max_empty_share=1.0))
+                    gate_config(min_win_rate=0.0, max_kl=1e9, samples_per_prompt=400, kl_samples=400,
+                                max_length_ratio=1e9, max_empty_share=1.0))
     assert exact > 0.01 and gate.metrics["kl"] == pytest.approx(exact, rel=0.3)
 
 
 def test_rounds_continue_from_users_incumbent_not_a_rejected_candidate(tiny_model, tmp_path):
     """Under canary tests, users may reject the last candidate: the next round starts from the policy state
     of the version they kept (saved beside its weights), or afresh from the base model."""
-    cfg = RoundConfig(base_model=str(tiny_model), registry_root=tmp_path / "registry",
-                      policy=PolicyConfig(lr=2e-3, max_new_tokens=8, prompts_per_step=2),
-                      gate=GateConfig(min_win_rate=0.0, max_kl=1e9, max_length_ratio=1e9, max_empty_share=1.0))
+    cfg = round_config(base_model=str(tiny_model), registry_root=tmp_path / "registry",
+                      policy=policy_config(lr=2e-3, max_new_tokens=8, prompts_per_step=2),
+                       gate=gate_config(min_win_rate=0.0, max_kl=1e9, max_length_ratio=1e9, max_empty_share=1.0),
+                       release_checks=[])
     from transformers import AutoTokenizer
 
     reward = low_id_reward(AutoTokenizer.from_pretrained(str(tiny_model)))

@@ -11,11 +11,11 @@ import pytest
 
 from feedback.registry import Registry
 from tests.test_policy import PROMPTS, _synthetic_votes, blue_reward
-from trainer.gate import GateConfig
-from trainer.policy import PolicyConfig, PolicyTrainer
+from trainer.policy import PolicyTrainer
 from trainer.release_checks import (ReleaseCheck, ReleaseChecker, ReleaseChecksError, load_release_checks, passes,
                                     repetition)
-from trainer.rounds import PolicyRounds, RoundConfig
+from trainer.rounds import PolicyRounds
+from duet.wiring import gate_config, policy_config, round_config
 
 
 def write(tmp_path, *lines: str):
@@ -85,7 +85,7 @@ def test_repetition_counts_repeated_four_grams():
 def test_checks_measure_the_candidate_against_the_base_model(tiny_model):
     """On the base model itself every relative check passes (same value), and a check that asks for what
     the model never says fails; base values are measured once."""
-    pt = PolicyTrainer(PolicyConfig(max_new_tokens=8), str(tiny_model))
+    pt = PolicyTrainer(policy_config(max_new_tokens=8), str(tiny_model))
     checks = [ReleaseCheck(name="like", kind="likelihood", prompt="hello", answer="a b c", no_worse_than_base=0.0),
               ReleaseCheck(name="loops", kind="repetition", prompt="hello", max_tokens=12, no_worse_than_base=0.0),
               ReleaseCheck(name="never", kind="contains", prompt="hello", pattern="^duet-never-says-this$",
@@ -103,7 +103,7 @@ def test_checks_measure_the_candidate_against_the_base_model(tiny_model):
 def test_a_sampled_check_averages_its_answers_and_repeats_itself(tiny_model):
     """With samples > 1 the value is the mean over answers drawn at the check's temperature with a fixed seed:
     the same model measured twice gives the same value (a check passes or fails the same way every time)."""
-    pt = PolicyTrainer(PolicyConfig(max_new_tokens=8), str(tiny_model))
+    pt = PolicyTrainer(policy_config(max_new_tokens=8), str(tiny_model))
     sampled = ReleaseCheck(name="some", kind="contains", prompt="hello", pattern="e", samples=8, temperature=1.0,
                            max_tokens=6, at_least=0)
     checker = ReleaseChecker([sampled])
@@ -119,9 +119,9 @@ def test_a_candidate_that_fails_a_release_check_is_never_published(blue_model, t
 
     failing = ReleaseCheck(name="must-say-zebra", kind="contains", prompt="Say something.", pattern="zebra-xyzzy",
                            max_tokens=4, at_least=1)
-    cfg = RoundConfig(base_model=str(blue_model), registry_root=tmp_path / "registry",
-                      policy=PolicyConfig(max_new_tokens=8),
-                      gate=GateConfig(min_win_rate=0.0, max_kl=1e9, max_length_ratio=1e9, max_empty_share=1.0),
+    cfg = round_config(base_model=str(blue_model), registry_root=tmp_path / "registry",
+                      policy=policy_config(max_new_tokens=8),
+                      gate=gate_config(min_win_rate=0.0, max_kl=1e9, max_length_ratio=1e9, max_empty_share=1.0),
                       release_checks=[failing])
     before = metrics.RELEASE_CHECK_FAILURES.labels(check="must-say-zebra")._value.get()
     votes = _synthetic_votes(10)

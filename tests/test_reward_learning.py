@@ -5,8 +5,9 @@ import random
 import pytest
 
 from trainer.examples import to_prompt_group
-from trainer.reward_trainer import RewardTrainer, RewardTrainerConfig
+from trainer.reward_trainer import RewardTrainer
 from trainer.synthetic import marker_event, marker_rating
+from duet.wiring import reward_config
 
 
 @pytest.mark.parametrize("loss", ["bradley_terry", "prompt_aware"])
@@ -14,7 +15,7 @@ def test_tiny_reward_model_learns_a_marker_word(tiny_model, loss):
     rng = random.Random(1)
     train = [to_prompt_group(marker_event(rng, k=rng.choice([2, 2, 3]))) for _ in range(320)]
     held_out = [to_prompt_group(marker_event(rng)) for _ in range(100)]
-    trainer = RewardTrainer(RewardTrainerConfig(backbone=str(tiny_model), loss=loss, lr=1e-3, replay_ratio=0.5,
+    trainer = RewardTrainer(reward_config(backbone=str(tiny_model), loss=loss, lr=1e-3, replay_ratio=0.5,
                                                 max_tokens=96, seed=0))
     before = trainer.accuracy(held_out)
     for epoch in range(2):
@@ -31,7 +32,7 @@ def test_thumbs_alone_teach_the_reward_model_the_order(tiny_model):
     train = [to_prompt_group(marker_rating(rng)) for _ in range(320)]
     held_out = [to_prompt_group(marker_event(rng)) for _ in range(100)]
     assert all(not g.pairs and len(g.labelled) == 1 for g in train)
-    trainer = RewardTrainer(RewardTrainerConfig(backbone=str(tiny_model), lr=1e-3, replay_ratio=0.5, max_tokens=96))
+    trainer = RewardTrainer(reward_config(backbone=str(tiny_model), lr=1e-3, replay_ratio=0.5, max_tokens=96))
     for epoch in range(2):
         for i in range(0, len(train), 16):
             trainer.step(train[i:i + 16])

@@ -9,8 +9,9 @@ import torch
 
 from feedback.comparisons import ChatMessage
 from tests.conftest import ADMIN_KEY
-from trainer.policy import PolicyConfig, PolicyTrainer
+from trainer.policy import PolicyTrainer
 from trainer.rollouts import ServingRollouts
+from duet.wiring import gate_config, policy_config, round_config
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +23,7 @@ def live_version(url: str) -> str:
 
 
 def test_rollouts_return_n_completions_per_prompt_from_the_live_version(duet_server, tiny_model):
-    pt = PolicyTrainer(PolicyConfig(max_new_tokens=8), str(tiny_model))
+    pt = PolicyTrainer(policy_config(max_new_tokens=8), str(tiny_model))
     ids = [pt.prompt_ids(m) for m in PROMPTS[:3]]
     serving = ServingRollouts(duet_server.url, ADMIN_KEY)
     out = serving.sample(ids, 2, 8, 1.0, live_version(duet_server.url))
@@ -48,7 +49,7 @@ def test_rollouts_need_the_admin_key_before_anything_else(duet_server, api_key):
 
 
 def test_an_rloo_round_takes_its_samples_from_serving(duet_server, tiny_model):
-    pt = PolicyTrainer(PolicyConfig(max_new_tokens=8, prompts_per_step=2), str(tiny_model))
+    pt = PolicyTrainer(policy_config(max_new_tokens=8, prompts_per_step=2), str(tiny_model))
     serving = ServingRollouts(duet_server.url, ADMIN_KEY)
     version = live_version(duet_server.url)
     calls = []
@@ -59,7 +60,7 @@ def test_an_rloo_round_takes_its_samples_from_serving(duet_server, tiny_model):
 
     out = pt.rloo_round(PROMPTS, lambda m, texts: torch.tensor([float(len(t)) for t in texts]), rollouts)
     assert calls == [4]  # the whole round's samples at once, from the live engine
-    assert out["sampled_by"] == "serving" and 1 <= out["updates"] <= PolicyConfig().steps_per_round
+    assert out["sampled_by"] == "serving" and 1 <= out["updates"] <= policy_config().steps_per_round
     # serving unreachable: the round samples locally
     out = pt.rloo_round(PROMPTS[:2], lambda m, texts: torch.zeros(len(texts)),
                         lambda ids, n: ServingRollouts("http://127.0.0.1:9", ADMIN_KEY).sample(ids, n, 8, 1.0, version))
@@ -72,16 +73,15 @@ def test_a_policy_round_samples_rloo_from_serving(duet_server, tiny_model, tmp_p
     import random
 
     from trainer.examples import to_prompt_group
-    from trainer.gate import GateConfig
-    from trainer.rounds import PolicyRounds, RoundConfig
+    from trainer.rounds import PolicyRounds
     from trainer.synthetic import marker_event
 
     assert live_version(duet_server.url) == "base"
-    rounds = PolicyRounds(RoundConfig(base_model=str(tiny_model), registry_root=tmp_path / "registry",
+    rounds = PolicyRounds(round_config(base_model=str(tiny_model), registry_root=tmp_path / "registry",
                                       rollout_url=duet_server.url, rollout_key=ADMIN_KEY,
-                                      policy=PolicyConfig(max_new_tokens=8),
-                                      gate=GateConfig(min_win_rate=0.0, max_kl=1e9, max_length_ratio=1e9,
-                                                      max_empty_share=1.0)))
+                                      policy=policy_config(max_new_tokens=8),
+                                      gate=gate_config(min_win_rate=0.0, max_kl=1e9, max_length_ratio=1e9,
+                                                      max_empty_share=1.0), release_checks=[]))
     rng = random.Random(0)
     votes = [to_prompt_group(marker_event(rng)) for _ in range(10)]
     result = rounds.run(PROMPTS, PROMPTS[:2], lambda m, texts: torch.tensor([float(len(t)) for t in texts]),

@@ -6,16 +6,16 @@ import time
 
 import pytest
 
-from trainer.reward_trainer import RewardTrainerConfig
-from trainer.rounds import RoundConfig
-from trainer.service import ServiceConfig, TrainerService
+from trainer.service import TrainerService
+from duet.wiring import gate_config, policy_config, reward_config, round_config, service_config
 
 
 def test_round_trigger(tiny_model, tmp_path):
-    svc = TrainerService(ServiceConfig(kafka_bootstrap="unused:9092", checkpoint_dir=tmp_path / "ckpt",
-                                      round=RoundConfig(base_model=str(tiny_model), registry_root=tmp_path / "reg"),
-                                      policy_every_votes=64, policy_every_s=600),
-                        RewardTrainerConfig(backbone=str(tiny_model)))
+    svc = TrainerService(service_config(kafka_bootstrap="unused:9092", checkpoint_dir=tmp_path / "ckpt",
+                                        rounds=round_config(base_model=str(tiny_model), registry_root=tmp_path / "reg",
+                                                            release_checks=[]),
+                                        policy_every_votes=64, policy_every_s=600, redis_url="", canary="off"),
+                        reward_config(backbone=str(tiny_model)))
     assert not svc.round_due()  # no votes
     svc.state.votes_since_round = 10
     assert not svc.round_due()  # few votes, and the service just started
@@ -50,12 +50,12 @@ def canary_redis():
 
 
 def _judged_service(tiny_model, tmp_path, url, **round_kw) -> TrainerService:
-    return TrainerService(ServiceConfig(kafka_bootstrap="unused:9092", checkpoint_dir=tmp_path / "ckpt",
-                                        round=RoundConfig(base_model=str(tiny_model), registry_root=tmp_path / "reg",
-                                                          **round_kw),
+    return TrainerService(service_config(kafka_bootstrap="unused:9092", checkpoint_dir=tmp_path / "ckpt",
+                                        rounds=round_config(base_model=str(tiny_model), registry_root=tmp_path / "reg",
+                                                          **round_kw, release_checks=[]),
                                         policy_every_votes=64, redis_url=url, canary="users",
                                         canary_supersede_after=60),
-                          RewardTrainerConfig(backbone=str(tiny_model)))
+                          reward_config(backbone=str(tiny_model)))
 
 
 def test_rounds_go_on_while_users_judge_and_publish_once_the_test_has_its_votes(tiny_model, tmp_path, canary_redis):
@@ -96,13 +96,11 @@ def test_a_round_during_a_young_test_trains_and_holds_its_candidate(tiny_model, 
     the next round publishes."""
     from feedback.canary import CANARY
     from trainer.examples import to_prompt_group
-    from trainer.gate import GateConfig
-    from trainer.policy import PolicyConfig
     from trainer.synthetic import marker_event
 
     url, r = canary_redis
-    svc = _judged_service(tiny_model, tmp_path, url, policy=PolicyConfig(max_new_tokens=8),
-                          gate=GateConfig(min_win_rate=0.0, prompts=2))
+    svc = _judged_service(tiny_model, tmp_path, url, policy=policy_config(max_new_tokens=8),
+                          gate=gate_config(min_win_rate=0.0, prompts=2))
     rng = random.Random(0)
     svc.reward.step([to_prompt_group(marker_event(rng)) for _ in range(8)])
     svc.state.votes_since_round = 64

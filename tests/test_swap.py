@@ -20,6 +20,7 @@ from feedback.registry import Registry, manifest_checksum
 from feedback.topics import WEIGHTS
 from tests.conftest import ADMIN_KEY, make_tiny_llama
 from tests.test_serving_api import HELLO, assert_openai_error
+from duet.wiring import policy_config
 
 pytestmark = pytest.mark.slow
 
@@ -27,10 +28,10 @@ pytestmark = pytest.mark.slow
 def probe_of(weights: Path):
     """What the trainer records with every version: the log-probs its exported files give the probe
     conversations (serving refuses a version without them)."""
-    from trainer.policy import PolicyConfig, PolicyTrainer
+    from trainer.policy import PolicyTrainer
     from trainer.probe import probe_logprobs
 
-    return probe_logprobs(PolicyTrainer(PolicyConfig(), str(weights)), weights)
+    return probe_logprobs(PolicyTrainer(policy_config(), str(weights)), weights)
 
 
 def publish(registry: Path, source: Path, probe=None) -> str:
@@ -171,10 +172,10 @@ def test_served_log_probs_must_match_the_manifest(client, admin, duet_server, ot
     """The trainer's probe log-probs of what it exported travel in the manifest; after the load the engine
     computes the same or the swap rolls back; a manifest whose log-probs the engine does not reproduce is
     rolled back and the incumbent keeps serving."""
-    from trainer.policy import PolicyConfig, PolicyTrainer
+    from trainer.policy import PolicyTrainer
     from trainer.probe import probe_logprobs
 
-    pt = PolicyTrainer(PolicyConfig(), str(tiny_model))
+    pt = PolicyTrainer(policy_config(), str(tiny_model))
     probe = probe_logprobs(pt, other_weights)
     right = publish(duet_server.registry, other_weights, probe=probe)
     # what a silent load bug looks like from outside: the files say one thing, the engine computes another

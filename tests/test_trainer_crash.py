@@ -111,7 +111,7 @@ def test_sigkill_across_restarts_trains_every_event_exactly_once(tiny_model, tmp
         state = checkpoint.read_state(ckpts[-1])
         assert sorted(state.seen_ids) == sorted(e.event_id for e in events)
         assert state.events_trained + state.events_held_out == len(events)  # both-bad votes train too
-        assert state.events_untrainable == 0 and state.counts["both_bad"] == 20
+        assert state.counts["both_bad"] == 20
         assert state.events_held_out > 0 and state.step > 0
         assert sum(state.offsets.values()) == len(events) + len(range(0, len(events), 30))  # all read
         assert kills >= 4

@@ -14,24 +14,22 @@ import torch
 from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
 
-from trainer.gate import GateConfig
-from trainer.policy import PolicyConfig
-from trainer.reward_trainer import RewardTrainerConfig
-from trainer.rounds import RoundConfig
-from trainer.service import ServiceConfig, TrainerService
+from trainer.service import TrainerService
 from trainer.synthetic import marker_event
+from duet.wiring import gate_config, policy_config, reward_config, round_config, service_config
 
 EVERY = 16
 
 
 def _service(tiny_model, tmp_path, bootstrap, topic, group) -> TrainerService:
     return TrainerService(
-        ServiceConfig(kafka_bootstrap=bootstrap, checkpoint_dir=tmp_path / "ckpt", trainer_group_id=group, topic=topic,
+        service_config(kafka_bootstrap=bootstrap, checkpoint_dir=tmp_path / "ckpt", trainer_group_id=group, topic=topic,
                       rm_step_groups=4, rm_max_wait_s=0.5, held_out_pct=10,
-                      round=RoundConfig(base_model=str(tiny_model), registry_root=tmp_path / "registry",
-                                        policy=PolicyConfig(max_new_tokens=8), gate=GateConfig(min_win_rate=0.0, prompts=2)),
-                      policy_every_votes=EVERY, policy_prompts=4),
-        RewardTrainerConfig(backbone=str(tiny_model), max_tokens=96))
+                       rounds=round_config(base_model=str(tiny_model), registry_root=tmp_path / "registry",
+                                           policy=policy_config(max_new_tokens=8),
+                                           gate=gate_config(min_win_rate=0.0, prompts=2), release_checks=[]),
+                      policy_every_votes=EVERY, policy_prompts=4, redis_url="", canary="off"),
+        reward_config(backbone=str(tiny_model), max_tokens=96))
 
 
 def test_rounds_start_at_their_vote_count_under_a_steady_stream(tiny_model, tmp_path, broker):

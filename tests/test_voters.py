@@ -6,10 +6,10 @@ from __future__ import annotations
 import random
 
 from trainer import checkpoint
-from trainer.reward_trainer import RewardTrainerConfig
-from trainer.service import ServiceConfig, TrainerService
+from trainer.service import TrainerService
 from trainer.synthetic import marker_event
 from trainer.voters import VoterScreen
+from duet.wiring import reward_config, service_config
 
 
 def _vote(rng: random.Random, key: str, flip: bool = False):
@@ -22,8 +22,9 @@ def _vote(rng: random.Random, key: str, flip: bool = False):
 def test_a_saboteur_is_quarantined_and_honest_voters_are_not(tiny_model, tmp_path):
     """The saboteur names a new `user` with every vote (each a fresh identity with one vote): its key, which it
     cannot choose, answers for them all."""
-    svc = TrainerService(ServiceConfig(kafka_bootstrap="unused:9092", checkpoint_dir=tmp_path, held_out_pct=0.0),
-                         RewardTrainerConfig(backbone=str(tiny_model), lr=1e-3, max_tokens=96))
+    svc = TrainerService(service_config(kafka_bootstrap="unused:9092", checkpoint_dir=tmp_path, held_out_pct=0.0,
+                                        rounds=None, redis_url="", canary="off"),
+                         reward_config(backbone=str(tiny_model), lr=1e-3, max_tokens=96))
     rng = random.Random(0)
     for _ in range(2):  # the reward model learns the honest voters' taste first
         for _ in range(160):

@@ -1,1 +1,2 @@
-"""Duet trainer: turns vote events into a reward model (and, later, a better policy)."""
+"""Duet trainer: turns users' votes into a reward model and, round by round, a better policy (LoRA adapters on
+the frozen base, checked by a gate and release checks, published to the registry). Entry: trainer/service.py."""

@@ -52,7 +52,6 @@ class TrainerState(BaseModel):
     step: int = 0  # optimizer steps
     events_trained: int = 0  # comparison events whose pairs went into a training step
     events_held_out: int = 0
-    events_untrainable: int = 0  # before schema 1.1 both-bad and thumbs were not trained; always 0 now
     rounds: int = 0  # policy rounds run (published or refused)
     counts: dict[str, int] = Field(default_factory=dict)  # by choice / rating
     offsets: dict[int, int] = Field(default_factory=dict)  # partition -> next offset to read

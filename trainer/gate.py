@@ -30,14 +30,16 @@ from trainer.release_checks import CheckResult, ReleaseChecker
 
 @dataclass
 class GateConfig:
-    min_win_rate: float = 0.40  # the lower bound must reach it, against live and against base
-    alpha: float = 0.05  # one-sided: P(pass | true win rate = min_win_rate) ≤ α
-    prompts: int = 48  # gate prompts sampled (the first of `gate_prompts.txt` or a team's own file)
-    samples_per_prompt: int = 2
-    seed: int = 0  # the same for every candidate, so answers pair across versions and can be cached
-    max_kl: float = 20.0  # nats per answer
+    """Bound from the settings' gate_* fields by duet/wiring.py, where their defaults live; the fields with
+    defaults here are not settings."""
+    min_win_rate: float  # the lower bound must reach it, against live and against base
+    alpha: float  # one-sided: P(pass | true win rate = min_win_rate) ≤ α
+    prompts: int  # gate prompts sampled (the first of `gate_prompts.txt` or a team's own file)
+    samples_per_prompt: int
+    max_kl: float  # nats per answer
+    max_length_ratio: float
+    seed: int  # the same for every candidate, so answers pair across versions and can be cached
     kl_samples: int = 32  # candidate answers the KL is estimated on (a forward pass of candidate and reference each)
-    max_length_ratio: float = 3.0
     max_empty_share: float = 0.1
     # 1.0: Σ log π − log π_ref estimates KL(π‖π_ref) only over samples drawn from π itself; at 0.7 the
     # estimate went negative (−2.1 and −0.9 nats were published). It is also the API's default.

