@@ -22,6 +22,8 @@ INFLIGHT = Gauge("duet_inflight_requests", "Chat requests being answered now")
 ENGINE_QUEUE = Gauge("duet_engine_unfinished_requests", "Requests the engine holds (waiting or running)")
 ANNOUNCEMENTS_REFUSED = Counter("duet_weights_announcements_refused_total",
                                 "Announcements on the weights topic that were not a well-formed registry version")
+ANNOUNCEMENTS_HELD = Counter("duet_weights_announcements_held_total",
+                             "Announcements not followed because updates are paused (POST /admin/updates/pause)")
 ABORTS = Counter("duet_engine_aborts_total", "Generations aborted because the client went away")
 MODEL_VERSION = Gauge("duet_model_version_info", "The model version being served (value 1)", ["version"])
 

@@ -115,6 +115,7 @@ async def on_announcement(rt: Runtime, ann: WeightsAnnouncement) -> None:
         return
     if swapper.paused:
         log.info("updates paused: not swapping to %s", ann.name)
+        metrics.ANNOUNCEMENTS_HELD.inc()
         return
     if rt.canary is not None:  # users decide: a test against the live version, not a swap
         if await rt.canary.store.start(ann.name, swapper.engine.model_version):

@@ -7,7 +7,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -15,6 +14,7 @@ import pytest
 import redis
 
 from duet.processes import stop_process
+from tests.waiting import wait_until
 
 TEST_REDIS_DB = int(os.environ.get("DUET_TEST_REDIS_DB", "13"))
 REDIS_URL = f"redis://127.0.0.1:6379/{TEST_REDIS_DB}"
@@ -129,16 +129,19 @@ def duet_env(tiny_model: Path, home: Path, port: int, bootstrap: str) -> dict[st
 
 def wait_for(url: str, proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
     """Until GET `url` answers 200; fails with the end of `log` if `proc` exits or time runs out."""
-    deadline = time.time() + timeout_s
-    while True:
+    def answers() -> bool:
         try:
-            if httpx.get(url, timeout=5).status_code == 200:
-                return
+            return httpx.get(url, timeout=5).status_code == 200
         except httpx.TransportError:
-            pass
-        if time.time() > deadline or proc.poll() is not None:
-            raise RuntimeError(f"{url} did not answer 200: " + log.read_text()[-3000:])
-        time.sleep(0.5)
+            return False
+
+    try:
+        wait_until(lambda: proc.poll() is not None or answers(), timeout_s, f"{url} to answer 200", 0.5)
+        up = proc.poll() is None
+    except AssertionError:
+        up = False
+    if not up:
+        raise RuntimeError(f"{url} did not answer 200: " + log.read_text()[-3000:])
 
 
 class DuetServer:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import httpx
 import psutil
@@ -27,6 +26,7 @@ from tests.conftest import ADMIN_KEY, TEST_REDIS_DB, duet_env, free_port, make_b
 from tests.test_serving_api import assert_openai_error
 from tests.test_swap import publish
 from tests.test_web_pages import ARTIFACTS, CHROMIUM
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 REDIS_URL = f"redis://127.0.0.1:6379/{TEST_REDIS_DB - 1}"  # not the session server's
@@ -92,14 +92,12 @@ def announce(broker: EmbeddedBroker, registry, name: str) -> None:
 
 
 def wait_test(admin: httpx.Client, candidate: str, cond, timeout_s: float = 240) -> dict:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
+    def status() -> dict | None:
         st = admin.get("/admin/canary").json()
         t = st.get("test")
-        if t and t["candidate"] == candidate and cond(st):
-            return st
-        time.sleep(0.5)
-    raise AssertionError(f"canary of {candidate}: condition not met; last status {st}")
+        return st if t and t["candidate"] == candidate and cond(st) else None
+
+    return wait_until(status, timeout_s, f"the canary test of {candidate} to meet its condition", 0.5)
 
 
 def blue_user(c: httpx.Client, i: int) -> tuple[dict, int | None]:
@@ -169,9 +167,7 @@ def test_users_promote_a_better_candidate_and_reject_a_worse_one(canary_server, 
         assert (t["status"], t["reason"]) == ("promoted", "votes"), t
         assert t["lower"] > 0.5 and t["votes"] < 400
         assert 0.0 <= t["length_controlled_win_rate"] <= 1.0
-        deadline = time.time() + 60
-        while admin.get("/admin/models").json()["current"] != blue and time.time() < deadline:
-            time.sleep(0.5)
+        wait_until(lambda: admin.get("/admin/models").json()["current"] == blue, 60, "the candidate to go live", 0.5)
         assert admin.get("/admin/models").json()["current"] == blue
         metrics = httpx.get(url + "/metrics").text
         assert 'duet_canary_decisions_total{decision="promoted",reason="votes"} 1.0' in metrics

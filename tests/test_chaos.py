@@ -17,6 +17,7 @@ import redis
 from duet.processes import stop_process
 
 from tests.conftest import duet_env, free_port, wait_for
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -33,14 +34,13 @@ class PrivateRedis:
     def start(self) -> None:
         self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--save", "", "--appendonly", "no",
                                       "--dir", str(self.dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 10
-        while True:
-            try:
-                if redis.Redis.from_url(self.url).ping():
-                    return
-            except redis.ConnectionError:
-                assert time.time() < deadline, "redis-server did not start"
-                time.sleep(0.05)
+        wait_until(self.answers, 10, "redis-server to start", 0.05)
+
+    def answers(self) -> bool:
+        try:
+            return bool(redis.Redis.from_url(self.url).ping())
+        except redis.ConnectionError:
+            return False
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -108,23 +108,19 @@ def test_redis_hung_down_and_restarted_empty(tiny_model, tmp_path):
                 assert ready["ready"] and ready["degraded"] and ready["redis"] == "unreachable"
                 if outage == "hung":
                     os.kill(store.proc.pid, signal.SIGCONT)
-                    deadline = time.time() + 30
-                    while httpx.get(url + "/ready", timeout=10).json()["redis"] != "ok":
-                        assert time.time() < deadline, "Redis did not come back"
-                        time.sleep(0.2)
+                    wait_until(lambda: httpx.get(url + "/ready", timeout=10).json()["redis"] == "ok", 30,
+                               "/ready to see Redis back", 0.2)
                     # as soon as /ready says Redis answers, requests that need it work (no cool-down left)
                     fresh = chat(url, team).json()
                     assert len(fresh["choices"]) == 2, fresh
                     assert vote(url, team, fresh).status_code == 202
 
             store.start()  # back, and empty: every key and comparison is gone
-            deadline = time.time() + 30
-            while True:
+            def paired():
                 r = chat(url, "duet-dev-chaos")
-                if r.status_code == 200 and len(r.json()["choices"]) == 2:
-                    break  # pairs are offered again, without a restart
-                assert time.time() < deadline, r.text
-                time.sleep(1)
+                return r if r.status_code == 200 and len(r.json()["choices"]) == 2 else None
+
+            r = wait_until(paired, 30, "pairs to be offered again, without a restart", 1)
             assert vote(url, "duet-dev-chaos", r.json()).status_code == 202
             assert httpx.get(url + "/ready", timeout=10).json()["degraded"] is False
     finally:

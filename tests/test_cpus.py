@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
 from duet.cpus import available_cpus, parse_cpus, plan_split
+from tests.waiting import wait_until
 
 
 def test_cpu_lists_parse_and_bad_ones_are_named():
@@ -56,11 +56,9 @@ def test_duet_train_pins_itself_and_its_torch_threads_to_its_cores(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "duet.cli", "train"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 60
-        while os.sched_getaffinity(proc.pid) != {target}:
-            assert proc.poll() is None, "duet train exited before it was seen pinned"
-            assert time.time() < deadline, os.sched_getaffinity(proc.pid)
-            time.sleep(0.1)
+        wait_until(lambda: proc.poll() is not None or os.sched_getaffinity(proc.pid) == {target}, 60,
+                   f"duet train to pin itself to core {target}")
+        assert proc.poll() is None, "duet train exited before it was seen pinned"
     finally:
         proc.kill()
         proc.wait()

@@ -26,6 +26,7 @@ from tests.conftest import TEST_REDIS_DB, empty_redis
 from tests.kafka_helpers import read_topic
 from trainer import checkpoint
 from trainer.synthetic import marker_event
+from tests.waiting import wait_until
 
 REDIS_URL = f"redis://127.0.0.1:6379/{TEST_REDIS_DB + 1}"  # not the session server's: its relay runs there
 
@@ -45,14 +46,6 @@ def restart(broker: EmbeddedBroker) -> None:
     broker.proc.kill()
     broker.proc.wait()
     broker.start()
-
-
-def wait_until(cond, timeout_s: float, what: str) -> float:
-    t0 = time.time()
-    while not cond():
-        assert time.time() - t0 < timeout_s, f"timed out after {timeout_s} s waiting for {what}"
-        time.sleep(0.1)
-    return time.time() - t0
 
 
 def log_ids(bootstrap: str, expect: int) -> Counter:

@@ -3,32 +3,30 @@ test asks Prometheus' HTTP API which duet_ series it holds from each."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 import yaml
 
 from tests.conftest import free_port
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 PROMETHEUS = shutil.which("prometheus")
 
 
 def wait_http(url: str, timeout_s: float, proc: subprocess.Popen, log) -> None:
-    deadline = time.time() + timeout_s
-    while True:
+    def answers() -> bool:
         try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
+            return httpx.get(url, timeout=2).status_code == 200
         except httpx.TransportError:
-            pass
-        assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-        time.sleep(0.5)
+            return False
+
+    wait_until(lambda: answers() or proc.poll() is not None, timeout_s, f"{url} to answer", 0.5)
+    assert proc.poll() is None, log.read_text()[-3000:]
 
 
 @pytest.mark.skipif(PROMETHEUS is None, reason="prometheus missing (scripts/install-test-tools.sh)")
@@ -61,10 +59,8 @@ def test_prometheus_scrapes_serving_and_trainer(duet_server, api_key, tmp_path):
             r = httpx.get(f"{api}/series", params={"match[]": f'{{job="{job}",__name__=~"duet_.+"}}'}, timeout=10)
             return {s["__name__"] for s in r.json()["data"]}
 
-        deadline = time.time() + 60
-        while not (series("duet-serving") and series("duet-trainer")):
-            assert time.time() < deadline, "Prometheus scraped no duet_ series"
-            time.sleep(1)
+        wait_until(lambda: series("duet-serving") and series("duet-trainer"), 60,
+                   "Prometheus to scrape duet_ series from both jobs", 1)
         up = httpx.get(f"{api}/query", params={"query": "up"}, timeout=10).json()["data"]["result"]
         assert {r["metric"]["job"]: r["value"][1] for r in up} == {"duet-serving": "1", "duet-trainer": "1"}
         served, trained = series("duet-serving"), series("duet-trainer")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 import openai
@@ -12,6 +11,7 @@ import pytest
 from feedback.comparisons import PendingComparison, comparison_key
 from serving.pairing import verify_vote_token
 from tests.conftest import ADMIN_KEY, MAX_BODY, MAX_MODEL_LEN, SECRET
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -295,9 +295,7 @@ def test_client_disconnect_aborts_generation(client, duet_server, api_key):
             for line in resp.iter_lines():
                 if '"content"' in line:
                     break  # hang up mid-stream
-    deadline = time.time() + 20
-    while _metric(client, "duet_engine_aborts_total") <= before and time.time() < deadline:
-        time.sleep(0.2)
+    wait_until(lambda: _metric(client, "duet_engine_aborts_total") > before, 20, "the engine to count the abort", 0.2)
     assert _metric(client, "duet_engine_aborts_total") == before + 1
     assert _metric(client, "duet_inflight_requests") == 0
 

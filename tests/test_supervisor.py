@@ -1,9 +1,9 @@
 """`duet up`'s supervisor: a crashed child comes back and is counted; stop ends every child."""
 
 import sys
-import time
 
 from duet.supervisor import RESTARTS, Child, Supervisor, kill_group, spawn
+from tests.waiting import wait_until
 
 
 def _restarts(name: str) -> float:
@@ -19,10 +19,11 @@ def test_crashed_child_is_restarted_and_counted(tmp_path):
     flaky = sup.add(Child("flaky", lambda: spawn([sys.executable, "-c", script], {}, tmp_path / "flaky.log")))
     steady = sup.add(Child("steady", lambda: spawn([sys.executable, "-c", "import time; time.sleep(60)"], {},
                                                    tmp_path / "steady.log")))
-    deadline = time.time() + 20
-    while len(marker.read_text()) < 3 and time.time() < deadline:
+    def restarted_twice() -> bool:
         sup.check()
-        time.sleep(0.05)
+        return len(marker.read_text()) >= 3
+
+    wait_until(restarted_twice, 20, "the flaky child to be restarted twice", 0.05)
     try:
         assert len(marker.read_text()) == 3  # started, crashed twice, restarted twice (back-off 1 s, 2 s)
         assert _restarts("flaky") - before == 2 and flaky.exits == [0, 0]
@@ -88,18 +89,13 @@ def test_a_killed_childs_own_children_die_with_it(tmp_path):
     sup = Supervisor(poll_s=0.05)
     parent = sup.add(Child("parent", lambda: spawn([sys.executable, "-c", script], {}, tmp_path / "p.log")))
     try:
-        deadline = time.time() + 20
-        while not pid_file.exists() or not pid_file.read_text():
-            assert time.time() < deadline
-            time.sleep(0.05)
+        wait_until(lambda: pid_file.exists() and pid_file.read_text(), 20, "the child to write its pid", 0.05)
         grandchild = int(pid_file.read_text())
         first = parent.proc
         os.kill(first.pid, signal.SIGKILL)
         first.wait(10)
         sup.check()  # sees the exit: reaps the group, schedules the restart
-        deadline = time.time() + 10
-        while _alive(grandchild) and time.time() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: not _alive(grandchild), 10, "the grandchild to exit", 0.05)
         assert not _alive(grandchild), "the killed child's own child outlived it"
     finally:
         sup.stop()
@@ -119,22 +115,19 @@ def test_die_with_parent_ends_a_child_when_its_parent_is_killed(tmp_path):
     import signal
 
     pid_file = tmp_path / "child.pid"
-    child = ("import time; from duet.processes import die_with_parent; die_with_parent(); time.sleep(120)")
+    armed = tmp_path / "armed"  # the child says when die_with_parent() has taken effect
+    child = ("import time; from duet.processes import die_with_parent; die_with_parent(); "
+             f"open({str(armed)!r}, 'w').write('1'); time.sleep(120)")
     script = (f"import subprocess, sys, time; g = subprocess.Popen([sys.executable, '-c', {child!r}]); "
               f"open({str(pid_file)!r}, 'w').write(str(g.pid)); time.sleep(120)")
     parent = spawn([sys.executable, "-c", script], dict(os.environ), tmp_path / "p.log")
     try:
-        deadline = time.time() + 20
-        while not pid_file.exists() or not pid_file.read_text():
-            assert time.time() < deadline
-            time.sleep(0.05)
-        time.sleep(1.0)  # let the child get past die_with_parent()
+        wait_until(lambda: pid_file.exists() and pid_file.read_text(), 20, "the child to write its pid", 0.05)
+        wait_until(armed.exists, 20, "the child to arm die_with_parent()", 0.05)
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait(10)
         grandchild = int(pid_file.read_text())
-        deadline = time.time() + 10
-        while _alive(grandchild) and time.time() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: not _alive(grandchild), 10, "the grandchild to exit", 0.05)
         assert not _alive(grandchild)
     finally:
         if parent.poll() is None:

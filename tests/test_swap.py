@@ -19,8 +19,9 @@ from feedback.events import WeightsAnnouncement
 from feedback.registry import Registry, manifest_checksum
 from feedback.topics import WEIGHTS
 from tests.conftest import ADMIN_KEY, make_tiny_llama
-from tests.test_serving_api import HELLO, assert_openai_error
+from tests.test_serving_api import HELLO, _metric, assert_openai_error
 from duet.wiring import policy_config
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -222,15 +223,16 @@ def test_announcements_are_followed_unless_paused(client, admin, duet_server, br
     admin.post("/admin/models/base/activate")
     assert admin.post("/admin/updates/pause").json() == {"updates_paused": True}
     paused_name = publish(duet_server.registry, other_weights)
+    held = _metric(client, "duet_weights_announcements_held_total")
     announce(paused_name)
-    time.sleep(3)
+    # the positive signal that serving saw the announcement and held it (not a wait for a swap that never came)
+    wait_until(lambda: _metric(client, "duet_weights_announcements_held_total") > held, 30,
+               "serving to hold the announcement while paused", 0.2)
     assert current() == "base"
     admin.post("/admin/updates/resume")
     name = publish(duet_server.registry, other_weights)
     announce(name)
-    deadline = time.time() + 30
-    while current() != name and time.time() < deadline:
-        time.sleep(0.3)
+    wait_until(lambda: current() == name, 30, f"{name} to go live", 0.3)
     assert current() == name and greedy(client)[1] == name
     producer.close()
 

@@ -21,6 +21,7 @@ from trainer import checkpoint
 from feedback.registry import Registry, verify
 from tests.conftest import TEST_REDIS_DB, empty_redis
 from trainer.synthetic import marker_event
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -75,9 +76,8 @@ def test_sigkill_across_restarts_trains_every_event_exactly_once(tiny_model, tmp
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             # past start-up and the group join (~11 s idle, longer on a loaded machine): once this run has
             # written a checkpoint of its own, kill it at a random moment
-            deadline = time.time() + 120
-            while checkpoint.latest(ckpt_dir) == before and time.time() < deadline and proc.poll() is None:
-                time.sleep(0.2)
+            wait_until(lambda: checkpoint.latest(ckpt_dir) != before or proc.poll() is not None, 120,
+                       "a checkpoint of this run", 0.2)
             time.sleep(rng.uniform(0, 4))
             if proc.poll() is None:
                 # DUET_TRAINER_NICE (10) on top of ours: serving comes first
@@ -91,12 +91,11 @@ def test_sigkill_across_restarts_trains_every_event_exactly_once(tiny_model, tmp
         producer.close()
         # and once more while idle: caught up with the topic, nothing left to train but the idle checkpoint
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 180
-        while time.time() < deadline and proc.poll() is None:
+        def caught_up() -> bool:
             last = checkpoint.latest(ckpt_dir)
-            if last and len(checkpoint.read_state(last).seen_ids) == len(events):
-                break
-            time.sleep(0.5)
+            return proc.poll() is not None or bool(last and len(checkpoint.read_state(last).seen_ids) == len(events))
+
+        wait_until(caught_up, 180, "a checkpoint covering every vote", 0.5)
         time.sleep(rng.uniform(0, 12))  # around the 10 s idle checkpoint
         proc.send_signal(signal.SIGKILL)
         proc.wait()

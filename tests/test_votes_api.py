@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +18,7 @@ from feedback.unconfirmed import UNCONFIRMED
 from tests.conftest import OUTBOX_MAX
 from tests.kafka_helpers import read_topic
 from tests.test_serving_api import HELLO, assert_openai_error
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -67,9 +67,11 @@ def test_consumer_helper_reads_votes_in_a_group(client, broker):
     consumer = FeedbackConsumer(broker.bootstrap, group_id="g-" + uuid.uuid4().hex)
     try:
         got: dict[str, FeedbackEvent] = {}
-        deadline = time.time() + 60
-        while not ids <= set(got) and time.time() < deadline:
+        def polled() -> bool:
             got.update({d.event.event_id: d.event for d in consumer.poll(timeout_ms=500)})
+            return ids <= set(got)
+
+        wait_until(polled, 60, "the three votes on the topic", 0)
         assert ids <= set(got)
         assert {got[i].choice for i in ids} == {"a", "tie", "both_bad"}
         consumer.commit(consumer.positions())
@@ -200,9 +202,7 @@ def test_votes_survive_a_broker_outage(client, broker, duet_server, api_key, red
     with ThreadPoolExecutor(4) as pool:
         pairs = list(pool.map(lambda _: pair(client), range(OUTBOX_MAX + 6)))
     relayed = {vote(client, ballot(p, choice="b")).json()["event_id"] for p in pairs[OUTBOX_MAX + 1:]}
-    deadline = time.time() + 30
-    while redis_client.xlen(OUTBOX) and time.time() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: redis_client.xlen(OUTBOX) == 0, 30, "the relay to empty the outbox", 0.1)
     assert redis_client.xlen(OUTBOX) == 0
     earlier = set(redis_client.hkeys(UNCONFIRMED))  # no trainer runs here: nothing is ever confirmed
     assert relayed <= earlier
@@ -226,9 +226,7 @@ def test_votes_survive_a_broker_outage(client, broker, duet_server, api_key, red
     records = read_topic(broker.bootstrap, FEEDBACK, lambda recs: len(recs) >= len(ids | earlier), timeout_s=90)
     counts = Counter(json.loads(r.value)["event_id"] for r in records)
     assert set(counts) == ids | earlier and set(counts.values()) == {1}
-    deadline = time.time() + 10
-    while redis_client.xlen(OUTBOX) and time.time() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: redis_client.xlen(OUTBOX) == 0, 10, "the relay to empty the outbox", 0.1)
     assert redis_client.xlen(OUTBOX) == 0
     assert go(pairs[OUTBOX_MAX]).status_code == 202  # room again
 
@@ -251,9 +249,11 @@ def test_consumer_drops_duplicates_and_dead_letters_poison(broker):
     consumer = FeedbackConsumer(broker.bootstrap, group_id="g-" + uuid.uuid4().hex, topic=topic)
     try:
         got = []
-        deadline = time.time() + 60
-        while len(got) < 2 and time.time() < deadline:
-            got += consumer.poll(timeout_ms=500)
+        def polled() -> bool:
+            got.extend(consumer.poll(timeout_ms=500))
+            return len(got) >= 2
+
+        wait_until(polled, 60, "two deliveries", 0)
         assert [d.event.event_id for d in got] == [ev1.event_id, ev2.event_id]  # duplicate dropped, poison skipped
         assert [d.offset for d in got] == [0, 4]
     finally:

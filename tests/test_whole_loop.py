@@ -10,7 +10,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 
 import httpx
@@ -21,6 +20,7 @@ from duet.cpus import available_cpus, parse_cpus
 from duet.simulate import SimulateConfig, Simulator
 from duet.two_engines import mem_total_gb
 from tests.conftest import free_port, make_blue_llama
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -67,10 +67,9 @@ def duet_up(tmp_path, **settings: str):
     log = open(tmp_path / "up.log", "w")
     up = subprocess.Popen([sys.executable, "-m", "duet.cli", "up"], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 120
-        while not (home / "admin_key").exists() or not (home / "dev_key").exists():
-            assert up.poll() is None and time.time() < deadline, (tmp_path / "up.log").read_text()[-3000:]
-            time.sleep(0.5)
+        wait_until(lambda: up.poll() is not None or ((home / "admin_key").exists() and (home / "dev_key").exists()),
+                   120, "duet up to write its keys", 0.5)
+        assert up.poll() is None, (tmp_path / "up.log").read_text()[-3000:]
         yield up, home, f"http://127.0.0.1:{port}", sup_port
     finally:
         up.send_signal(signal.SIGTERM)  # what Ctrl-C does too
@@ -147,10 +146,8 @@ def test_duet_up_learns_from_simulated_users(tmp_path):
         # A crashed child is restarted, and counted.
         before = restarts(sup_port)
         os.kill(trainer, signal.SIGKILL)
-        deadline = time.time() + 30
-        while restarts(sup_port) < before + 1 or not children(up.pid, "duet.cli train"):
-            assert time.time() < deadline, "the trainer was not restarted"
-            time.sleep(0.5)
+        wait_until(lambda: restarts(sup_port) >= before + 1 and children(up.pid, "duet.cli train"), 30,
+                   "the supervisor to restart the trainer", 0.5)
         assert children(up.pid, "duet.cli train") != [trainer]
 
 
@@ -176,14 +173,12 @@ def test_thumbs_alone_move_the_served_model_toward_the_users_taste(tmp_path):
         group = group_members(serving)
         assert len(group) > 1, "the API runs its engine in processes of its own group"
         os.kill(serving, signal.SIGKILL)
-        deadline = time.time() + 240
-        while True:
+        def serving_again() -> bool:
             try:
-                if httpx.get(url + "/ready", timeout=5).status_code == 200 and children(up.pid, "duet.cli serve"):
-                    break
+                return httpx.get(url + "/ready", timeout=5).status_code == 200 and bool(children(up.pid, "duet.cli serve"))
             except httpx.TransportError:
-                pass
-            assert time.time() < deadline, (tmp_path / "up.log").read_text()[-2000:]
-            time.sleep(1)
+                return False
+
+        wait_until(serving_again, 240, "a restarted API that is ready", 1)
         assert children(up.pid, "duet.cli serve") != [serving]
         assert group_members(serving) == [], "processes of the killed API outlived it"
