@@ -44,7 +44,8 @@ import feedback  # noqa: E402,F401  (the package, before bench/ joins the path: 
 from duet.preferences import judge, load_rule  # noqa: E402
 from duet.processes import stop_process  # noqa: E402
 from feedback.arena import bootstrap_win_rate  # noqa: E402
-from feedback.comparisons import COMPARISON_KEY_PREFIX, PendingComparison  # noqa: E402
+from feedback.contract.comparisons import PendingComparison  # noqa: E402
+from feedback.contract.redis_keys import COMPARISON_PREFIX  # noqa: E402
 
 sys.path.append(str(Path(__file__).resolve().parent))
 from benchlib import start_server, up_at_defaults  # noqa: E402
@@ -56,7 +57,7 @@ REDIS_DB = 11  # not the tests' databases
 def cross_pairs(r: redis.Redis) -> list[PendingComparison]:
     """Every comparison record whose answers came from two versions (the canary's blind pairs)."""
     out = []
-    for key in r.scan_iter(f"{COMPARISON_KEY_PREFIX}cmp_*", count=500):
+    for key in r.scan_iter(f"{COMPARISON_PREFIX}cmp_*", count=500):
         raw = r.get(key)
         if raw is None:
             continue
@@ -111,9 +112,9 @@ def publish_worse_candidate(home: Path, factor: float, bootstrap: str) -> str:
 
     from duet.model_assets import resolve_model
     from duet.settings import Settings
-    from feedback.events import WeightsAnnouncement
-    from feedback.registry import MANIFEST, Registry, manifest_checksum
-    from feedback.topics import WEIGHTS
+    from feedback.contract.events import WeightsAnnouncement
+    from feedback.contract.registry import MANIFEST, Registry, manifest_checksum
+    from feedback.contract.topics import WEIGHTS
     from trainer.policy import PolicyTrainer
     from trainer.probe import probe_logprobs
 

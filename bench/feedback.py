@@ -26,14 +26,13 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
 
 import aiohttp  # noqa: E402
-import httpx  # noqa: E402
 import psutil  # noqa: E402
 import redis  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from duet.processes import stop_process  # noqa: E402
-from feedback.broker import EmbeddedBroker, free_port
-from feedback.comparisons import Answer, ChatMessage, PendingComparison, SamplingSpec, comparison_key
+from duet.broker import EmbeddedBroker, free_port
+from feedback.contract.comparisons import Answer, ChatMessage, PendingComparison, SamplingSpec, comparison_key
 from feedback.outbox import OUTBOX
 from serving.auth import hash_key
 from serving.pairing import vote_token

@@ -29,9 +29,9 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from feedback.broker import EmbeddedBroker  # noqa: E402
-from feedback.events import WeightsAnnouncement  # noqa: E402
-from feedback.topics import FEEDBACK, WEIGHTS, ensure_topics  # noqa: E402
+from duet.broker import EmbeddedBroker  # noqa: E402
+from feedback.contract.events import WeightsAnnouncement  # noqa: E402
+from feedback.contract.topics import FEEDBACK, WEIGHTS, ensure_topics  # noqa: E402
 from trainer.examples import is_held_out, prompt_key  # noqa: E402
 from trainer.synthetic import marker_event  # noqa: E402
 

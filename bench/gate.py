@@ -59,7 +59,7 @@ def served(args) -> dict:
     from duet.model_assets import resolve_model
     from duet.preferences import judge, load_rule
     from duet.settings import Settings
-    from feedback.comparisons import ChatMessage
+    from feedback.contract.comparisons import ChatMessage
     from trainer.examples import PromptGroup
     from trainer.gate import gate_answers, load_gate_prompts
     from trainer.judge import JudgeEnsemble, SentenceEncoder

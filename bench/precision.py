@@ -28,7 +28,7 @@ from duet.cpus import available_cpus, pin_trainer, plan_split  # noqa: E402
 from duet.model_assets import resolve_model  # noqa: E402
 from duet.settings import Settings  # noqa: E402
 from trainer.policy import PolicyTrainer, Sample  # noqa: E402
-from duet.cpus import cpu_flags, cpu_has_fast_bf16  # noqa: E402
+from trainer.precision import cpu_flags, cpu_has_fast_bf16  # noqa: E402
 from duet.wiring import policy_config  # noqa: E402
 
 

@@ -31,7 +31,8 @@ def main() -> None:
 
     from duet.model_assets import resolve_model
     from duet.settings import Settings
-    from feedback.probes import mean_abs_diff
+    from feedback.contract.probes import mean_abs_diff
+    from duet.wiring import engine_config
     from serving.app import vllm_engine_factory
     from trainer.policy import PolicyTrainer
     from trainer.probe import probe_logprobs
@@ -52,7 +53,7 @@ def main() -> None:
     other = probe_logprobs(pt, other_dir)
     del pt
 
-    engine = vllm_engine_factory(s, model)
+    engine = vllm_engine_factory(engine_config(s), model)
     try:
         async def served(ids_list):
             return await asyncio.gather(*(engine.prompt_logprobs(ids, f"p{i}") for i, ids in enumerate(ids_list)))

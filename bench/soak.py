@@ -51,7 +51,7 @@ PROMPTS = ["Say hello.", "Name a colour.", "What is 2 + 2?", "Give me a tip for 
 
 
 def publish_copy_of_base(home: Path, model: str) -> str:
-    from feedback.registry import Registry
+    from feedback.contract.registry import Registry
     from trainer.policy import PolicyTrainer
     from trainer.probe import probe_logprobs
 

@@ -28,8 +28,8 @@ import aiohttp  # noqa: E402
 import httpx  # noqa: E402
 
 from duet.processes import stop_process  # noqa: E402
-from feedback.broker import free_port  # noqa: E402
-from feedback.registry import Registry  # noqa: E402
+from duet.broker import free_port  # noqa: E402
+from feedback.contract.registry import Registry  # noqa: E402
 
 # benchlib sits beside this file: importable only now that `feedback` is the package in sys.modules
 sys.path.append(str(Path(__file__).resolve().parent))

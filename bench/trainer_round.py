@@ -87,7 +87,7 @@ def main() -> None:
 
     s = Settings(kafka_bootstrap="unused:9092", home=scratch_home("duet-round-"))
     from duet.cpus import available_cpus, plan_split, pin_trainer
-    from duet.cpus import cpu_has_fast_bf16
+    from trainer.precision import cpu_has_fast_bf16
 
     split = plan_split(available_cpus(), s.serving_cpus, s.trainer_cpus)
     pin_trainer(split.trainer)

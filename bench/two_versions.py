@@ -48,9 +48,9 @@ def engine_args(model: str, lora: bool = False):
 def start(model: str, lora: bool = False, nice: int = 0):
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from serving.engine import _prepare_cpu_env, call_niced
+    from serving.engine import prepare_cpu_env, call_niced
 
-    _prepare_cpu_env(1, tempfile.mkdtemp(prefix="duet-bench-vllm-"))
+    prepare_cpu_env(1, tempfile.mkdtemp(prefix="duet-bench-vllm-"))
     return call_niced(nice, AsyncLLM.from_engine_args, engine_args(model, lora))
 
 
@@ -58,7 +58,7 @@ async def worker(llm, tok, seconds: float, max_tokens: int, counter: list, lora_
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from feedback.comparisons import ChatMessage
+    from feedback.contract.comparisons import ChatMessage
 
     deadline = time.perf_counter() + seconds
     i = 0

@@ -79,8 +79,8 @@ def cmd_up(args: argparse.Namespace) -> None:
     embedded broker (unless DUET_KAFKA_BOOTSTRAP is set), the API (with its outbox relay) and the trainer."""
     from duet.model_assets import resolve_model
     from duet.supervisor import Child, Supervisor, spawn
-    from feedback.broker import EmbeddedBroker
-    from feedback.topics import ensure_topics
+    from duet.broker import EmbeddedBroker
+    from feedback.contract.topics import ensure_topics
 
     s = _settings()
     _hold(s.home / "duet.lock", f"duet up on port {args.port or s.port}", "DUET_HOME")
@@ -196,7 +196,7 @@ def _redis_for_up(s, sup, run_dir) -> str:
         raise CLIError(f"Redis at {s.redis_url} does not answer ({err}) and no redis-server is on PATH: install "
                        f"one (e.g. `apt install redis-server`) or set DUET_REDIS_URL")
     from duet.supervisor import Child, spawn
-    from feedback.broker import free_port
+    from duet.broker import free_port
 
     port = free_port()
     data = s.home / "redis"
@@ -318,7 +318,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> None:
-    from feedback.registry import Registry
+    from feedback.contract.registry import Registry
 
     reg = Registry(_settings().registry_root())
     if args.models_command == "list":

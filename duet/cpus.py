@@ -18,54 +18,19 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 
-BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 flags for native bf16 dot products / tiles
-
-
-@lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as the kernel reports them (/proc/cpuinfo); empty where it does not."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-def cpu_has_fast_bf16(flags: frozenset[str] | None = None) -> bool:
-    """Whether this CPU computes bf16 products natively; without it they are emulated, slower than fp32."""
-    flags = cpu_flags() if flags is None else flags
-    return any(f in flags for f in BF16_CPU_FLAGS)
+from duet.settings import parse_cpus  # noqa: F401  (the settings' CPU-list format)
 
 
 def engine_dtype(requested: str, on_gpu: bool, flags: frozenset[str] | None = None) -> str:
     """The dtype vLLM serves in. "auto" keeps the model's own (bf16 for the default model) on a GPU and on a CPU
     with bf16 instructions, and serves float32 on a CPU without them: measured on an AVX2-only 2-core machine
     with SmolLM2-135M on one core, bf16 gave 15.9 tok/s alone and 20.4 with 4 requests, float32 19.8 and 47.6."""
+    from trainer.precision import cpu_has_fast_bf16  # the same fact decides the trainer's precision
+
     if requested != "auto" or on_gpu or cpu_has_fast_bf16(flags):
         return requested
     return "float32"
-
-
-def parse_cpus(text: str) -> tuple[int, ...]:
-    """ "0-2,5" -> (0, 1, 2, 5); ValueError naming the bad part."""
-    out: set[int] = set()
-    for part in text.replace(" ", "").split(","):
-        if not part:
-            continue
-        lo, _, hi = part.partition("-")
-        try:
-            a, b = int(lo), int(hi or lo)
-        except ValueError:
-            raise ValueError(f"bad CPU list part {part!r} (expected e.g. 0-3,6)") from None
-        if a < 0 or b < a:
-            raise ValueError(f"bad CPU range {part!r}")
-        out.update(range(a, b + 1))
-    return tuple(sorted(out))
 
 
 def format_cpus(cpus: tuple[int, ...] | list[int]) -> str:

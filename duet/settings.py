@@ -12,6 +12,23 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+def parse_cpus(text: str) -> tuple[int, ...]:
+    """ "0-2,5" -> (0, 1, 2, 5); ValueError naming the bad part."""
+    out: set[int] = set()
+    for part in text.replace(" ", "").split(","):
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        try:
+            a, b = int(lo), int(hi or lo)
+        except ValueError:
+            raise ValueError(f"bad CPU list part {part!r} (expected e.g. 0-3,6)") from None
+        if a < 0 or b < a:
+            raise ValueError(f"bad CPU range {part!r}")
+        out.update(range(a, b + 1))
+    return tuple(sorted(out))
+
+
 class Settings(BaseSettings):
     # "null" in the environment is None for the optional fields (what `to_env` writes for them)
     model_config = SettingsConfigDict(env_prefix="DUET_", env_file=".env", extra="ignore", env_parse_none_str="null")
@@ -158,7 +175,7 @@ class Settings(BaseSettings):
     registry_dir: Path | None = None  # where versions are published; default <home>/registry
     swap_probe_timeout_s: float = 30.0
     # After each in-place load the engine's log-probs on the manifest's probe tokens must be within this many
-    # nats per token (mean) of the trainer's, else the swap rolls back (feedback/probes.py)
+    # nats per token (mean) of the trainer's, else the swap rolls back (feedback/contract/probes.py)
     swap_logprob_tolerance: float = 0.2  # measured: 0.05 for the same weights, 1.3 for one MLP scaled by 1.5
 
     # --- canary tests: users judge each new version (feedback/canary.py, serving/canary.py) --------------------
@@ -188,8 +205,6 @@ class Settings(BaseSettings):
     @field_validator("serving_cpus", "trainer_cpus")
     @classmethod
     def _cpu_list(cls, v: str) -> str:
-        from duet.cpus import parse_cpus
-
         parse_cpus(v)  # a clear error at start-up, not a crash in a child
         return v
 

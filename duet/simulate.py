@@ -27,7 +27,7 @@ from pydantic import BaseModel
 from duet.preferences import judge, load_editor, load_rule, rate
 from duet.prompts import prompt_sets
 from feedback.arena import bootstrap_win_rate_by_prompt
-from feedback.registry import BASE_VERSION
+from feedback.contract.registry import BASE_VERSION
 
 
 class SimulationError(Exception):

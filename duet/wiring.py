@@ -19,6 +19,7 @@ from duet.settings import Settings
 
 if TYPE_CHECKING:
     from feedback.canary import CanaryConfig
+    from serving.config import ChatConfig, EngineConfig, ServingConfig
     from feedback.relay import OutboxRelay
     from trainer.gate import GateConfig
     from trainer.policy import PolicyConfig
@@ -183,13 +184,59 @@ def resolve_canary(s: Settings, say=None) -> Settings:
 
 # --- serving ---------------------------------------------------------------------------------------------------
 
+def engine_config(s: Settings | None = None, /, **override) -> EngineConfig:
+    """How serving starts an engine; DUET_DTYPE=auto resolved for this device here (duet/cpus.py)."""
+    import torch
+
+    from duet.cpus import engine_dtype
+    from serving.config import EngineConfig
+
+    s = s or defaults()
+    dtype = engine_dtype(s.dtype, on_gpu=torch.cuda.is_available())
+    if dtype != s.dtype:
+        log.info("serving in %s: this CPU has no bf16 instructions (DUET_DTYPE=auto)", dtype)
+    cfg = EngineConfig(
+        served_model_name=s.served_model_name, max_model_len=s.max_model_len, dtype=dtype,
+        enforce_eager=s.enforce_eager, seed=s.seed, kv_cache_gb=s.kv_cache_gb,
+        gpu_memory_utilization=s.gpu_memory_utilization, cache_root=s.home / "vllm-cache")
+    return cfg.model_copy(update=override) if override else cfg
+
+
+def chat_config(s: Settings | None = None, /, **override) -> ChatConfig:
+    from serving.config import ChatConfig
+
+    s = s or defaults()
+    cfg = ChatConfig(
+        served_model_name=s.served_model_name, max_n=s.max_n, max_k=s.max_k, pair_rate=s.pair_rate,
+        pair_min_temperature=s.pair_min_temperature, default_max_tokens=s.default_max_tokens,
+        max_tokens_cap=s.max_tokens_cap, comparison_ttl_s=s.comparison_ttl_s)
+    return cfg.model_copy(update=override) if override else cfg
+
+
+def serving_config(s: Settings) -> ServingConfig:
+    import socket
+
+    from serving.config import ServingConfig
+
+    return ServingConfig(
+        engine=engine_config(s), chat=chat_config(s), redis_url=s.redis_url, redis_timeout_s=s.redis_timeout_s,
+        kafka_bootstrap=s.kafka_bootstrap, outbox_max=s.outbox_max, vote_cap_per_key=s.vote_cap_per_key,
+        vote_cap_per_user=s.vote_cap_per_user, vote_max_bytes=s.vote_max_bytes, max_edit_chars=s.max_edit_chars,
+        max_body_bytes=s.max_body_bytes, secret=s.resolved_secret(), admin_key=s.admin_key, dev_key=s.dev_key,
+        auth_disabled=s.auth_disabled, rate_limit_rpm=s.rate_limit_rpm, registry_root=s.registry_root(),
+        swap_probe_timeout_s=s.swap_probe_timeout_s, swap_logprob_tolerance=s.swap_logprob_tolerance,
+        replica=f"{socket.gethostname()}:{s.port}", canary=canary_config(s) if s.canary == "users" else None,
+        canary_engine_nice=s.canary_engine_nice)
+
+
 def build_app(s: Settings):
     """The serving app (FastAPI), with its relay as DUET_RELAY says: a child process running `duet relay` with
-    these very settings (Settings.to_env), a thread, or none."""
+    these very settings (Settings.to_env), a thread, or none (`off`: run `duet relay` yourself)."""
     import sys
 
+    from duet.model_assets import resolve_model
+    from duet.relay_child import RelayChild
     from serving.app import create_app
-    from serving.relay_child import RelayChild
 
     start_relay = None
     if s.kafka_bootstrap and s.relay == "process":
@@ -198,4 +245,4 @@ def build_app(s: Settings):
         start_relay = lambda: RelayChild(cmd, s.to_env()).start()  # noqa: E731
     elif s.kafka_bootstrap and s.relay == "thread":
         start_relay = lambda: build_relay(s).start()  # noqa: E731
-    return create_app(s, canary=canary_config(s) if s.canary == "users" else None, start_relay=start_relay)
+    return create_app(serving_config(s), model=lambda: resolve_model(s.model, s.home), start_relay=start_relay)

@@ -30,9 +30,7 @@ from pydantic import BaseModel
 
 from feedback.sequential import ConfidenceSequence
 
-CANARY = "duet:canary"
-CANARY_VOTES = "duet:canary:votes"
-CANARY_HISTORY = "duet:canary:history"
+from feedback.contract.redis_keys import CANARY, CANARY_HISTORY, CANARY_VOTES  # noqa: F401
 HISTORY_KEEP = 100
 USERS_JUDGE = "users"  # the judge name of users' cross-version votes on the leaderboard
 

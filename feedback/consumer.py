@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pydantic import ValidationError
 
 from feedback import metrics
-from feedback.events import SCHEMA_MAJOR, FeedbackEvent, schema_major
-from feedback.topics import DEAD_LETTERS, FEEDBACK
+from feedback.contract.events import SCHEMA_MAJOR, FeedbackEvent, schema_major
+from feedback.contract.topics import DEAD_LETTERS, FEEDBACK
 
 log = logging.getLogger(__name__)
 

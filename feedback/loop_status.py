@@ -23,13 +23,10 @@ from typing import Literal, TypeVar
 
 from pydantic import BaseModel, Field
 
+from feedback.contract.redis_keys import BACKLOG, BATTLES, REWARD_MODEL, ROUNDS, SWAPS, vote_stats_day_key  # noqa: F401
+
 log = logging.getLogger(__name__)
 
-REWARD_MODEL = "duet:loop:reward_model"
-ROUNDS = "duet:loop:rounds"
-SWAPS = "duet:loop:swaps"
-BATTLES = "duet:loop:battles"
-BACKLOG = "duet:loop:backlog"
 BACKLOG_TTL_S = 60
 MAXLEN = 10_000
 VOTE_STATS_TTL_S = 30 * 86400
@@ -39,8 +36,6 @@ def vote_stats_key(ts: float) -> str:
     return vote_stats_day_key(int(ts // 86400))
 
 
-def vote_stats_day_key(day: int) -> str:
-    return f"duet:stats:votes:{day}"
 
 
 def vote_stats_field(ts: float, choice: str) -> str:

@@ -1,7 +1,7 @@
 """The vote outbox: a Redis stream that makes a vote durable before it is acknowledged, and the relay
 that publishes it to Kafka.
 
-Redis layout (besides `duet:cmp:*`, see feedback/comparisons.py):
+Redis layout (besides `duet:cmp:*`, see feedback/contract/comparisons.py):
     duet:voted:{comparison_id}   STRING "event_id\\nidempotency_key"; TTL: the comparison's remaining life
     duet:voted:{comparison_id}:edit   the same for the record's one edit
     duet:outbox                  STREAM, fields event_id, key (Kafka key), payload (FeedbackEvent JSON)
@@ -29,18 +29,11 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from feedback.comparisons import comparison_key
+from feedback.contract.redis_keys import (DEAD_VOTES, OUTBOX, RELAY_LOCK, VOTE_LIMIT, comparison_key,  # noqa: F401
+                                         vote_cap_key, voted_key)
 from feedback.loop_status import VOTE_STATS_TTL_S, vote_stats_field, vote_stats_key
 
-OUTBOX = "duet:outbox"
-RELAY_LOCK = "duet:outbox:relay-lock"
-DEAD_VOTES = "duet:outbox:dead"
-VOTE_LIMIT = "duet:outbox:max-bytes"
 DEAD_VOTES_MAX = 100_000  # the dead stream is trimmed to about this many entries
-
-
-def voted_key(record_id: str) -> str:
-    return f"duet:voted:{record_id}"
 
 
 _RECORD_VOTE = """
@@ -77,10 +70,6 @@ class VoteResult:
     idempotency_key: str | None = None  # for "voted": the key the earlier vote came with
     capped: Literal["key", "user"] | None = None  # for "capped": whose daily cap was reached
     limit: int | None = None  # for "too_large": the most bytes a vote event may have
-
-
-def vote_cap_key(now: float, who: str) -> str:
-    return f"duet:votecap:{time.strftime('%Y%m%d', time.gmtime(now))}:{who}"
 
 
 class Outbox:

@@ -18,7 +18,7 @@ from feedback import metrics
 from feedback.outbox import DEAD_VOTES, OUTBOX, RELAY_LOCK, VOTE_LIMIT, dead_letter, outbox_stats, stream_id_ms
 from feedback.relay_metrics import (DEAD_LETTERED, LOG_LOSSES, PRODUCE_ERRORS, PRODUCE_LATENCY, RELAY_DELAY, RELAYED,
                                     REPUBLISHED, UNCONFIRMED_AGE, UNCONFIRMED_DEPTH)
-from feedback.topics import FEEDBACK, ensure_topics, vote_event_limit
+from feedback.contract.topics import FEEDBACK, ensure_topics, vote_event_limit
 from feedback.unconfirmed import Unconfirmed
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,12 @@ class OutboxRelay:
         self._thread = threading.Thread(target=self._run, name="duet-outbox-relay", daemon=True)
         self._thread.start()
         return self
+
+    def check(self) -> None:
+        """Serving's once-a-second look (serving/runtime.py `Relay`): a thread that died is started again."""
+        if self._thread is not None and not self._thread.is_alive() and not self._stop.is_set():
+            log.warning("outbox relay thread died; starting it again")
+            self.start()
 
     def run_forever(self) -> None:
         """Run in the calling thread until SIGTERM/SIGINT (the `duet relay` process)."""

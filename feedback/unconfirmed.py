@@ -25,13 +25,7 @@ from __future__ import annotations
 
 import time
 
-from feedback.outbox import OUTBOX
-
-UNCONFIRMED = "duet:outbox:unconfirmed"
-UNCONFIRMED_ORDER = "duet:outbox:unconfirmed:order"
-TRAINED = "duet:outbox:trained"
-LOG_END = "duet:outbox:log-end"
-LOG_EPOCH = "duet:feedback:log-epoch"
+from feedback.contract.redis_keys import LOG_END, LOG_EPOCH, OUTBOX, TRAINED, UNCONFIRMED, UNCONFIRMED_ORDER
 TRAINED_MARK_TTL_MS = 3_600_000  # a confirmation for a send never recorded (e.g. a test's producer)
 
 _RECORD_SENT = """

@@ -9,25 +9,23 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from duet.settings import Settings
-from feedback.canary import CanaryConfig
 from feedback.outbox import Outbox
 from serving.auth import KeyStore
+from serving.config import ServingConfig
 from serving.errors import install_error_handlers
 from serving.middleware import LimitsAndMetrics
 from serving.openapi import install_openapi
 from serving.pairing import ComparisonStore
 from serving.rate_limit import RateLimiter
 from serving.redis_health import RedisBreaker, on_redis_error
-from serving.routes import admin, chat, dashboard, feedback, health
-from serving.runtime import EngineFactory, Runtime, load_engine, sample_gauges, vllm_engine_factory
+from serving.routes import admin, canary, chat, dashboard, feedback, health
+from serving.runtime import EngineFactory, Relay, Runtime, load_engine, sample_gauges, vllm_engine_factory
 from serving.votes import VoteService
 
 log = logging.getLogger(__name__)
@@ -35,11 +33,11 @@ log = logging.getLogger(__name__)
 __all__ = ["create_app", "vllm_engine_factory"]
 
 
-def create_app(s: Settings, engine_factory: EngineFactory = vllm_engine_factory, canary: CanaryConfig | None = None,
-               start_relay: Callable[[], Any] | None = None) -> FastAPI:
-    """`canary`: users judge each published version (DUET_CANARY=users) with this test's settings; None: versions
-    go live as published. `start_relay`: starts the outbox relay beside the API (a child process or a thread;
-    duet/wiring.py builds both) and returns it, stopped with the app; None: the relay runs elsewhere."""
+def create_app(s: ServingConfig, model: Callable[[], str], engine_factory: EngineFactory = vllm_engine_factory,
+               start_relay: Callable[[], Relay] | None = None) -> FastAPI:
+    """`model` gives the model's folder (called in the background: it may convert the model first). `start_relay`
+    starts the outbox relay beside the API (a child process or a thread; duet/wiring.py builds both) and returns
+    it, stopped with the app; None: the relay runs elsewhere (`duet relay`)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -48,8 +46,8 @@ def create_app(s: Settings, engine_factory: EngineFactory = vllm_engine_factory,
                                   socket_connect_timeout=s.redis_timeout_s)
         breaker = RedisBreaker()
         outbox = Outbox(redis, s.outbox_max, s.vote_cap_per_key, s.vote_cap_per_user, s.vote_max_bytes)
-        votes = VoteService(ComparisonStore(redis), outbox, s.resolved_secret(), s.max_edit_chars)
-        rt = Runtime(settings=s, redis=redis, breaker=breaker, votes=votes, started=time.time(), canary_cfg=canary,
+        votes = VoteService(ComparisonStore(redis), outbox, s.secret, s.max_edit_chars)
+        rt = Runtime(cfg=s, redis=redis, breaker=breaker, votes=votes, started=time.time(),
                      keys=KeyStore(redis, s.admin_key, s.auth_disabled, dev_key=s.dev_key, breaker=breaker),
                      limiter=RateLimiter(redis, s.rate_limit_rpm, breaker))
         if not s.kafka_bootstrap:
@@ -57,7 +55,7 @@ def create_app(s: Settings, engine_factory: EngineFactory = vllm_engine_factory,
         elif start_relay is not None:
             rt.relay = start_relay()
         app.state.rt = rt
-        loader = asyncio.create_task(load_engine(rt, engine_factory))
+        loader = asyncio.create_task(load_engine(rt, engine_factory, model))
         sampler = asyncio.create_task(sample_gauges(rt))
         try:
             yield

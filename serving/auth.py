@@ -18,10 +18,10 @@ from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from feedback.contract.redis_keys import APIKEY_PREFIX
 from serving.errors import APIError
 from serving.redis_health import RedisBreaker, unavailable
 
-KEY_PREFIX = "duet:apikey:"
 ANONYMOUS = "anonymous"
 
 
@@ -62,7 +62,7 @@ class KeyStore:
         key = key or new_key()
         digest = hash_key(key)
         record = ApiKeyRecord(key_id=digest[:12], name=name, pair_rate=pair_rate, rate_limit_rpm=rate_limit_rpm)
-        await self.redis.set(KEY_PREFIX + digest, record.model_dump_json())
+        await self.redis.set(APIKEY_PREFIX + digest, record.model_dump_json())
         return key, record
 
     async def authenticate(self, authorization: str | None) -> ApiKeyRecord:
@@ -82,7 +82,7 @@ class KeyStore:
         raw, reached = None, False
         if not self.breaker.tripped():
             try:
-                raw, reached = await self.redis.get(KEY_PREFIX + digest), True
+                raw, reached = await self.redis.get(APIKEY_PREFIX + digest), True
             except RedisError as e:
                 self.breaker.trip(e)
         if not reached:

@@ -27,7 +27,7 @@ import numpy as np
 from feedback import loop_status
 from feedback.arena import length_controlled
 from feedback.canary import CanaryConfig, CanaryStore, CanaryTest, decide, outcome, users_battle
-from feedback.comparisons import PendingComparison, SamplingSpec
+from feedback.contract.comparisons import PendingComparison, SamplingSpec
 from serving import metrics
 from serving.engine import Engine, GenerationStep
 from serving.swap import WeightSwapper

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 from redis.exceptions import RedisError
 
-from duet.settings import Settings
-from feedback.comparisons import Answer, ChatMessage, PendingComparison, SamplingSpec
+from feedback.contract.comparisons import Answer, ChatMessage, PendingComparison, SamplingSpec
 from serving import metrics
+from serving.config import ChatConfig
 from serving.auth import ApiKeyRecord
 from serving.canary import CanaryRunner, CrossPair, generate_cross
 from serving.engine import Engine
@@ -73,9 +73,9 @@ class Collected:
 
 
 class ChatService:
-    def __init__(self, settings: Settings, engine: Engine, prompts: PromptBuilder, store: ComparisonStore,
+    def __init__(self, cfg: ChatConfig, engine: Engine, prompts: PromptBuilder, store: ComparisonStore,
                  secret: str, breaker: RedisBreaker | None = None, canary: CanaryRunner | None = None) -> None:
-        self.s = settings
+        self.s = cfg
         self.engine = engine
         self.prompts = prompts
         self.store = store

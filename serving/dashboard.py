@@ -13,7 +13,7 @@ from feedback import loop_status as ls
 from feedback.arena import bootstrap_win_rate, leaderboard
 from feedback.canary import USERS_JUDGE, CanaryConfig, CanaryStore, trajectory, users_battle
 from feedback.outbox import async_outbox_stats
-from feedback.registry import BASE_VERSION
+from feedback.contract.registry import BASE_VERSION
 
 
 class VoteBucket(BaseModel):

@@ -63,7 +63,7 @@ async def swapper(_: Annotated[ApiKeyRecord, Depends(admin_key)],
 async def canary(_: Annotated[ApiKeyRecord, Depends(admin_key)],
                  rt: Annotated[Runtime, Depends(get_runtime)]) -> CanaryRunner:
     """The canary runner, for admin routes (the admin key is checked first)."""
-    if rt.canary_cfg is None:
+    if rt.cfg.canary is None:
         raise APIError(409, "canary tests are off (DUET_CANARY=off): published versions go live when the "
                             "trainer's gate passes them", code="canary_off")
     if rt.canary is None:

@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from feedback.comparisons import SamplingSpec
-from feedback.registry import BASE_VERSION
+from feedback.contract.comparisons import SamplingSpec
+from feedback.contract.registry import BASE_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,8 @@ class Engine(Protocol):
     def shutdown(self) -> None: ...
 
 
-def _prepare_cpu_env(kv_cache_gb: int, cache_root: str) -> None:
-    # Set before vLLM is imported: it reads these at import / engine start.
+def prepare_cpu_env(kv_cache_gb: int, cache_root: str) -> None:
+    """vLLM's CPU environment, set before vLLM is imported (it reads these at import / engine start)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gb))
     # vLLM reserves a core for the front end by default; on 2 cores that costs ~25 % throughput.
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
@@ -137,7 +137,7 @@ class VLLMEngine:
         gpu_memory_utilization: float,
         cache_root: str,
     ) -> VLLMEngine:
-        _prepare_cpu_env(kv_cache_gb, cache_root)
+        prepare_cpu_env(kv_cache_gb, cache_root)
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 from redis.asyncio import Redis
 
-from feedback.comparisons import PendingComparison, comparison_key
+from feedback.contract.comparisons import PendingComparison, comparison_key
 from serving.errors import APIError
 from serving.protocol import PairsMode
 

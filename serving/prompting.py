@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from feedback.comparisons import ChatMessage
+from feedback.contract.comparisons import ChatMessage
 
 
 class PromptBuilder:

@@ -7,6 +7,7 @@ import time
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from feedback.contract.redis_keys import rate_limit_key
 from serving.errors import APIError
 from serving.redis_health import RedisBreaker
 
@@ -33,7 +34,7 @@ class RateLimiter:
         if self.breaker.tripped():
             return  # not counted while Redis is away: answering beats refusing everyone
         try:
-            count = await self._incr(keys=[f"duet:ratelimit:{key_id}:{window}"], args=[WINDOW_S * 2])
+            count = await self._incr(keys=[rate_limit_key(key_id, window)], args=[WINDOW_S * 2])
         except RedisError as e:
             self.breaker.trip(e)
             return

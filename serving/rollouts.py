@@ -1,4 +1,4 @@
-"""`POST /admin/rollouts`: the live engine samples for the trainer (contract: feedback/rollouts.py)."""
+"""`POST /admin/rollouts`: the live engine samples for the trainer (contract: feedback/contract/rollouts.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import contextlib
 import uuid
 from collections.abc import Awaitable, Callable
 
-from feedback.comparisons import SamplingSpec
-from feedback.rollouts import RolloutRequest, RolloutResponse, RolloutSample
+from feedback.contract.comparisons import SamplingSpec
+from feedback.contract.rollouts import RolloutRequest, RolloutResponse, RolloutSample
 from serving import metrics
 from serving.engine import Engine, EngineInputError
 from serving.errors import APIError

@@ -5,50 +5,49 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 import redis.asyncio as aioredis
 
-from duet.cpus import engine_dtype
-from duet.model_assets import resolve_model
-from duet.settings import Settings
 from feedback import metrics as feedback_metrics
-from feedback.canary import CanaryConfig, CanaryStore
-from feedback.events import WeightsAnnouncement
+from feedback.canary import CanaryStore
+from feedback.contract.events import WeightsAnnouncement
 from feedback.outbox import async_outbox_stats
 from serving import metrics
 from serving.auth import KeyStore
 from serving.canary import CanaryRunner
 from serving.chat import ChatService
+from serving.config import EngineConfig, ServingConfig
 from serving.engine import Engine, VLLMEngine, call_niced
 from serving.pairing import ComparisonStore
 from serving.prompting import PromptBuilder
 from serving.rate_limit import RateLimiter
 from serving.redis_health import RedisBreaker
-from serving.relay_child import RelayChild
 from serving.swap import WeightSwapper
 from serving.votes import VoteService
 from serving.weights_watcher import WeightsWatcher
 
 log = logging.getLogger(__name__)
 
-EngineFactory = Callable[[Settings, str], Engine]
+class Relay(Protocol):
+    """The outbox relay beside the API (duet/wiring.py starts it: a child process or a thread)."""
+
+    def check(self) -> None: ...  # once a second: restart it if it died
+
+    def stop(self) -> None: ...
 
 
-def vllm_engine_factory(s: Settings, model_path: str) -> Engine:
-    import torch
+EngineFactory = Callable[[EngineConfig, str], Engine]  # (how, the model's folder) -> a started engine
 
-    dtype = engine_dtype(s.dtype, on_gpu=torch.cuda.is_available())
-    if dtype != s.dtype:
-        log.info("serving in %s: this CPU has no bf16 instructions (DUET_DTYPE=auto)", dtype)
+
+def vllm_engine_factory(cfg: EngineConfig, model_path: str) -> Engine:
     return VLLMEngine.start(
-        model_path, served_model_name=s.served_model_name, max_model_len=s.max_model_len, dtype=dtype,
-        enforce_eager=s.enforce_eager, seed=s.seed, kv_cache_gb=s.kv_cache_gb,
-        gpu_memory_utilization=s.gpu_memory_utilization, cache_root=str(s.home / "vllm-cache"),
+        model_path, served_model_name=cfg.served_model_name, max_model_len=cfg.max_model_len, dtype=cfg.dtype,
+        enforce_eager=cfg.enforce_eager, seed=cfg.seed, kv_cache_gb=cfg.kv_cache_gb,
+        gpu_memory_utilization=cfg.gpu_memory_utilization, cache_root=str(cfg.cache_root),
     )
 
 
@@ -56,41 +55,41 @@ def vllm_engine_factory(s: Settings, model_path: str) -> Engine:
 class Runtime:
     """What the routes need; `chat` is None until the engine has loaded."""
 
-    settings: Settings
+    cfg: ServingConfig
     redis: aioredis.Redis
     breaker: RedisBreaker
     keys: KeyStore
     limiter: RateLimiter
     votes: VoteService
-    relay: Any = None  # RelayChild, or an OutboxRelay thread with DUET_RELAY=thread
+    relay: Relay | None = None
     swapper: WeightSwapper | None = None
     watcher: WeightsWatcher | None = None
     engine: Engine | None = None
     chat: ChatService | None = None
     engine_error: str | None = None
-    canary_cfg: CanaryConfig | None = None  # users judge each published version (DUET_CANARY=users)
     canary: CanaryRunner | None = None  # runs the tests, once the engine has loaded
     canary_task: asyncio.Task | None = None
     started: float = 0.0
 
 
-async def load_engine(rt: Runtime, factory: EngineFactory) -> None:
-    s = rt.settings
+async def load_engine(rt: Runtime, factory: EngineFactory, model: Callable[[], str]) -> None:
+    """`model` gives the model's folder (it may convert the model first: minutes, once)."""
+    s = rt.cfg
     try:
-        model_path = await asyncio.to_thread(resolve_model, s.model, s.home)
+        model_path = await asyncio.to_thread(model)
         prompts = await asyncio.to_thread(PromptBuilder, model_path)
-        engine = await asyncio.to_thread(factory, s, model_path)
+        engine = await asyncio.to_thread(factory, s.engine, model_path)
         rt.engine = engine
-        rt.swapper = WeightSwapper(engine, prompts, model_path, s.registry_root(), s.swap_probe_timeout_s,
-                                   status_redis=rt.redis, replica=f"{socket.gethostname()}:{s.port}",
+        rt.swapper = WeightSwapper(engine, prompts, model_path, s.registry_root, s.swap_probe_timeout_s,
+                                   status_redis=rt.redis, replica=s.replica,
                                    logprob_tolerance=s.swap_logprob_tolerance)
         metrics.set_model_version(engine.model_version)
         if s.kafka_bootstrap:
             rt.watcher = WeightsWatcher(s.kafka_bootstrap, asyncio.get_running_loop(),
                                         lambda ann: on_announcement(rt, ann)).start()
-        if rt.canary_cfg is not None:
-            rt.canary = CanaryRunner(CanaryStore(rt.redis), rt.canary_cfg, rt.swapper,
-                                     lambda: call_niced(s.canary_engine_nice, factory, s, model_path))
+        if s.canary is not None:
+            rt.canary = CanaryRunner(CanaryStore(rt.redis), s.canary, rt.swapper,
+                                     lambda: call_niced(s.canary_engine_nice, factory, s.engine, model_path))
             rt.votes.canary = rt.canary
         latest = rt.swapper.registry.latest()
         if latest is not None and rt.canary is None:  # published while this replica was down
@@ -100,7 +99,7 @@ async def load_engine(rt: Runtime, factory: EngineFactory) -> None:
             if promoted and promoted != engine.model_version:
                 await rt.swapper.activate(promoted)
             rt.canary_task = asyncio.create_task(rt.canary.run())
-        rt.chat = ChatService(s, engine, prompts, ComparisonStore(rt.redis), s.resolved_secret(), rt.breaker,
+        rt.chat = ChatService(s.chat, engine, prompts, ComparisonStore(rt.redis), s.secret, rt.breaker,
                               canary=rt.canary)
         log.info("engine ready (%s, version %s) after %.1f s", model_path, engine.model_version,
                  time.time() - rt.started)
@@ -133,7 +132,7 @@ async def sample_gauges(rt: Runtime) -> None:
             depth, age = await async_outbox_stats(rt.redis)
             feedback_metrics.OUTBOX_DEPTH.set(depth)
             feedback_metrics.OUTBOX_OLDEST_AGE.set(age)
-            if isinstance(rt.relay, RelayChild):
+            if rt.relay is not None:
                 rt.relay.check()
         except Exception as e:  # Redis briefly away: /ready reports it; keep sampling
             log.debug("gauge sampling failed: %s", e)

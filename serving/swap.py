@@ -19,9 +19,9 @@ from pathlib import Path
 from prometheus_client import Counter, Gauge, Histogram
 
 from feedback import loop_status
-from feedback.comparisons import ChatMessage, SamplingSpec
-from feedback.probes import mean_abs_diff
-from feedback.registry import MANIFEST, Registry, sha256_file, verify, version_number
+from feedback.contract.comparisons import ChatMessage, SamplingSpec
+from feedback.contract.probes import mean_abs_diff
+from feedback.contract.registry import MANIFEST, Registry, sha256_file, verify, version_number
 from serving import metrics
 from serving.engine import BASE_VERSION, Engine, WeightsUnavailable
 from serving.prompting import PromptBuilder

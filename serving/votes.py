@@ -14,8 +14,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from feedback.comparisons import PendingComparison
-from feedback.events import Choice, EditedAnswer, FeedbackEvent, Rating, normalize_ranking
+from feedback.contract.comparisons import PendingComparison
+from feedback.contract.events import Choice, EditedAnswer, FeedbackEvent, Rating, normalize_ranking
 from feedback.outbox import Outbox
 from serving import metrics
 from serving.auth import ApiKeyRecord

@@ -12,8 +12,8 @@ import asyncio
 import logging
 import threading
 
-from feedback.events import WeightsAnnouncement
-from feedback.topics import WEIGHTS
+from feedback.contract.events import WeightsAnnouncement
+from feedback.contract.topics import WEIGHTS
 from serving.metrics import ANNOUNCEMENTS_REFUSED
 
 log = logging.getLogger(__name__)

@@ -50,8 +50,8 @@ def redis_client():
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory):
     """The embedded Kafka-protocol broker (tansu, in memory), one per test session."""
-    from feedback.broker import EmbeddedBroker
-    from feedback.topics import ensure_topics
+    from duet.broker import EmbeddedBroker
+    from feedback.contract.topics import ensure_topics
 
     b = EmbeddedBroker(log_path=tmp_path_factory.mktemp("tansu") / "tansu.log").start()
     ensure_topics(b.bootstrap, partitions=3)

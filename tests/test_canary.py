@@ -18,10 +18,10 @@ import pytest
 import redis
 
 from duet.processes import stop_process
-from feedback.broker import EmbeddedBroker
-from feedback.events import WeightsAnnouncement
-from feedback.registry import manifest_checksum
-from feedback.topics import WEIGHTS, ensure_topics
+from duet.broker import EmbeddedBroker
+from feedback.contract.events import WeightsAnnouncement
+from feedback.contract.registry import manifest_checksum
+from feedback.contract.topics import WEIGHTS, ensure_topics
 from tests.conftest import ADMIN_KEY, TEST_REDIS_DB, duet_env, free_port, make_blue_llama, make_tiny_llama, wait_for
 from tests.test_serving_api import assert_openai_error
 from tests.test_swap import publish

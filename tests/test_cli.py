@@ -27,7 +27,7 @@ def test_bad_flag_value_is_one_line():
 
 
 def test_models_list_and_show(tmp_path):
-    from feedback.registry import Registry
+    from feedback.contract.registry import Registry
 
     reg = Registry(tmp_path / "registry")
     reg.publish(lambda d: (d / "model.safetensors").write_bytes(b"w"), base_model="base", algorithm="dpo",

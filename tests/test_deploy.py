@@ -179,7 +179,7 @@ def test_k8s_gpu_overlay_is_production_shaped():
     [pool] = by_kind(docs, "KafkaNodePool")
     assert pool["spec"]["replicas"] == 3 and set(pool["spec"]["roles"]) == {"controller", "broker"}
     topics = {t["metadata"]["name"]: t["spec"] for t in by_kind(docs, "KafkaTopic")}
-    from feedback.topics import DEAD_LETTERS, FEEDBACK, WEIGHTS
+    from feedback.contract.topics import DEAD_LETTERS, FEEDBACK, WEIGHTS
 
     assert set(topics) == {FEEDBACK, DEAD_LETTERS, WEIGHTS}
     assert all(t["replicas"] == 3 and t["config"]["min.insync.replicas"] == 2 for t in topics.values())

@@ -2,7 +2,7 @@
 
 from itertools import combinations
 
-from feedback.events import EditedAnswer, FeedbackEvent
+from feedback.contract.events import EditedAnswer, FeedbackEvent
 from tests.test_feedback_events import comparison
 from trainer.examples import is_held_out, open_ended_heuristic, to_prompt_group
 

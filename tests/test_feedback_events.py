@@ -6,9 +6,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from feedback.comparisons import Answer, ChatMessage, PendingComparison, SamplingSpec
+from feedback.contract.comparisons import Answer, ChatMessage, PendingComparison, SamplingSpec
 from feedback.consumer import PoisonMessage, SeenIds, decode_event
-from feedback.events import SCHEMA_VERSION, EditedAnswer, FeedbackEvent, normalize_ranking, uuid7
+from feedback.contract.events import SCHEMA_VERSION, EditedAnswer, FeedbackEvent, normalize_ranking, uuid7
 
 
 def comparison(k: int = 2) -> PendingComparison:

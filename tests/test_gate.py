@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from feedback.comparisons import ChatMessage
+from feedback.contract.comparisons import ChatMessage
 from trainer.gate import GatePromptsError, evaluate, gate_answers, gate_decision, load_gate_prompts
 from trainer.policy import PolicyTrainer
 from trainer.service import TrainerService

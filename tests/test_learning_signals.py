@@ -9,11 +9,12 @@ import random
 import pytest
 import torch
 
-from feedback.events import EditedAnswer
+from feedback.contract.events import EditedAnswer
 from trainer.examples import to_prompt_group
 from trainer.gate import GateConfig
 from trainer.policy import PolicyTrainer, informative_groups
-from duet.cpus import cpu_has_fast_bf16, engine_dtype
+from duet.cpus import engine_dtype
+from trainer.precision import cpu_has_fast_bf16
 from trainer.precision import use_bf16
 from trainer.service import TrainerService, replay_draw, served_sampling
 from trainer.synthetic import marker_event, marker_rating
@@ -129,7 +130,7 @@ def test_the_policy_trains_in_either_precision_with_fp32_adapters(tiny_model, pr
 
 
 def _prompts(n):
-    from feedback.comparisons import ChatMessage
+    from feedback.contract.comparisons import ChatMessage
 
     return [[ChatMessage(role="user", content=f"Tell me about thing {i}.")] for i in range(n)]
 

@@ -17,10 +17,10 @@ from collections import Counter
 import pytest
 import redis
 
-from feedback.broker import EmbeddedBroker
+from duet.broker import EmbeddedBroker
 from feedback.outbox import OUTBOX
 from feedback.relay import OutboxRelay
-from feedback.topics import FEEDBACK
+from feedback.contract.topics import FEEDBACK
 from feedback.unconfirmed import LOG_EPOCH, UNCONFIRMED, Unconfirmed
 from tests.conftest import TEST_REDIS_DB, empty_redis
 from tests.kafka_helpers import read_topic

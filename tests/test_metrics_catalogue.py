@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 
 MODULES = ["serving.metrics", "feedback.metrics", "feedback.relay_metrics", "trainer.metrics", "serving.swap",
-           "serving.relay_child", "duet.supervisor"]
+           "duet.relay_child", "duet.supervisor"]
 
 
 def code_metrics() -> dict[str, tuple[str, str]]:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from feedback.comparisons import ChatMessage
+from feedback.contract.comparisons import ChatMessage
 from trainer.reward_model import RewardModel, minilm_path
 
 

@@ -12,9 +12,9 @@ import shutil
 import pytest
 import torch
 
-from feedback.comparisons import ChatMessage
-from feedback.events import WeightsAnnouncement
-from feedback.topics import WEIGHTS, ensure_topics
+from feedback.contract.comparisons import ChatMessage
+from feedback.contract.events import WeightsAnnouncement
+from feedback.contract.topics import WEIGHTS, ensure_topics
 from tests.kafka_helpers import read_topic
 from trainer.examples import to_prompt_group
 from trainer import checkpoint
@@ -24,7 +24,7 @@ from trainer.judge import JudgeEnsemble, SentenceEncoder
 from trainer.losses import dpo_loss, kl_penalized_rewards, rloo_advantages, rloo_loss
 from trainer.policy import PolicyTrainer, load_causal_lm
 from trainer.reward_model import minilm_path
-from feedback.registry import Registry, verify
+from feedback.contract.registry import Registry, verify
 from trainer.rounds import PolicyRounds
 from trainer.synthetic import TOPICS, marker_event, marker_rating
 from duet.wiring import gate_config, policy_config, round_config

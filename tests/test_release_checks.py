@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from feedback.registry import Registry
+from feedback.contract.registry import Registry
 from tests.test_policy import PROMPTS, _synthetic_votes, blue_reward
 from trainer.policy import PolicyTrainer
 from trainer.release_checks import (ReleaseCheck, ReleaseChecker, ReleaseChecksError, load_release_checks, passes,

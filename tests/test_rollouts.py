@@ -7,7 +7,7 @@ import httpx
 import pytest
 import torch
 
-from feedback.comparisons import ChatMessage
+from feedback.contract.comparisons import ChatMessage
 from tests.conftest import ADMIN_KEY
 from trainer.policy import PolicyTrainer
 from trainer.rollouts import ServingRollouts

@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from feedback.rollouts import RolloutRequest
+from feedback.contract.rollouts import RolloutRequest
 from serving.engine import ChoiceDelta, GenerationStep
 from serving.errors import APIError
 from serving.rollouts import rollouts
@@ -70,7 +70,7 @@ def test_the_trainer_waits_for_a_candidate_engine_that_is_loading(monkeypatch):
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from feedback.rollouts import RolloutResponse, RolloutSample
+    from feedback.contract.rollouts import RolloutResponse, RolloutSample
     from trainer import rollouts as client
 
     answers = ['{"error": {"message": "loading", "code": "candidate_loading"}}'] * 2 + [

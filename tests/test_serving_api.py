@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from feedback.comparisons import PendingComparison, comparison_key
+from feedback.contract.comparisons import PendingComparison, comparison_key
 from serving.pairing import verify_vote_token
 from tests.conftest import ADMIN_KEY, MAX_BODY, MAX_MODEL_LEN, SECRET
 from tests.waiting import wait_until

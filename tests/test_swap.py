@@ -15,9 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from feedback.events import WeightsAnnouncement
-from feedback.registry import Registry, manifest_checksum
-from feedback.topics import WEIGHTS
+from feedback.contract.events import WeightsAnnouncement
+from feedback.contract.registry import Registry, manifest_checksum
+from feedback.contract.topics import WEIGHTS
 from tests.conftest import ADMIN_KEY, make_tiny_llama
 from tests.test_serving_api import HELLO, _metric, assert_openai_error
 from duet.wiring import policy_config

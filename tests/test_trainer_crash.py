@@ -15,10 +15,10 @@ import time
 import pytest
 from kafka import KafkaProducer
 
-from feedback.broker import EmbeddedBroker
-from feedback.topics import FEEDBACK, ensure_topics
+from duet.broker import EmbeddedBroker
+from feedback.contract.topics import FEEDBACK, ensure_topics
 from trainer import checkpoint
-from feedback.registry import Registry, verify
+from feedback.contract.registry import Registry, verify
 from tests.conftest import TEST_REDIS_DB, empty_redis
 from trainer.synthetic import marker_event
 from tests.waiting import wait_until

@@ -14,9 +14,9 @@ import pytest
 import redis.asyncio as aioredis
 from pydantic import ValidationError
 
-from feedback.events import WeightsAnnouncement
+from feedback.contract.events import WeightsAnnouncement
 from feedback.outbox import DEAD_VOTES, OUTBOX, VOTE_LIMIT, Outbox
-from feedback.registry import Registry, manifest_checksum
+from feedback.contract.registry import Registry, manifest_checksum
 from feedback.relay import OutboxRelay
 from serving.auth import ApiKeyRecord
 from serving.errors import APIError

@@ -5,7 +5,7 @@ import json
 
 import redis.asyncio as aioredis
 
-from feedback.comparisons import comparison_key
+from feedback.contract.comparisons import comparison_key
 from feedback.outbox import OUTBOX, Outbox
 
 CAPS_REDIS = "redis://127.0.0.1:6379/15"  # not the session server's database

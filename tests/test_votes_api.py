@@ -11,9 +11,9 @@ import httpx
 import pytest
 
 from feedback.consumer import FeedbackConsumer
-from feedback.events import SCHEMA_VERSION, FeedbackEvent
+from feedback.contract.events import SCHEMA_VERSION, FeedbackEvent
 from feedback.outbox import OUTBOX
-from feedback.topics import DEAD_LETTERS, FEEDBACK
+from feedback.contract.topics import DEAD_LETTERS, FEEDBACK
 from feedback.unconfirmed import UNCONFIRMED
 from tests.conftest import OUTBOX_MAX
 from tests.kafka_helpers import read_topic
@@ -234,7 +234,7 @@ def test_votes_survive_a_broker_outage(client, broker, duet_server, api_key, red
 def test_consumer_drops_duplicates_and_dead_letters_poison(broker):
     from kafka import KafkaProducer
 
-    from feedback.topics import ensure_topics
+    from feedback.contract.topics import ensure_topics
     from tests.test_feedback_events import comparison
 
     ensure_topics(broker.bootstrap)

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, Field
 from safetensors.torch import load_file, save_file
 
-from feedback.registry import sha256_file
+from feedback.contract.registry import sha256_file
 from trainer.examples import PromptGroup
 from trainer.metrics import CHECKPOINT_FALLBACKS
 from trainer.voters import VoterScreen

@@ -18,8 +18,8 @@ from itertools import combinations
 
 from pydantic import BaseModel
 
-from feedback.comparisons import ChatMessage
-from feedback.events import FeedbackEvent
+from feedback.contract.comparisons import ChatMessage
+from feedback.contract.events import FeedbackEvent
 
 
 class PromptGroup(BaseModel):

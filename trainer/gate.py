@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from feedback.comparisons import ChatMessage
+from feedback.contract.comparisons import ChatMessage
 from trainer.judge import JudgeEnsemble, bounded_win_rate
 from trainer.policy import PolicyTrainer, Sample, load_causal_lm
 from trainer.release_checks import CheckResult, ReleaseChecker

@@ -24,7 +24,7 @@ import random
 import torch
 import torch.nn.functional as F
 
-from feedback.comparisons import ChatMessage
+from feedback.contract.comparisons import ChatMessage
 from trainer.examples import PromptGroup
 
 

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from feedback.comparisons import ChatMessage
+from feedback.contract.comparisons import ChatMessage
 from trainer.examples import PromptGroup
 from trainer.lora import (adapter_parameters, adapter_state_dict, adapters_off, add_adapters,
                           load_adapter_state_dict, lora_layers, merged_state_dict)

@@ -9,11 +9,33 @@ with. On a CPU without bf16 instructions bf16 matmuls are emulated and slower th
 from __future__ import annotations
 
 from contextlib import nullcontext
+from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 
 import torch
 
-from duet.cpus import cpu_has_fast_bf16
+
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 flags for native bf16 dot products / tiles
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as the kernel reports them (/proc/cpuinfo); empty where it does not."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_has_fast_bf16(flags: frozenset[str] | None = None) -> bool:
+    """Whether this CPU computes bf16 products natively; without it they are emulated, slower than fp32."""
+    flags = cpu_flags() if flags is None else flags
+    return any(f in flags for f in BF16_CPU_FLAGS)
+
 
 Precision = Literal["auto", "bf16", "fp32"]
 def use_bf16(device: torch.device, precision: Precision = "auto") -> bool:

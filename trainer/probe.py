@@ -1,4 +1,4 @@
-"""The probe log-probabilities of an exported version (feedback/probes.py), computed from the exported files
+"""The probe log-probabilities of an exported version (feedback/contract/probes.py), computed from the exported files
 themselves, loaded as serving loads them, so serving can check its engine computes the same."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from feedback.comparisons import ChatMessage
-from feedback.probes import PROBE_CONVERSATIONS, ProbeLogprobs
+from feedback.contract.comparisons import ChatMessage
+from feedback.contract.probes import PROBE_CONVERSATIONS, ProbeLogprobs
 from trainer.policy import PolicyTrainer, load_causal_lm
 
 

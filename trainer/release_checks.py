@@ -42,7 +42,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from feedback.comparisons import ChatMessage
+from feedback.contract.comparisons import ChatMessage
 
 DEFAULT_CHECKS = Path(__file__).with_name("release_checks.jsonl")
 LOWER_IS_WORSE = {"likelihood", "contains"}

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from feedback.comparisons import ChatMessage
+from feedback.contract.comparisons import ChatMessage
 from trainer.precision import autocast
 
 

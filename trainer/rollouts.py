@@ -1,4 +1,4 @@
-"""The trainer's side of rollouts (contract: feedback/rollouts.py): ask serving's live vLLM engine for RLOO
+"""The trainer's side of rollouts (contract: feedback/contract/rollouts.py): ask serving's live vLLM engine for RLOO
 samples when it serves exactly the version the trainer's state was exported as; None means "sample
 locally" (serving unreachable, a different version live, a swap mid-way)."""
 
@@ -10,7 +10,7 @@ import time
 import httpx
 from pydantic import ValidationError
 
-from feedback.rollouts import RolloutRequest, RolloutResponse
+from feedback.contract.rollouts import RolloutRequest, RolloutResponse
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from feedback.comparisons import ChatMessage
-from feedback.events import WeightsAnnouncement
-from feedback.registry import BASE_VERSION, Manifest, Registry, manifest_checksum
-from feedback.topics import WEIGHTS
+from feedback.contract.comparisons import ChatMessage
+from feedback.contract.events import WeightsAnnouncement
+from feedback.contract.registry import BASE_VERSION, Manifest, Registry, manifest_checksum
+from feedback.contract.topics import WEIGHTS
 from trainer import metrics
 from trainer.examples import PromptGroup, prompt_key
 from trainer.gate import GateConfig, GateResult, evaluate, gate_answers

@@ -40,10 +40,10 @@ from pathlib import Path
 
 from feedback import loop_status
 from feedback.canary import read_canary, users_incumbent
-from feedback.comparisons import ChatMessage
+from feedback.contract.comparisons import ChatMessage
 from feedback.consumer import FeedbackConsumer, SeenIds
-from feedback.registry import BASE_VERSION, version_name
-from feedback.topics import FEEDBACK
+from feedback.contract.registry import BASE_VERSION, version_name
+from feedback.contract.topics import FEEDBACK
 from feedback.unconfirmed import Unconfirmed
 from trainer import checkpoint, metrics
 from trainer.backlog import BacklogWatcher, backlog_of

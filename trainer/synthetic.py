@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 from datetime import UTC, datetime, timedelta
 
-from feedback.comparisons import Answer, ChatMessage, PendingComparison, SamplingSpec
-from feedback.events import FeedbackEvent
+from feedback.contract.comparisons import Answer, ChatMessage, PendingComparison, SamplingSpec
+from feedback.contract.events import FeedbackEvent
 
 TOPICS = ["the sea", "autumn", "coffee", "trains", "mountains", "cats", "the moon", "gardens", "rain", "music",
           "bread", "winter", "rivers", "books", "bicycles", "stars", "forests", "cities", "tea", "birds"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from feedback.events import FeedbackEvent
+from feedback.contract.events import FeedbackEvent
 from feedback.sequential import ConfidenceSequence
 
 

@@ -10,8 +10,8 @@ from fastapi.responses import JSONResponse
 
 from feedback import loop_status
 from feedback.canary import USERS_JUDGE
-from feedback.registry import Registry, parse_version
-from feedback.rollouts import RolloutRequest, RolloutResponse
+from feedback.contract.registry import Registry, parse_version
+from feedback.contract.rollouts import RolloutRequest, RolloutResponse
 from serving.deps import AdminDep, EngineDep, RuntimeDep, SwapperDep
 from serving.engine import BASE_VERSION
 from serving.errors import APIError
@@ -68,7 +68,7 @@ async def admin_evaluation(_: AdminDep, battle: loop_status.Battle, rt: RuntimeD
     if battle.wins + battle.ties + battle.losses == 0:
         raise APIError(400, "wins, ties and losses are all 0: no verdict to record", param="wins",
                        code="invalid_value")
-    registry = Registry(rt.settings.registry_root())
+    registry = Registry(rt.cfg.registry_root)
     for field in ("model_a", "model_b"):  # names on the leaderboard must be versions that exist(ed)
         if not registry.issued(name := getattr(battle, field)):
             raise APIError(400, f"{field}: '{name}' is neither base nor a version the registry has published",

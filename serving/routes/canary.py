@@ -8,7 +8,7 @@ from typing import Literal
 
 from fastapi import APIRouter
 
-from feedback.registry import parse_version
+from feedback.contract.registry import parse_version
 from serving.deps import CanaryDep
 from serving.errors import APIError
 from serving.openapi import errors

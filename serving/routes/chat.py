@@ -17,7 +17,7 @@ router = APIRouter()
 @router.get("/v1/models")
 async def list_models(_: ApiKeyDep, rt: RuntimeDep) -> ModelList:
     root = rt.engine.model_version if rt.engine else None
-    return ModelList(data=[ModelCard(id=rt.settings.served_model_name, created=int(rt.started), root=root)])
+    return ModelList(data=[ModelCard(id=rt.cfg.chat.served_model_name, created=int(rt.started), root=root)])
 
 
 @router.post("/v1/chat/completions")

@@ -39,4 +39,4 @@ async def leaderboard(_: ApiKeyDep, rt: RuntimeDep, judge: str | None = Query(No
 
 
 def _canary(rt) -> CanaryConfig | None:
-    return rt.canary_cfg
+    return rt.cfg.canary

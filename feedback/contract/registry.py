@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from feedback.probes import ProbeLogprobs
+from feedback.contract.probes import ProbeLogprobs
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -41,7 +41,7 @@ class Manifest(BaseModel):
     train_metrics: dict[str, float | int | str | None] = Field(default_factory=dict)
     eval: dict[str, float | int | bool | str | None] = Field(default_factory=dict)
     kafka_offsets: dict[int, int] = Field(default_factory=dict)
-    probe: ProbeLogprobs | None = None  # what serving checks after loading it (feedback/probes.py)
+    probe: ProbeLogprobs | None = None  # what serving checks after loading it (feedback/contract/probes.py)
     # the release checks it passed (trainer/release_checks.py): name, kind, passed, value, base, answer
     release_checks: list[dict[str, float | str | bool | None]] = Field(default_factory=list)
 

@@ -17,8 +17,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from feedback.comparisons import PendingComparison
-from feedback.registry import version_name, version_number
+from feedback.contract.comparisons import PendingComparison
+from feedback.contract.registry import version_name, version_number
 
 SCHEMA_VERSION = "1.1"  # 1.1: edits (kind "edit", `edit`)
 SCHEMA_MAJOR = 1

@@ -16,11 +16,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
-COMPARISON_KEY_PREFIX = "duet:cmp:"
-
-
-def comparison_key(comparison_id: str) -> str:
-    return f"{COMPARISON_KEY_PREFIX}{comparison_id}"
+from feedback.contract.redis_keys import comparison_key  # noqa: F401  (where a comparison is kept)
 
 
 class ChatMessage(BaseModel):
