@@ -6,28 +6,40 @@ import time
 
 import pytest
 
+from trainer import triggers
 from trainer.service import TrainerService
 from duet.wiring import gate_config, policy_config, reward_config, round_config, service_config
 
 
-def test_round_trigger(tiny_model, tmp_path):
+def test_the_triggers_as_pure_rules():
+    # a round: every 64 trained votes, or 600 s after the last one if any vote came in
+    assert not triggers.round_due(0, 0, 64, 10_000, 600)  # no votes: never
+    assert not triggers.round_due(10, 0, 64, 5, 600)  # few votes, just after a round
+    assert triggers.round_due(64, 0, 64, 5, 600)
+    assert not triggers.round_due(64, 100, 64, 5, 600)  # a backlog a slow round left: the reward model first...
+    assert triggers.round_due(128, 100, 64, 5, 600)  # ...for at most as many votes again
+    assert triggers.round_due(10, 0, 64, 601, 600)  # time
+    # a reward-model step: 8 pending, or fewer after 30 s, or on flush
+    assert not triggers.reward_step_due(0, 8, 100, 30, flush=True)
+    assert not triggers.reward_step_due(3, 8, 10, 30) and triggers.reward_step_due(3, 8, 31, 30)
+    assert triggers.reward_step_due(8, 8, 0, 30) and triggers.reward_step_due(1, 8, 0, 30, flush=True)
+    # idle replay steps: at most 0.5 per vote trained, never with votes pending
+    assert triggers.idle_reward_step_due(0, 10, 4, 0.5, 10) and not triggers.idle_reward_step_due(0, 10, 5, 0.5, 10)
+    assert not triggers.idle_reward_step_due(1, 10, 0, 0.5, 10) and not triggers.idle_reward_step_due(0, 0, 0, 0.5, 10)
+    assert triggers.checkpoint_due(True, 11, 10) and not triggers.checkpoint_due(True, 9, 10)
+    assert not triggers.checkpoint_due(False, 100, 10)
+
+
+def test_the_service_reads_its_own_clock(tiny_model, tmp_path):
+    now = [1_000_000.0]
     svc = TrainerService(service_config(kafka_bootstrap="unused:9092", checkpoint_dir=tmp_path / "ckpt",
                                         rounds=round_config(base_model=str(tiny_model), registry_root=tmp_path / "reg",
                                                             release_checks=[]),
                                         policy_every_votes=64, policy_every_s=600, redis_url="", canary="off"),
-                        reward_config(backbone=str(tiny_model)))
-    assert not svc.round_due()  # no votes
+                         reward_config(backbone=str(tiny_model)), clock=lambda: now[0])
     svc.state.votes_since_round = 10
-    assert not svc.round_due()  # few votes, and the service just started
-    svc.state.votes_since_round = 64
-    assert svc.round_due()
-    svc.pending = [None] * 100  # a backlog a slow round left behind: the reward model catches up first...
-    assert not svc.round_due()
-    svc.state.votes_since_round = 128  # ...for at most as many votes again
-    assert svc.round_due()
-    svc.pending = []
-    svc.state.votes_since_round = 10
-    svc.state.last_round_at = time.time() - 601
+    assert not svc.round_due()  # few votes, and the service just started (the time trigger counts from here)
+    now[0] += 601
     assert svc.round_due()
     svc.rounds = None
     assert not svc.round_due()  # reward model only

@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,7 @@ from trainer.checkpoint import Snapshot, TrainerState
 from trainer.examples import PromptGroup, is_held_out, prompt_key, to_prompt_group
 from trainer.reward_trainer import ReplayBuffer, RewardTrainer, RewardTrainerConfig
 from trainer.rounds import PolicyRounds, RoundConfig, RoundResult, reward_model_fn
+from trainer import triggers
 from trainer.voters import voters_of
 
 log = logging.getLogger(__name__)
@@ -89,8 +91,9 @@ class ServiceConfig:
 
 
 class TrainerService:
-    def __init__(self, cfg: ServiceConfig, rm: RewardTrainerConfig) -> None:
+    def __init__(self, cfg: ServiceConfig, rm: RewardTrainerConfig, clock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
+        self.clock = clock  # wall time (unix seconds): the triggers' elapsed times; tests pass their own
         self.reward = RewardTrainer(rm)
         self.rounds = PolicyRounds(cfg.rounds) if cfg.rounds is not None else None
         self.gate_texts = {p.strip() for p in cfg.rounds.gate_prompts} if cfg.rounds is not None else set()
@@ -112,11 +115,11 @@ class TrainerService:
         if cfg.trainer_fresh_broker:
             self.state.offsets = {}
         if not self.state.last_round_at:  # the time-based trigger counts from the first start
-            self.state.last_round_at = time.time()
+            self.state.last_round_at = self.clock()
         self.seen = SeenIds(ids=self.state.seen_ids)
-        self.pending_since = time.time()
+        self.pending_since = self.clock()
         self.dirty = False  # consumed events not yet in a checkpoint
-        self.last_checkpoint = time.time()
+        self.last_checkpoint = self.clock()
         self.redis = _redis_client(cfg.redis_url)
         self.unconfirmed = Unconfirmed(self.redis) if self.redis is not None else None
         self.to_confirm: list[str] = []  # event ids in a checkpoint, not yet confirmed to the relay
@@ -147,7 +150,8 @@ class TrainerService:
                     self.checkpoint(consumer)
                 elif not once and caught_up and self.idle_reward_step_due():
                     self.train_reward_model_on_replay()
-                if self.dirty and time.time() - self.last_checkpoint > self.cfg.idle_checkpoint_s:
+                if triggers.checkpoint_due(self.dirty, self.clock() - self.last_checkpoint,
+                                           self.cfg.idle_checkpoint_s):
                     self.checkpoint(consumer)
                 _show(bar, self.state)
                 if once and caught_up and not self.pending and consumer.consumer.assignment():
@@ -204,7 +208,7 @@ class TrainerService:
             metrics.EVENTS.labels(outcome="held_out").inc()
         else:
             if not self.pending:
-                self.pending_since = time.time()
+                self.pending_since = self.clock()
             self.pending.append(group)
             voted = event.voted_at.timestamp()
             if self.state.oldest_unrounded_vote is None or voted < self.state.oldest_unrounded_vote:
@@ -233,13 +237,13 @@ class TrainerService:
 
     # --- the reward model ---------------------------------------------------------------------------
     def reward_step_due(self, flush: bool = False) -> bool:
-        return bool(self.pending) and (len(self.pending) >= self.cfg.rm_step_groups or flush
-                                       or time.time() - self.pending_since > self.cfg.rm_max_wait_s)
+        return triggers.reward_step_due(len(self.pending), self.cfg.rm_step_groups,
+                                        self.clock() - self.pending_since, self.cfg.rm_max_wait_s, flush)
 
     def train_reward_model(self) -> None:
         """One step on the oldest `step_groups` pending votes (plus replayed ones)."""
         chunk, self.pending = self.pending[:self.cfg.rm_step_groups], self.pending[self.cfg.rm_step_groups:]
-        self.pending_since = time.time()
+        self.pending_since = self.clock()
         t0 = time.perf_counter()
         out = self.reward.step(chunk)
         metrics.STEP_TIME.observe(time.perf_counter() - t0)
@@ -252,8 +256,8 @@ class TrainerService:
         self._after_reward_step(out)
 
     def idle_reward_step_due(self) -> bool:
-        return (not self.pending and bool(self.reward.replay.items)
-                and self.state.idle_rm_steps < self.cfg.rm_idle_steps_per_vote * self.state.events_trained)
+        return triggers.idle_reward_step_due(len(self.pending), len(self.reward.replay.items), self.state.idle_rm_steps,
+                                             self.cfg.rm_idle_steps_per_vote, self.state.events_trained)
 
     def train_reward_model_on_replay(self) -> None:
         """A replay-only step (the trainer is otherwise idle): as many groups as a step of new votes has in all."""
@@ -287,15 +291,10 @@ class TrainerService:
 
     # --- the policy ---------------------------------------------------------------------------------
     def round_due(self) -> bool:
-        """After `policy_every_votes` trained votes (or `policy_every_s`). If a slow round left a backlog of
-        untrained votes larger than that, the reward model catches up first — one step per pass, so this
-        costs seconds — but for at most as many votes again: neither side can starve the other."""
-        if self.rounds is None or not self.state.votes_since_round:
-            return False
-        every, trained = self.cfg.policy_every_votes, self.state.votes_since_round
-        if trained >= every and len(self.pending) > every and trained < 2 * every:
-            return False  # catching up
-        return trained >= every or time.time() - self.state.last_round_at >= self.cfg.policy_every_s
+        """trainer/triggers.py `round_due`, for this service's counts and clock (never without policy rounds)."""
+        return self.rounds is not None and triggers.round_due(
+            self.state.votes_since_round, len(self.pending), self.cfg.policy_every_votes,
+            self.clock() - self.state.last_round_at, self.cfg.policy_every_s)
 
     def _canary(self) -> tuple[str | None, str | None]:
         """Under users' judgement: (the version this round continues from — the candidate users are judging, or
@@ -359,7 +358,7 @@ class TrainerService:
         self.state.rounds += 1
         self.state.votes_since_round = 0
         self.state.oldest_unrounded_vote = None
-        self.state.last_round_at = time.time()
+        self.state.last_round_at = self.clock()
         self.dirty = True
         self._report_round(result)
         return result
@@ -403,7 +402,7 @@ class TrainerService:
         except Exception as e:  # the checkpoint is what counts
             log.warning("offset commit failed (lag metrics only): %s: %s", type(e).__name__, e)
         self.dirty = False
-        self.last_checkpoint = time.time()
+        self.last_checkpoint = self.clock()
         metrics.CHECKPOINT_TIME.set(self.last_checkpoint)
 
     def confirm(self, covered: list[str]) -> None:
