@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
@@ -92,11 +93,20 @@ def main() -> None:
     train_prompts, held = prompt_sets(seed=args.seed)
     held = held[:32]
     asked = [rng.choice(train_prompts) for _ in range(args.votes)]
+    out_dir = Path(args.out) / f"offline-{args.rule}-{args.recipe}-seed{args.seed}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache = out_dir / f"samples-{args.votes}-{args.max_tokens}.json"  # a rerun (another recipe) samples nothing again
     t0 = time.time()
-    pairs = sample(base, asked, 2, args.max_tokens, args.seed)
-    base_eval = sample(base, held, 2, args.max_tokens, args.seed + 1)
-    base_again = sample(base, held, 2, args.max_tokens, args.seed + 2)
+    if cache.exists():
+        pairs, base_eval, base_again = json.loads(cache.read_text())
+    else:
+        pairs = sample(base, asked, 2, args.max_tokens, args.seed)
+        base_eval = sample(base, held, 2, args.max_tokens, args.seed + 1)
+        base_again = sample(base, held, 2, args.max_tokens, args.seed + 2)
+        cache.write_text(json.dumps([pairs, base_eval, base_again]))
     sample_s = time.time() - t0
+    # vLLM's in-process engine leaves this process's torch on one thread: train on every core this process has
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
     rows = []
     for p, (a, b) in zip(asked, pairs):
         verdict = judge(rule, p, a, b, args.noise, rng)
@@ -107,9 +117,10 @@ def main() -> None:
 
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype="float32")
-    out_dir = Path(args.out) / f"offline-{args.rule}-{args.recipe}-seed{args.seed}"
     cfg = DPOConfig(output_dir=str(out_dir / "trainer"), per_device_train_batch_size=8, report_to=[], seed=args.seed,
                     logging_steps=10, save_strategy="no", max_length=512, use_cpu=not torch.cuda.is_available(),
+                    # the reference's log-probs once instead of every epoch: the same loss, ~20 % less compute
+                    precompute_ref_log_probs=True,
                     **({"learning_rate": 2e-4} if args.recipe == "lora" else {}))
     peft_config = None
     if args.recipe == "lora":
@@ -132,7 +143,7 @@ def main() -> None:
               "trl": __import__("trl").__version__, "dpo_config": {"beta": cfg.beta, "learning_rate": cfg.learning_rate,
                                                                    "epochs": cfg.num_train_epochs,
                                                                    "batch": cfg.per_device_train_batch_size},
-              "sample_s": round(sample_s), "train_s": round(train_s),
+              "sample_s": round(sample_s), "train_s": round(train_s), "train_threads": torch.get_num_threads(),
               "trained_vs_base": win_rate(rule, held, mine, base_eval),
               "aa_base_vs_base": win_rate(rule, held, base_again, base_eval)}
     (out_dir / "result.json").write_text(json.dumps(result, indent=2))
