@@ -17,8 +17,9 @@ from tests.waiting import wait_until
 
 
 class FakeEngine:
-    """Answers every prompt at once: choice i says "answer i" followed by the first prompt token's id, one token per
-    word, stopping (finish "stop") unless max_tokens cuts it ("length"). Deterministic; counts what it was asked."""
+    """Answers every prompt at once: choice i says "answer i from <its version>", one token per word, stopping
+    (finish "stop") unless max_tokens cuts it ("length"); every prompt token's log-prob is −1 (what `probe()` records
+    in a manifest). Deterministic; counts what it was asked."""
 
     def __init__(self, version: str = "base", max_model_len: int = 512) -> None:
         self.model_version, self.max_model_len = version, max_model_len
@@ -27,7 +28,7 @@ class FakeEngine:
     async def generate(self, prompt_token_ids, sampling, n, request_id):
         self.generations += 1
         for i in range(n):
-            words = [f"answer {i}", f" {prompt_token_ids[0] if prompt_token_ids else 0}", "."]
+            words = [f"answer {i}", f" from {self.model_version}", "."]
             words = words[:sampling.max_tokens]
             finish = "stop" if len(words) == 3 else "length"
             for j, w in enumerate(words):
@@ -64,9 +65,13 @@ class InProcessServing:
                  "kafka_bootstrap": "", "canary": "off", "secret": "in-process-secret",
                  "admin_key": "in-process-admin", **settings}
         self.settings = Settings(_env_file=None, **given)
-        self.engine = FakeEngine(max_model_len=self.settings.max_model_len)
-        self.app = create_app(serving_config(self.settings), model=lambda: str(model),
-                              engine_factory=lambda cfg, path: self.engine)
+        self.engines: list[FakeEngine] = []  # the incumbent's first; a canary test's candidate engine second
+
+        def start_engine(cfg, path) -> FakeEngine:
+            self.engines.append(FakeEngine(max_model_len=cfg.max_model_len))
+            return self.engines[-1]
+
+        self.app = create_app(serving_config(self.settings), model=lambda: str(model), engine_factory=start_engine)
         self.client: TestClient | None = None
 
     def __enter__(self) -> InProcessServing:
@@ -78,6 +83,10 @@ class InProcessServing:
     def __exit__(self, *exc) -> None:
         assert self.client is not None
         self.client.__exit__(*exc)
+
+    @property
+    def engine(self) -> FakeEngine:
+        return self.engines[0]
 
     @property
     def admin_key(self) -> str:
@@ -97,3 +106,28 @@ class InProcessServing:
                 await r.aclose()
 
         return asyncio.run(make())
+
+
+def probe(sequences: int = 2, length: int = 6):
+    """Probe log-probs a FakeEngine reproduces (every token −1), for a manifest its swap checks accept."""
+    from feedback.contract.probes import ProbeLogprobs
+
+    ids = [[100 + i + j for j in range(length)] for i in range(sequences)]
+    return ProbeLogprobs(token_ids=ids, logprobs=[[-1.0] * (length - 1) for _ in ids])
+
+
+def publish_copy(registry: Path, source: Path) -> str:
+    """`source`'s files published as the registry's next version (with `probe()`); its name."""
+    import shutil
+
+    from feedback.contract.registry import Registry
+
+    def write(folder: Path) -> None:
+        for f in source.iterdir():
+            if f.is_file():
+                shutil.copy(f, folder / f.name)
+
+    manifest, _ = Registry(registry).publish(write, base_model="tiny", algorithm="test", hyperparameters={},
+                                             train_metrics={}, eval={}, kafka_offsets={}, probe=probe())
+    return manifest.name
+

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 
 import httpx
@@ -93,11 +92,11 @@ def test_redis_hung_down_and_restarted_empty(tiny_model, tmp_path):
                     os.kill(store.proc.pid, signal.SIGSTOP)
                 else:
                     store.stop()
-                t0 = time.time()
-                r = chat(url, team)  # verified before: served from the key cache, single answer, no pair
+                # answered at all (a hung Redis call would hang it past the client's timeout, an error here):
+                # served from the key cache, single answer, no pair; the breaker's trip is the signal below
+                r = chat(url, team)
                 assert r.status_code == 200, r.text
                 assert len(r.json()["choices"]) == 1 and r.json()["duet"]["comparison_id"] is None
-                assert time.time() - t0 < 20, "a hung Redis hung the request"
                 assert chat(url, "duet-dev-chaos").status_code == 200  # the dev key needs no Redis
                 refused = vote(url, team, unvoted)
                 assert refused.status_code == 503 and refused.headers["Retry-After"], refused.text
