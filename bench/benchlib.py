@@ -79,3 +79,30 @@ def ensure_installed(*requirements: str) -> None:
     cons.parent.mkdir(parents=True, exist_ok=True)
     cons.write_text(frozen)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-c", str(cons), *missing], check=True)
+
+
+def timed(fn, reps: int) -> float:
+    """Median seconds of `reps` calls of `fn`, after one warm-up call."""
+    import statistics
+
+    fn()
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return round(statistics.median(out), 3)
+
+
+def on_trainer_cores():
+    """Pin this process to the cores `duet up` gives the trainer (duet/cpus.py) and resolve the default model:
+    (the settings, those cores, the model's folder) — for benches of the trainer's own compute."""
+    from duet.cpus import available_cpus, pin_trainer, plan_split
+    from duet.model_assets import resolve_model
+    from duet.settings import Settings
+
+    s = Settings()
+    cores = plan_split(available_cpus(), s.serving_cpus, s.trainer_cpus).trainer
+    pin_trainer(cores)
+    return s, cores, resolve_model(s.model, s.home)
+

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
@@ -22,34 +20,21 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 
 import torch  # noqa: E402
 
-import feedback  # noqa: E402,F401
+import feedback  # noqa: E402,F401  (the package, before bench/ joins the path: bench/feedback.py shares its name)
 
-from duet.cpus import available_cpus, pin_trainer, plan_split  # noqa: E402
-from duet.model_assets import resolve_model  # noqa: E402
-from duet.settings import Settings  # noqa: E402
+sys.path.append(str(Path(__file__).resolve().parent))
+from benchlib import on_trainer_cores, timed  # noqa: E402
+
 from trainer.policy import PolicyTrainer, Sample  # noqa: E402
 from trainer.precision import cpu_flags, cpu_has_fast_bf16  # noqa: E402
 from duet.wiring import policy_config  # noqa: E402
-
-
-def timed(fn, reps: int) -> float:
-    fn()  # warm-up
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return round(statistics.median(out), 3)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args()
-    s = Settings()
-    cores = plan_split(available_cpus(), s.serving_cpus, s.trainer_cpus).trainer
-    pin_trainer(cores)
-    base = resolve_model(s.model, s.home)
+    _, cores, base = on_trainer_cores()
     result = {"cores": list(cores), "cpu_bf16_instructions": cpu_has_fast_bf16(),
               "flags": sorted(f for f in cpu_flags() if "bf16" in f or "amx" in f or f == "avx512f")}
     for precision in ("fp32", "bf16"):

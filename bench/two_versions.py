@@ -48,10 +48,10 @@ def engine_args(model: str, lora: bool = False):
 def start(model: str, lora: bool = False, nice: int = 0):
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from serving.engine import prepare_cpu_env, call_niced
+    from serving.engine import prepare_cpu_env, start_then_nice
 
     prepare_cpu_env(1, tempfile.mkdtemp(prefix="duet-bench-vllm-"))
-    return call_niced(nice, AsyncLLM.from_engine_args, engine_args(model, lora))
+    return start_then_nice(nice, AsyncLLM.from_engine_args, engine_args(model, lora))
 
 
 async def worker(llm, tok, seconds: float, max_tokens: int, counter: list, lora_request=None) -> None:

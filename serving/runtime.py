@@ -21,7 +21,7 @@ from serving.auth import KeyStore
 from serving.canary import CanaryRunner
 from serving.chat import ChatService
 from serving.config import EngineConfig, ServingConfig
-from serving.engine import Engine, VLLMEngine, call_niced
+from serving.engine import Engine, VLLMEngine, start_then_nice
 from serving.pairing import ComparisonStore
 from serving.prompting import PromptBuilder
 from serving.rate_limit import RateLimiter
@@ -89,7 +89,7 @@ async def load_engine(rt: Runtime, factory: EngineFactory, model: Callable[[], s
                                         lambda ann: on_announcement(rt, ann)).start()
         if s.canary is not None:
             rt.canary = CanaryRunner(CanaryStore(rt.redis), s.canary, rt.swapper,
-                                     lambda: call_niced(s.canary_engine_nice, factory, s.engine, model_path))
+                                     lambda: start_then_nice(s.canary_engine_nice, factory, s.engine, model_path))
             rt.votes.canary = rt.canary
         latest = rt.swapper.registry.latest()
         if latest is not None and rt.canary is None:  # published while this replica was down

@@ -1,10 +1,9 @@
 """Users judge every new version, end to end on the tiny model: a real server with DUET_CANARY=users (two
-real vLLM engines), real Redis, its own broker. Simulated users prefer answers that say " blue":
-(a) a candidate that says it far more often is promoted by their votes and swapped in;
-(b) then a candidate that does not (published by hand, no gate) is rejected by their votes;
-(c) an admin's hand on a test: pause (votes not counted), promote, and clear 4xx for what cannot be done.
-Both (a) and (b) fail if promotion ignored the votes: the budget would reject (a), and nothing would
-reject (b) before its budget of 400 votes."""
+real vLLM engines), real Redis, its own broker. Simulated users prefer answers that say " blue": a candidate
+that says it far more often is promoted by their votes and swapped into the incumbent's real engine (it fails if
+promotion ignored the votes: the budget would reject it); the candidate's engine runs niced; the dashboard, the
+leaderboard and a restarted replica show what users decided; a candidate this replica cannot load is said so.
+Rejection by votes, an admin's hand and the routing rules are tested in process (test_canary_fast.py)."""
 
 from __future__ import annotations
 
@@ -143,12 +142,12 @@ def screenshot_panel(url: str, key: str) -> None:
         page.goto(f"{url}/dashboard#key={key}")
         card = page.locator("#canary-card")
         card.locator("svg").wait_for()
-        assert "rejected" in page.locator("#canary-title").inner_text()
+        assert "promoted" in page.locator("#canary-title").inner_text()
         card.screenshot(path=ARTIFACTS / "dashboard-canary.png")
         browser.close()
 
 
-def test_users_promote_a_better_candidate_and_reject_a_worse_one(canary_server, tmp_path):
+def test_users_promote_a_better_candidate_on_real_engines(canary_server, tmp_path):
     url, key, registry, broker = canary_server.url, canary_server.key, canary_server.registry, canary_server.broker
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=120) as admin:
         # (a) a better candidate
@@ -172,57 +171,28 @@ def test_users_promote_a_better_candidate_and_reject_a_worse_one(canary_server, 
         metrics = httpx.get(url + "/metrics").text
         assert 'duet_canary_decisions_total{decision="promoted",reason="votes"} 1.0' in metrics
 
-        # (b) a worse candidate: the plain tiny model again, published by hand (no gate)
-        plain = publish(registry, make_tiny_llama(tmp_path / "plain"))
-        announce(broker, registry, plain)
-        wait_test(admin, plain, lambda st: st["candidate_loaded"] == plain)
-        st = vote_until(url, key, admin, plain)
-        t = st["test"]
-        assert (t["status"], t["reason"]) == ("rejected", "votes"), t
-        assert t["upper"] < 0.5
-        assert admin.get("/admin/models").json()["current"] == blue  # the incumbent keeps serving
-        assert [h["candidate"] for h in st["history"]] == [blue]
-
         # what people see: the dashboard's canary panel, and users' scores kept apart from other judges'
         user = {"Authorization": f"Bearer {key}"}
         panel = httpx.get(url + "/v1/dashboard", headers=user, timeout=30).json()["canary"]
-        assert panel["test"]["candidate"] == plain and panel["test"]["status"] == "rejected"
+        assert panel["test"]["candidate"] == blue and panel["test"]["status"] == "promoted"
         assert panel["trajectory"][-1]["votes"] == panel["test"]["votes"]
-        assert panel["trajectory"][-1]["upper"] < 0.5 < panel["trajectory"][0]["upper"]
-        assert [(d["candidate"], d["status"]) for d in panel["decisions"]] == [(blue, "promoted")]
+        assert panel["trajectory"][-1]["lower"] > 0.5 > panel["trajectory"][0]["lower"]
         screenshot_panel(url, key)
 
-        # decisions live in Redis: a restarted replica serves what users promoted, and knows what they rejected
+        # decisions live in Redis: a restarted replica serves what users promoted, and knows they did
         canary_server.restart()
         fresh = {"Authorization": f"Bearer {ADMIN_KEY}"}
         assert httpx.get(url + "/admin/models", headers=fresh, timeout=60).json()["current"] == blue
         after = httpx.get(url + "/admin/canary", headers=fresh, timeout=60).json()
-        assert (after["test"]["candidate"], after["test"]["status"]) == (plain, "rejected")
+        assert (after["test"]["candidate"], after["test"]["status"]) == (blue, "promoted")
         board = httpx.get(url + "/v1/leaderboard", headers=user, timeout=30).json()["data"]
         users = {e["model_version"]: e for e in board if e["judge"] == "users"}
-        assert set(users) == {"base", blue, plain}
-        assert users[blue]["score"] > users["base"]["score"] and users[blue]["score"] > users[plain]["score"]
+        assert set(users) == {"base", blue}
+        assert users[blue]["score"] > users["base"]["score"]
         assert users[blue]["length_controlled_score"] is not None
-        spoof = admin.post("/admin/evaluations", json={"model_a": plain, "model_b": blue, "wins": 100, "ties": 0,
+        spoof = admin.post("/admin/evaluations", json={"model_a": "base", "model_b": blue, "wins": 100, "ties": 0,
                                                        "losses": 0, "judge": "users"})
         assert_openai_error(spoof, 400)  # nobody else speaks for users
-
-        # (c) by hand
-        third = publish(registry, make_tiny_llama(tmp_path / "third", seed=3))
-        announce(broker, registry, third)
-        wait_test(admin, third, lambda st: st["candidate_loaded"] == third)
-        assert admin.post(f"/admin/canary/{third}/pause").json()["test"]["status"] == "paused"
-        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120) as c:
-            body, _ = blue_user(c, 1)  # while paused: single-version pairs, nothing counted
-        assert set(body["duet"].get("model_versions") or [body["duet"]["model_version"]]) == {blue}
-        assert admin.get("/admin/canary").json()["test"]["votes"] == 0
-        assert_openai_error(admin.post(f"/admin/canary/{third}/pause"), 409)
-        assert_openai_error(admin.post(f"/admin/canary/{plain}/promote"), 404)  # not the test under way
-        assert_openai_error(admin.post(f"/admin/canary/{third}/explode"), 400)
-        assert admin.post(f"/admin/canary/{third}/reject").json()["test"]["status"] == "rejected"
-        assert_openai_error(admin.post(f"/admin/canary/{third}/promote"), 409)  # decided already
-        assert admin.get("/admin/models").json()["current"] == blue
-        assert_openai_error(httpx.get(url + "/admin/canary", headers={"Authorization": f"Bearer {key}"}), 403)
 
         # (d) a candidate this replica cannot load (other tensor shapes): it says so and keeps serving alone
         wide = publish(registry, make_tiny_llama(tmp_path / "wide", hidden_size=192))

@@ -1,6 +1,8 @@
 """Users judge a candidate, in process (fake engines, real Redis): cross-version pairs are routed to both engines,
-votes on them are counted for the test, and a candidate users prefer is promoted and swapped into the incumbent's
-engine. The real engines' side (nice values, a candidate that cannot load, a restart) is test_canary.py's."""
+votes on them are counted for the test, a candidate users prefer is promoted and swapped into the incumbent's
+engine, one they do not is rejected, and an admin's hand works and says clearly what it cannot do. The real
+engines' side (their nice values, a real promotion, a candidate that cannot load, a restart) is test_canary.py's.
+A test decided by votes fails if the votes were ignored: nothing else decides before the budget (2,000 votes)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from feedback.canary import CanaryStore
 from tests.conftest import ADMIN_KEY, TEST_REDIS_DB
 from tests.inprocess import InProcessServing, publish_copy
 from tests.test_api_fast import Authed
-from tests.test_serving_api import HELLO
+from tests.test_serving_api import HELLO, assert_openai_error
 from tests.waiting import wait_until
 
 CANARY_REDIS = f"redis://127.0.0.1:6379/{TEST_REDIS_DB - 4}"  # its own database: no other test uses it
@@ -39,31 +41,55 @@ def start_test(candidate: str, incumbent: str) -> bool:
     return asyncio.run(go())
 
 
+def pair(user: Authed) -> dict:
+    r = user.post("/v1/chat/completions", json={"model": "duet", "messages": HELLO, "duet": {"pairs": "force"}})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def vote(user: Authed, body: dict, choice: str) -> None:
+    r = user.post("/v1/feedback", json={"comparison_id": body["duet"]["comparison_id"],
+                                        "vote_token": body["duet"]["vote_token"], "choice": choice})
+    assert r.status_code == 202, r.text
+
+
+def vote_until_decided(api, admin: Authed, user: Authed, prefer: str, limit: int = 300) -> dict:
+    """This user always picks the answer of version `prefer` (blind to them; the fake's text names it)."""
+    for _ in range(limit):
+        body = pair(user)
+        versions = body["duet"]["model_versions"]
+        assert len(set(versions)) == 2  # one answer from each version
+        vote(user, body, "a" if prefer in body["choices"][0]["message"]["content"] else "b")
+        status = admin.get("/admin/canary").json()["test"]
+        if status["status"] != "running":
+            return status
+    raise AssertionError(f"undecided after {limit} votes")
+
+
+def judged(api, candidate: str) -> tuple[Authed, Authed]:
+    admin, user = Authed(api.client, ADMIN_KEY), Authed(api.client, api.create_key("judge"))
+    assert start_test(candidate, "base")
+    wait_until(lambda: admin.get("/admin/canary").json().get("candidate_loaded") == candidate, 30,
+               "the candidate's engine to hold it")
+    return admin, user
+
+
+def serving(tiny_model, home):
+    return InProcessServing(tiny_model, CANARY_REDIS, home, canary="users", canary_engine_nice=0, pair_rate=1.0,
+                            admin_key=ADMIN_KEY)
+
+
 def test_users_route_count_and_promote_a_candidate(tiny_model, tmp_path, clean_db):
     home = tmp_path / "home"
     candidate = publish_copy(home / "registry", tiny_model)
-    with InProcessServing(tiny_model, CANARY_REDIS, home, canary="users", canary_engine_nice=0, pair_rate=1.0,
-                          admin_key=ADMIN_KEY) as api:
-        admin = Authed(api.client, ADMIN_KEY)
-        user = Authed(api.client, api.create_key("judge"))
-        assert start_test(candidate, "base")
-        wait_until(lambda: admin.get("/admin/canary").json().get("candidate_loaded") == candidate, 30,
-                   "the candidate's engine to hold it")
+    with serving(tiny_model, home) as api:
+        admin, user = judged(api, candidate)
         assert [e.model_version for e in api.engines] == ["base", candidate]  # a second engine, the incumbent kept
         assert admin.get("/admin/models").json()["current"] == "base"  # not live before users decide
-        status = None
-        for _ in range(200):  # this user always prefers the candidate's answer (blind: the position varies)
-            body = user.post("/v1/chat/completions", json={"model": "duet", "messages": HELLO,
-                                                            "duet": {"pairs": "force"}}).json()
-            texts = [c["message"]["content"] for c in body["choices"]]
-            assert sorted(body["duet"]["model_versions"]) == sorted(["base", candidate])  # one answer from each
-            choice = "a" if candidate in texts[0] else "b"
-            assert user.post("/v1/feedback", json={"comparison_id": body["duet"]["comparison_id"],
-                                                   "vote_token": body["duet"]["vote_token"],
-                                                   "choice": choice}).status_code == 202
-            status = admin.get("/admin/canary").json()["test"]
-            if status["status"] != "running":
-                break
+        body = pair(user)
+        assert sorted(body["duet"]["model_versions"]) == sorted(["base", candidate])
+        vote(user, body, "a" if candidate in body["choices"][0]["message"]["content"] else "b")
+        status = vote_until_decided(api, admin, user, prefer=candidate)
         assert (status["status"], status["reason"]) == ("promoted", "votes"), status
         assert status["wins"] == status["votes"] and status["lower"] > 0.5
         wait_until(lambda: admin.get("/admin/models").json()["current"] == candidate, 30,
@@ -71,3 +97,37 @@ def test_users_route_count_and_promote_a_candidate(tiny_model, tmp_path, clean_d
         assert api.engines[0].loaded == [candidate]
         metrics = api.client.get("/metrics").text
         assert 'duet_canary_decisions_total{decision="promoted",reason="votes"}' in metrics
+
+
+def test_users_reject_a_candidate_they_like_less(tiny_model, tmp_path, clean_db):
+    home = tmp_path / "home"
+    candidate = publish_copy(home / "registry", tiny_model)
+    with serving(tiny_model, home) as api:
+        admin, user = judged(api, candidate)
+        status = vote_until_decided(api, admin, user, prefer="base")
+        assert (status["status"], status["reason"]) == ("rejected", "votes"), status
+        assert status["upper"] < 0.5 and status["wins"] == 0
+        assert admin.get("/admin/models").json()["current"] == "base"  # the incumbent keeps serving
+        assert api.engines[0].loaded == []
+        body = pair(user)  # the test is decided: pairs come from the incumbent alone again
+        assert set(body["duet"].get("model_versions") or [body["duet"]["model_version"]]) == {"base"}
+
+
+def test_an_admins_hand_on_a_test(tiny_model, tmp_path, clean_db):
+    home = tmp_path / "home"
+    candidate = publish_copy(home / "registry", tiny_model)
+    with serving(tiny_model, home) as api:
+        admin, user = judged(api, candidate)
+        assert admin.post(f"/admin/canary/{candidate}/pause").json()["test"]["status"] == "paused"
+        body = pair(user)  # while paused: single-version pairs, nothing counted
+        assert set(body["duet"].get("model_versions") or [body["duet"]["model_version"]]) == {"base"}
+        vote(user, body, "a")
+        assert admin.get("/admin/canary").json()["test"]["votes"] == 0
+        assert_openai_error(admin.post(f"/admin/canary/{candidate}/pause"), 409)  # paused already
+        assert_openai_error(admin.post("/admin/canary/v000099/promote"), 404)  # not the test under way
+        assert_openai_error(admin.post(f"/admin/canary/{candidate}/explode"), 400)
+        assert admin.post(f"/admin/canary/{candidate}/reject").json()["test"]["status"] == "rejected"
+        assert_openai_error(admin.post(f"/admin/canary/{candidate}/promote"), 409)  # decided already
+        assert admin.get("/admin/models").json()["current"] == "base"
+        assert_openai_error(user.get("/admin/canary"), 403)  # an API key is not the admin key
+

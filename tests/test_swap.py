@@ -54,6 +54,14 @@ def admin(duet_server):
         assert c.post("/admin/models/base/activate").status_code == 200
 
 
+@pytest.fixture(autouse=True)
+def base_live(admin):
+    """Every test starts from the same state of the shared server: base live, updates followed (no test inherits
+    what another left)."""
+    assert admin.post("/admin/updates/resume").status_code == 200
+    assert admin.post("/admin/models/base/activate").status_code == 200
+
+
 @pytest.fixture(scope="module")
 def other_weights(tmp_path_factory) -> Path:
     """The base with its MLP outputs ×25: another answer, still words (tiny random Llamas of other seeds
@@ -240,7 +248,6 @@ def test_announcements_are_followed_unless_paused(client, admin, duet_server, br
 def test_a_version_changing_only_linear_layers_is_served(client, admin, duet_server, tmp_path):
     """Same embeddings as the base, different linear layers: on CPU vLLM serves repacked copies of
     linear weights, so a swap that only copied parameters would leave the output unchanged."""
-    assert admin.post("/admin/models/base/activate").status_code == 200  # the previous test left another live
     base_text, version = greedy(client)
     assert version == "base"
 

@@ -5,7 +5,10 @@ W' = W + (α/r) · B A, with W frozen (the reference model's weights), A: [r, in
 - the reference is the same module with the adapters switched off (`adapters_off`): no second copy;
 - the trainer's state (adapter weights + AdamW moments, fp32) is ~1/30 of the model: it is kept
   across rounds and written into every checkpoint;
-- serving gets full weights: `merged_state_dict` folds B A into W in fp32, then casts once.
+- serving gets full weights: `merged_state_dict` folds B A into W in fp32, then casts once;
+- every version also carries its adapters in PEFT's LoRA format (`peft_adapter`: what `peft.PeftModel` and vLLM's
+  runtime LoRA load), so other tools can read, merge or serve them. Duet's module, not peft's, trains them: the
+  same formula (PEFT's scaling α/r, no dropout), with the reference as the same module switched off.
 
 Parameter names of the wrapped layers are unchanged (`…q_proj.weight`), so a merged state dict loads as
 the original architecture.
@@ -110,3 +113,27 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.T
             v = v.float() + layers[owner].delta().to(v.device)
         out[k] = v.to(dtype).cpu().contiguous()
     return out
+
+
+PEFT_DIR = "adapter"  # in each exported version: adapter_config.json + adapter_model.safetensors
+
+
+def peft_adapter(model: nn.Module, base_model: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The adapters as PEFT saves a LoRA model: (adapter_config.json's content, adapter_model.safetensors' tensors,
+    fp32) — keys `base_model.model.<module>.lora_A.weight` [r, in] and `...lora_B.weight` [out, r], scaling
+    lora_alpha / r as here."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no adapters")
+    first = next(iter(layers.values()))
+    rank = first.lora_A.shape[0]
+    tensors = {}
+    for name, m in layers.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = m.lora_A.detach().float().cpu().contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = m.lora_B.detach().float().cpu().contiguous()
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "r": rank,
+              "lora_alpha": first.scale * rank, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+              "target_modules": sorted({name.rsplit(".", 1)[-1] for name in layers}), "use_rslora": False,
+              "inference_mode": True, "init_lora_weights": True, "modules_to_save": None}
+    return config, tensors
+

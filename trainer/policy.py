@@ -10,6 +10,7 @@ checkpoint. The registry only receives exports.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import torch
 
 from feedback.contract.comparisons import ChatMessage
 from trainer.examples import PromptGroup
-from trainer.lora import (adapter_parameters, adapter_state_dict, adapters_off, add_adapters,
+from trainer.lora import (PEFT_DIR, adapter_parameters, adapter_state_dict, adapters_off, add_adapters, peft_adapter,
                           load_adapter_state_dict, lora_layers, merged_state_dict)
 from trainer.losses import (dpo_loss, kl_penalized_rewards, kto_loss, kto_weights, rloo_advantages,
                             rloo_clipped_loss, sft_loss)
@@ -110,6 +111,7 @@ class PolicyTrainer:
         self.bf16 = use_bf16(self.device, cfg.precision)
         torch.manual_seed(cfg.seed)
         self.rng = random.Random(cfg.seed)
+        self.base_path = base_path
         self.tokenizer = AutoTokenizer.from_pretrained(base_path)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -404,7 +406,8 @@ class PolicyTrainer:
 
     def export(self, folder: Path) -> dict[str, torch.Tensor]:
         """The layout vLLM loads: model.safetensors (adapters merged in fp32, then cast to bf16 like the
-        base) + config + tokenizer. Returns the weights it wrote."""
+        base) + config + tokenizer; and the adapters alone in PEFT's format under `adapter/` (trainer/lora.py
+        `peft_adapter`). Returns the merged weights it wrote."""
         state = merged_state_dict(self.model, EXPORT_DTYPE)
         self.model.config.save_pretrained(folder)
         self.model.generation_config.save_pretrained(folder)
@@ -414,6 +417,10 @@ class PolicyTrainer:
             state.pop("lm_head.weight", None)  # tied: stored once, as the embedding
         save_file(state, str(Path(folder) / "model.safetensors"), metadata={"format": "pt"})
         self.tokenizer.save_pretrained(folder)
+        adapter_cfg, adapter = peft_adapter(self.model, self.base_path)
+        (Path(folder) / PEFT_DIR).mkdir(exist_ok=True)
+        (Path(folder) / PEFT_DIR / "adapter_config.json").write_text(json.dumps(adapter_cfg, indent=2))
+        save_file(adapter, str(Path(folder) / PEFT_DIR / "adapter_model.safetensors"), metadata={"format": "pt"})
         return state
 
 

@@ -281,4 +281,7 @@ def _prompts_key(prompts: list[list[ChatMessage]], gate: GateConfig, max_new_tok
 
 def _copy_files(src: Path, dst: Path) -> None:
     for f in src.iterdir():
-        shutil.copy2(f, dst / f.name)
+        if f.is_dir():
+            shutil.copytree(f, dst / f.name)
+        else:
+            shutil.copy2(f, dst / f.name)
