@@ -10,7 +10,7 @@ serving here, the RLOO samples come from HF `generate` (slower than serving's en
 served round spends). Peak RSS is read from the kernel (VmHWM, reset before each phase through
 /proc/self/clear_refs).
 
-Usage: python bench/trainer_round.py [--rounds 2] [--prompts 16] [--gate-prompts 16]
+Usage: python bench/trainer_round.py [--rounds 2] [--prompts 16] [--gate-prompts 16] [--sample-batch 128]
 """
 
 from __future__ import annotations
@@ -52,25 +52,44 @@ def reset_peak() -> None:
 
 def watch_phases(svc) -> dict[str, int]:
     """Peak RSS (MB) of each phase of a round — RLOO (with its local sampling here), DPO, signals, export, the
-    gate's live/base answers, the gate — each measured from its own start (the kernel's peak is reset there)."""
+    gate's live/base answers, the gate and, within it, its parts (loading the candidate, its answers, the KL
+    pass, the release checks, the judges) — each measured from its own start. The kernel keeps one peak, reset at
+    every phase's start, so what it held until then is first credited to every phase still open."""
+    import trainer.gate as gate_module
     import trainer.rounds as rounds_module
 
     peaks: dict[str, int] = {}
+    open_phases: list[str] = []
+
+    def credit(names) -> None:
+        hwm = round(rss_mb("VmHWM"))
+        for n in names:
+            peaks[n] = max(peaks.get(n, 0), hwm)
 
     def watched(name, fn):
         def run(*a, **kw):
+            credit(open_phases)
             reset_peak()
+            open_phases.append(name)
             try:
                 return fn(*a, **kw)
             finally:
-                peaks[name] = max(peaks.get(name, 0), round(rss_mb("VmHWM")))
+                open_phases.pop()
+                credit([name, *open_phases])
         return run
 
     pt = svc.rounds.pt
-    for name in ("rloo_round", "pair_round", "signal_round", "export"):
+    for name in ("rloo_round", "pair_round", "signal_round", "export", "sample"):
         setattr(pt, name, watched(name, getattr(pt, name)))
     svc.rounds._gate_answers = watched("gate_answers(live, base)", svc.rounds._gate_answers)
     rounds_module.evaluate = watched("gate", rounds_module.evaluate)
+    gate_module._model = watched("gate: load candidate", gate_module._model)
+    gate_module.gate_answers = watched("gate: answers", gate_module.gate_answers)
+    gate_module._judged = watched("gate: judges", gate_module._judged)
+    pt.sequence_kl = watched("gate: KL", pt.sequence_kl)
+    if svc.rounds.checker is not None:
+        svc.rounds.checker.run = watched("gate: release checks", svc.rounds.checker.run)
+    rounds_module.probe_logprobs = watched("probe log-probs", rounds_module.probe_logprobs)
     return peaks
 
 
@@ -80,6 +99,8 @@ def main() -> None:
     ap.add_argument("--votes", type=int, default=64)
     ap.add_argument("--prompts", type=int, default=Settings().policy_prompts)
     ap.add_argument("--gate-prompts", type=int, default=Settings().gate_prompts)
+    ap.add_argument("--sample-batch", type=int, default=0,
+                    help="sequences per local generate call (0: the default, PolicyConfig.sample_batch)")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
 
@@ -107,6 +128,8 @@ def main() -> None:
     rm_s = (time.perf_counter() - t) / max(1, len(groups) // 8)
     rm_peak = rss_mb("VmHWM")
     svc.cfg.policy_prompts, svc.rounds.cfg.gate.prompts = args.prompts, args.gate_prompts
+    if args.sample_batch:
+        svc.rounds.pt.cfg.sample_batch = args.sample_batch
     phase_peaks = watch_phases(svc)
     rounds = []
     for r in range(args.rounds):
@@ -132,7 +155,7 @@ def main() -> None:
     result = {
         "device": str(pt.device), "torch_threads": torch.get_num_threads(), "cores": list(split.trainer),
         "precision": "bf16" if pt.bf16 else "fp32", "cpu_bf16_instructions": cpu_has_fast_bf16(),
-        "policy_prompts": args.prompts, "k": pt.cfg.k, "max_new_tokens": pt.cfg.max_new_tokens,
+        "policy_prompts": args.prompts, "k": pt.cfg.k, "sample_batch": pt.cfg.sample_batch, "max_new_tokens": pt.cfg.max_new_tokens,
         "gate_prompts": args.gate_prompts, "load_s": round(load_s, 1), "rm_step_s": round(rm_s, 2),
         "rss_mb": {"python+torch": round(rss0), "all loaded": round(rss_loaded), "peak during RM steps": round(rm_peak)},
         "weights_mb": {"policy base fp32 (also the reference)": mb(pt.model) - round(sum(p.numel() * 4 for p in adapters) / 2**20),

@@ -148,3 +148,31 @@ def test_a_bad_check_file_is_a_one_line_error_at_start(tmp_path, command):
     assert out.returncode != 0
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and f"{bad}:1" in lines[0] and "DUET_RELEASE_CHECKS" in lines[0], out.stderr
+
+
+def test_the_base_side_of_the_gate_is_computed_ahead_and_reused(blue_model, tmp_path, monkeypatch):
+    """`PolicyRounds.warm` (what the trainer does while idle before its first round) computes the base model's
+    gate answers and release-check values; the round then samples only the candidate: the base is never asked
+    again, and warming twice computes nothing."""
+    import trainer.rounds as rounds_module
+
+    like = ReleaseCheck(name="like", kind="likelihood", prompt="hello", answer="a b c", no_worse_than_base=10.0)
+    cfg = round_config(base_model=str(blue_model), registry_root=tmp_path / "registry",
+                       policy=policy_config(max_new_tokens=8),
+                       gate=gate_config(min_win_rate=0.0, max_kl=1e9, max_length_ratio=1e9, max_empty_share=1.0),
+                       release_checks=[like])
+    rounds = PolicyRounds(cfg)
+    assert rounds.warm(PROMPTS[4:6]) is True
+    assert set(rounds.gate_cache) == {"base"} and set(rounds.checker._base) == {"like"}
+    assert rounds.warm(PROMPTS[4:6]) is False
+
+    base_sampled, base_measured = [], []
+    monkeypatch.setattr(rounds_module, "gate_answers", lambda *a, **kw: base_sampled.append(a) or [])
+    measure = rounds.checker._measure
+    monkeypatch.setattr(rounds.checker, "_measure",
+                        lambda pt, model, check: base_measured.append(model) or measure(pt, model, check))
+    votes = _synthetic_votes(10)
+    result = rounds.run(PROMPTS[:4], PROMPTS[4:6], blue_reward, pairs=votes, judge_votes=votes)
+    assert result.published is not None, result.gate.reasons
+    assert base_sampled == [] and len(base_measured) == 1  # the candidate's own check value only
+    assert rounds.warm(PROMPTS[5:6]) is True  # other gate prompts: their base answers are new work

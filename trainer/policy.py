@@ -72,6 +72,9 @@ class PolicyConfig:
     seed: int
     temperature: float = 1.0  # the full distribution, as served at the API's default
     micro_batch: int = 4  # sequences per forward/backward (the logits of 4 × 150 tokens × 49k vocab: ~120 MB)
+    # sequences per `generate` call when the trainer samples itself: all 16 prompts × k 8 at once held 128 KV
+    # caches and sampling buffers, the trainer's peak (8.4 GB, bench/README); 32 cost little speed on CPU
+    sample_batch: int = 32
     max_tokens: int = 512  # prompt + answer, truncated from the left
 
 
@@ -246,7 +249,8 @@ class PolicyTrainer:
         ids = [self.prompt_ids(m) for m in prompts]
         drawn = rollouts(ids, cfg.k) if rollouts is not None else None
         groups = self.samples_from(ids, drawn) if drawn is not None else self.sample(
-            self.model, prompts, cfg.k, temperature, max_new_tokens=max_new_tokens)
+            self.model, prompts, cfg.k, temperature, batch_prompts=max(1, cfg.sample_batch // cfg.k),
+            max_new_tokens=max_new_tokens)
         clock["sample_s"] = time.perf_counter() - t
         t = time.perf_counter()
         rewards = [reward_fn(m, [s.text for s in g]).float().cpu() for m, g in zip(prompts, groups)]

@@ -192,17 +192,26 @@ class ReleaseChecker:
         values = [_value(check, s) for s in answers]
         return sum(values) / len(values), answers[0].text
 
+    def warm(self, pt) -> bool:
+        """The base model's values of every check that compares with them, computed now if not yet (the trainer
+        does it while idle, ahead of its first round). True if any was computed."""
+        todo = [c for c in self.checks if c.no_worse_than_base is not None and c.name not in self._base]
+        for check in todo:
+            self._base_value(pt, check)
+        return bool(todo)
+
+    def _base_value(self, pt, check: ReleaseCheck) -> float:
+        if check.name not in self._base:
+            with pt.reference():
+                self._base[check.name] = self._measure(pt, pt.model, check)
+        return self._base[check.name][0]
+
     def run(self, pt, candidate) -> list[CheckResult]:
         """`pt`: the PolicyTrainer (tokenizer, sampling, and the reference model as `pt.reference()`);
         `candidate`: the exported candidate model."""
         out = []
         for check in self.checks:
-            base = None
-            if check.no_worse_than_base is not None:
-                if check.name not in self._base:
-                    with pt.reference():
-                        self._base[check.name] = self._measure(pt, pt.model, check)
-                base = self._base[check.name][0]
+            base = self._base_value(pt, check) if check.no_worse_than_base is not None else None
             value, answer = self._measure(pt, candidate, check)
             out.append(CheckResult(name=check.name, kind=check.kind, passed=passes(check, value, base),
                                    value=round(value, 4), base=None if base is None else round(base, 4),

@@ -202,6 +202,17 @@ class PolicyRounds:
                  result.metrics["win_rate_high"], result.metrics["kl"], 100 * train_metrics["changed_fraction"])
         return RoundResult(manifest, result, train_metrics, trained_events)
 
+    def warm(self, eval_prompts: list[list[ChatMessage]]) -> bool:
+        """What every gate needs of the base model, which never changes — its answers to the gate prompts and its
+        release-check values — computed ahead: the trainer calls this while idle before its first round (whose
+        gate spent ~110 of its 207 s on them under `duet up`). True if anything was computed."""
+        key = _prompts_key(eval_prompts, self.cfg.gate, self.cfg.policy.max_new_tokens)
+        cached = self.gate_cache.get(BASE_VERSION, (None,))[0] == key
+        if not cached:
+            self._gate_answers(BASE_VERSION, None, eval_prompts)
+        checked = self.checker.warm(self.pt) if self.checker is not None else False
+        return not cached or checked
+
     def _gate_answers(self, name: str, path: Path | None, prompts: list[list[ChatMessage]]) -> list:
         """`name`'s answers to the gate prompts at the gate's seed: cached, else drawn here (base: the reference;
         a version: loaded from `path` for as long as it takes)."""

@@ -128,6 +128,7 @@ class TrainerService:
         self.positions: dict[int, int] | None = None  # partition → next offset to consume, as of the last look
         self.rng = random.Random(rm.seed)
         self.saved_marks: dict[str, object] = {}  # what the newest checkpoint holds (see `checkpoint`)
+        self.gate_warmed = self.rounds is None  # the base model's gate answers and check values, computed once idle
 
     # --- the loop -----------------------------------------------------------------------------------
     def run(self, once: bool = False) -> TrainerState:
@@ -148,6 +149,8 @@ class TrainerService:
                 if self.round_due():
                     self.policy_round()
                     self.checkpoint(consumer)
+                elif not once and caught_up and not self.gate_warmed:
+                    self.warm_gate()
                 elif not once and caught_up and self.idle_reward_step_due():
                     self.train_reward_model_on_replay()
                 if triggers.checkpoint_due(self.dirty, self.clock() - self.last_checkpoint,
@@ -330,8 +333,7 @@ class TrainerService:
         pairs = replay_draw([g for g in trained if g.pairs], self.cfg.rounds.policy.pairs_per_round, self.rng, fresh)
         signals = replay_draw([g for g in trained if g.labelled or g.demonstrations], self.cfg.policy_signals,
                               self.rng, fresh)
-        gate = self.cfg.rounds.gate
-        eval_prompts = [[ChatMessage(role="user", content=p)] for p in self.cfg.rounds.gate_prompts[:gate.prompts]]
+        eval_prompts = self.gate_prompts()
         log.info("policy round: %d prompts, %d users' pairs, %d signals; gate on %d gate prompts", len(prompts),
                  len(pairs), len(signals), len(eval_prompts))
         t0 = time.time()
@@ -362,6 +364,22 @@ class TrainerService:
         self.dirty = True
         self._report_round(result)
         return result
+
+    def gate_prompts(self) -> list[list[ChatMessage]]:
+        return [[ChatMessage(role="user", content=p)] for p in self.cfg.rounds.gate_prompts[:self.cfg.rounds.gate.prompts]]
+
+    def warm_gate(self) -> None:
+        """Once, the first time the trainer is idle: the base model's side of every gate (`PolicyRounds.warm`),
+        so the first round — the one users wait for — does not spend its time on it. Votes arriving meanwhile
+        wait in the log."""
+        self.gate_warmed = True
+        t0 = time.time()
+        try:
+            if self.rounds.warm(self.gate_prompts()):
+                log.info("gate warmed while idle: the base model's gate answers and release-check values (%.0f s)",
+                         time.time() - t0)
+        except Exception:  # the first round computes them itself
+            log.exception("warming the gate failed")
 
     def _report_round(self, result: RoundResult | None) -> None:
         if self.redis is None:
