@@ -25,7 +25,7 @@ from trainer.lora import (PEFT_DIR, adapter_parameters, adapter_state_dict, adap
                           load_adapter_state_dict, lora_layers, merged_state_dict)
 from trainer.losses import (dpo_loss, kl_penalized_rewards, kto_loss, kto_weights, rloo_advantages,
                             rloo_clipped_loss, sft_loss)
-from trainer.precision import Precision, autocast, use_bf16
+from trainer.precision import Precision, autocast, contiguous_head, use_bf16
 from trainer.reward_model import pick_device
 
 RewardFn = Callable[[list[ChatMessage], list[str]], torch.Tensor]  # (prompt, k answers) -> k rewards
@@ -92,6 +92,7 @@ def load_causal_lm(path: str, device: torch.device, bf16: bool | None = None):
 
     bf16 = use_bf16(device) if bf16 is None else bf16
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 else torch.float32).to(device)
+    contiguous_head(model)
     model.eval()
     model.requires_grad_(False)
     return model

@@ -47,3 +47,26 @@ def use_bf16(device: torch.device, precision: Precision = "auto") -> bool:
 
 def autocast(device: torch.device, bf16: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+class ContiguousHead(torch.nn.Module):
+    """A model's output projection (`lm_head`), fed a contiguous input; the same weight (tied or not), the same
+    parameter name. On CPU, torch 2.13's bf16 matmul of a *non-contiguous* 3-D input — what `logits_to_keep`
+    slices from the hidden states, in generate's prefill and in the trainer's log-prob passes — materialises the
+    weight once per batch row: 1.7 GB for 32 rows through SmolLM2's 49k × 576 head (fp32 does not; a contiguous
+    copy of the slice costs kilobytes). That was the trainer's peak memory (8.3 GB sampling 128 sequences)."""
+
+    def __init__(self, head: torch.nn.Linear) -> None:
+        super().__init__()
+        self.weight = head.weight
+        self.bias = head.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x.contiguous(), self.weight, self.bias)
+
+
+def contiguous_head(model: torch.nn.Module) -> None:
+    """Wrap `model`'s output projection in `ContiguousHead` (in place; idempotent)."""
+    head = model.get_output_embeddings()
+    if isinstance(head, torch.nn.Linear):
+        model.set_output_embeddings(ContiguousHead(head))
