@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-# the trainer shares a CPU machine's memory: its peak RSS in fp32 rounds was 6.3 GB (bench/trainer_round.py)
-TRAINER_RESERVE_GB = 8.0
+# the trainer shares a CPU machine's memory: its peak RSS through a round is 2.6 GB in bf16 and 4.1 GB in fp32
+# (bench/trainer_round.py, since the output head is fed contiguous inputs; 6.3–8.4 GB before), plus a margin
+TRAINER_RESERVE_GB = 5.0
 ENGINE_OVERHEAD_GB = 1.0  # a vLLM CPU engine's process beyond its weights and KV cache (torch, vLLM, buffers)
 GPU_SHARE_LIMIT = 0.95  # two engines' gpu_memory_utilization together, with room for the CUDA contexts
 

@@ -40,9 +40,10 @@ def test_loaded_models_keep_their_tied_head_and_its_name(tiny_model):
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's per-process peak RSS reset")
 def test_a_sliced_bf16_batch_through_a_wide_head_stays_small():
-    """32 rows through a 49,152 × 576 bf16 head (SmolLM2's): the weight is 54 MB; materialised per row it would
-    be 1.7 GB. Bound: 300 MB above what was held before."""
-    weight = torch.nn.Linear(576, 49152, bias=False).to(torch.bfloat16)
+    """32 rows through a frozen 49,152 × 576 bf16 head (SmolLM2's, as the trainer holds it): the weight is 54 MB;
+    materialised per row, as a plain `nn.Linear` does here, 1.7 GB (measured; a trainable weight takes another
+    path). Bound: 300 MB above what was held before."""
+    weight = torch.nn.Linear(576, 49152, bias=False).to(torch.bfloat16).requires_grad_(False)
     head = ContiguousHead(weight)
     hidden = torch.randn(32, 47, 576, dtype=torch.bfloat16)
     Path("/proc/self/clear_refs").write_text("5")
