@@ -20,6 +20,7 @@ from typing import Literal
 # the trainer shares a CPU machine's memory: its peak RSS through a round is 2.6 GB in bf16 and 4.1 GB in fp32
 # (bench/trainer_round.py, since the output head is fed contiguous inputs; 6.3–8.4 GB before), plus a margin
 TRAINER_RESERVE_GB = 5.0
+STACK_GB = 1.5  # the rest of one `duet up` beside engines and trainer: the API process, relay, broker, supervisor
 ENGINE_OVERHEAD_GB = 1.0  # a vLLM CPU engine's process beyond its weights and KV cache (torch, vLLM, buffers)
 GPU_SHARE_LIMIT = 0.95  # two engines' gpu_memory_utilization together, with room for the CUDA contexts
 
@@ -40,7 +41,7 @@ def choose_canary(requested: str, *, on_gpu: bool, weights_gb: float, kv_cache_g
             return CanaryChoice("users", f"two engines at gpu_memory_utilization {gpu_memory_utilization} fit one GPU")
         return CanaryChoice("off", f"two engines at gpu_memory_utilization {gpu_memory_utilization} do not fit one "
                                    f"GPU (set DUET_GPU_MEMORY_UTILIZATION ≤ {GPU_SHARE_LIMIT / 2:.2f} for canary tests)")
-    need = 2 * (weights_gb + kv_cache_gb + ENGINE_OVERHEAD_GB) + TRAINER_RESERVE_GB
+    need = 2 * (weights_gb + kv_cache_gb + ENGINE_OVERHEAD_GB) + TRAINER_RESERVE_GB + STACK_GB
     fits = need <= mem_total_gb
     return CanaryChoice("users" if fits else "off",
                         f"two engines and the trainer need ~{need:.1f} GB, this machine has {mem_total_gb:.1f} GB")

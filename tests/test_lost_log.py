@@ -176,7 +176,9 @@ def test_broker_sigkill_with_votes_flowing_trains_every_vote_exactly_once(r, tin
            "DUET_POLICY_EVERY_VOTES": "100000", "DUET_POLICY_EVERY_S": "100000",  # the reward model only
            # what is tested is recovery, not priority: at its default nice 10 the trainer got ~5 % of a core beside
            # other load (CI: no vote checkpointed 120 s after a restart; here with two busy loops: 45 s)
-           "DUET_TRAINER_NICE": "0"}
+           "DUET_TRAINER_NICE": "0",
+           # no round ever runs here: keep the trainer's warming of the gate (while idle, at start) short
+           "DUET_GATE_PROMPTS": "2", "DUET_RELEASE_CHECKS": "off"}
     trainer = subprocess.Popen([sys.executable, "-m", "duet.cli", "train"], env=env,
                                stdout=subprocess.DEVNULL, stderr=open(tmp_path / "trainer.log", "wb"))
     ckpt_dir = tmp_path / "home" / "trainer" / "checkpoints"

@@ -162,6 +162,8 @@ def test_the_base_side_of_the_gate_is_computed_ahead_and_reused(blue_model, tmp_
                        gate=gate_config(min_win_rate=0.0, max_kl=1e9, max_length_ratio=1e9, max_empty_share=1.0),
                        release_checks=[like])
     rounds = PolicyRounds(cfg)
+    assert rounds.warm(PROMPTS[4:6], stop=lambda: True) is True  # a stop asked: the checks are left for later
+    assert set(rounds.gate_cache) == {"base"} and rounds.checker._base == {}
     assert rounds.warm(PROMPTS[4:6]) is True
     assert set(rounds.gate_cache) == {"base"} and set(rounds.checker._base) == {"like"}
     assert rounds.warm(PROMPTS[4:6]) is False

@@ -72,8 +72,8 @@ class PolicyConfig:
     seed: int
     temperature: float = 1.0  # the full distribution, as served at the API's default
     micro_batch: int = 4  # sequences per forward/backward (the logits of 4 × 150 tokens × 49k vocab: ~120 MB)
-    # sequences per `generate` call when the trainer samples itself: all 16 prompts × k 8 at once held 128 KV
-    # caches and sampling buffers, the trainer's peak (8.4 GB, bench/README); 32 cost little speed on CPU
+    # sequences per `generate` call when the trainer samples itself on CPU (a GPU takes a round's all at once):
+    # 32 cost no speed there against 128 and hold a quarter of the memory (bench/README, trainer_round.py)
     sample_batch: int = 32
     max_tokens: int = 512  # prompt + answer, truncated from the left
 
@@ -250,7 +250,8 @@ class PolicyTrainer:
         ids = [self.prompt_ids(m) for m in prompts]
         drawn = rollouts(ids, cfg.k) if rollouts is not None else None
         groups = self.samples_from(ids, drawn) if drawn is not None else self.sample(
-            self.model, prompts, cfg.k, temperature, batch_prompts=max(1, cfg.sample_batch // cfg.k),
+            self.model, prompts, cfg.k, temperature,
+            batch_prompts=max(1, cfg.sample_batch // cfg.k) if self.device.type == "cpu" else len(prompts),
             max_new_tokens=max_new_tokens)
         clock["sample_s"] = time.perf_counter() - t
         t = time.perf_counter()

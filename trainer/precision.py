@@ -68,5 +68,5 @@ class ContiguousHead(torch.nn.Module):
 def contiguous_head(model: torch.nn.Module) -> None:
     """Wrap `model`'s output projection in `ContiguousHead` (in place; idempotent)."""
     head = model.get_output_embeddings()
-    if isinstance(head, torch.nn.Linear):
+    if type(head) is torch.nn.Linear:  # not a subclass (a quantized head): its own forward is kept
         model.set_output_embeddings(ContiguousHead(head))

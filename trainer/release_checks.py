@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -192,11 +193,13 @@ class ReleaseChecker:
         values = [_value(check, s) for s in answers]
         return sum(values) / len(values), answers[0].text
 
-    def warm(self, pt) -> bool:
+    def warm(self, pt, stop: Callable[[], bool] = lambda: False) -> bool:
         """The base model's values of every check that compares with them, computed now if not yet (the trainer
-        does it while idle, ahead of its first round). True if any was computed."""
+        does it while idle, ahead of its first round), until `stop()`. True if any was computed."""
         todo = [c for c in self.checks if c.no_worse_than_base is not None and c.name not in self._base]
         for check in todo:
+            if stop():
+                break
             self._base_value(pt, check)
         return bool(todo)
 

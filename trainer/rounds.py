@@ -202,15 +202,16 @@ class PolicyRounds:
                  result.metrics["win_rate_high"], result.metrics["kl"], 100 * train_metrics["changed_fraction"])
         return RoundResult(manifest, result, train_metrics, trained_events)
 
-    def warm(self, eval_prompts: list[list[ChatMessage]]) -> bool:
+    def warm(self, eval_prompts: list[list[ChatMessage]], stop: Callable[[], bool] = lambda: False) -> bool:
         """What every gate needs of the base model, which never changes — its answers to the gate prompts and its
         release-check values — computed ahead: the trainer calls this while idle before its first round (whose
-        gate spent ~110 of its 207 s on them under `duet up`). True if anything was computed."""
+        gate spent ~110 of its 207 s on them under `duet up`). True if anything was computed; `stop()` is asked
+        between the parts (what is left is computed by the first round)."""
         key = _prompts_key(eval_prompts, self.cfg.gate, self.cfg.policy.max_new_tokens)
         cached = self.gate_cache.get(BASE_VERSION, (None,))[0] == key
         if not cached:
             self._gate_answers(BASE_VERSION, None, eval_prompts)
-        checked = self.checker.warm(self.pt) if self.checker is not None else False
+        checked = self.checker.warm(self.pt, stop) if self.checker is not None and not stop() else False
         return not cached or checked
 
     def _gate_answers(self, name: str, path: Path | None, prompts: list[list[ChatMessage]]) -> list:

@@ -150,7 +150,7 @@ class TrainerService:
                     self.policy_round()
                     self.checkpoint(consumer)
                 elif not once and caught_up and not self.gate_warmed:
-                    self.warm_gate()
+                    self.warm_gate(consumer)
                 elif not once and caught_up and self.idle_reward_step_due():
                     self.train_reward_model_on_replay()
                 if triggers.checkpoint_due(self.dirty, self.clock() - self.last_checkpoint,
@@ -368,14 +368,16 @@ class TrainerService:
     def gate_prompts(self) -> list[list[ChatMessage]]:
         return [[ChatMessage(role="user", content=p)] for p in self.cfg.rounds.gate_prompts[:self.cfg.rounds.gate.prompts]]
 
-    def warm_gate(self) -> None:
+    def warm_gate(self, consumer: FeedbackConsumer) -> None:
         """Once, the first time the trainer is idle: the base model's side of every gate (`PolicyRounds.warm`),
         so the first round — the one users wait for — does not spend its time on it. Votes arriving meanwhile
-        wait in the log."""
+        wait in the log; a stop asked meanwhile is heeded between its parts (the base's answers take the longest)."""
         self.gate_warmed = True
+        if self.dirty:  # what was consumed is safe before a minute or two of sampling
+            self.checkpoint(consumer)
         t0 = time.time()
         try:
-            if self.rounds.warm(self.gate_prompts()):
+            if self.rounds.warm(self.gate_prompts(), stop=self.stop.is_set):
                 log.info("gate warmed while idle: the base model's gate answers and release-check values (%.0f s)",
                          time.time() - t0)
         except Exception:  # the first round computes them itself
