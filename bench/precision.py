@@ -43,11 +43,11 @@ def main() -> None:
         batch = [Sample(torch.randint(100, 40000, (40,), generator=g).tolist(),
                         torch.randint(100, 40000, (96,), generator=g).tolist(), "") for _ in range(8)]
 
-        def forward():
+        def forward(pt=pt):
             with torch.no_grad(), pt.reference():
                 pt.token_logprobs(pt.model, batch)
 
-        def update():
+        def update(pt=pt):
             logp, mask = pt.token_logprobs(pt.model, batch)
             (logp * mask).sum().backward()
 
