@@ -155,7 +155,8 @@ def main() -> None:
     result = {
         "device": str(pt.device), "torch_threads": torch.get_num_threads(), "cores": list(split.trainer),
         "precision": "bf16" if pt.bf16 else "fp32", "cpu_bf16_instructions": cpu_has_fast_bf16(),
-        "policy_prompts": args.prompts, "k": pt.cfg.k, "sample_batch": pt.cfg.sample_batch, "max_new_tokens": pt.cfg.max_new_tokens,
+        "policy_prompts": args.prompts, "k": pt.cfg.k, "sample_batch": pt.cfg.sample_batch,
+        "max_new_tokens": pt.cfg.max_new_tokens,
         "gate_prompts": args.gate_prompts, "load_s": round(load_s, 1), "rm_step_s": round(rm_s, 2),
         "rss_mb": {"python+torch": round(rss0), "all loaded": round(rss_loaded), "peak during RM steps": round(rm_peak)},
         "weights_mb": {"policy base fp32 (also the reference)": mb(pt.model) - round(sum(p.numel() * 4 for p in adapters) / 2**20),

@@ -51,10 +51,11 @@ def autocast(device: torch.device, bf16: bool):
 
 class ContiguousHead(torch.nn.Module):
     """A model's output projection (`lm_head`), fed a contiguous input; the same weight (tied or not), the same
-    parameter name. On CPU, torch 2.13's bf16 matmul of a frozen weight and a *non-contiguous* 3-D input — what `logits_to_keep`
-    slices from the hidden states, in generate's prefill and in the trainer's log-prob passes — materialises the
-    weight once per batch row: 1.7 GB for 32 rows through SmolLM2's 49k × 576 head (fp32 does not; a contiguous
-    copy of the slice costs kilobytes). That was the trainer's peak memory (8.3 GB sampling 128 sequences)."""
+    parameter name. On CPU, torch 2.13's bf16 matmul of a frozen weight and a *non-contiguous* 3-D input — what
+    `logits_to_keep` slices from the hidden states, in generate's prefill and in the trainer's log-prob passes —
+    materialises the weight once per batch row: 1.7 GB for 32 rows through SmolLM2's 49k × 576 head (fp32 and a
+    trainable weight do not; a contiguous copy of the slice costs kilobytes). That was the trainer's peak memory
+    (8.3 GB sampling 128 sequences)."""
 
     def __init__(self, head: torch.nn.Linear) -> None:
         super().__init__()

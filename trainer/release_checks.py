@@ -196,12 +196,13 @@ class ReleaseChecker:
     def warm(self, pt, stop: Callable[[], bool] = lambda: False) -> bool:
         """The base model's values of every check that compares with them, computed now if not yet (the trainer
         does it while idle, ahead of its first round), until `stop()`. True if any was computed."""
-        todo = [c for c in self.checks if c.no_worse_than_base is not None and c.name not in self._base]
-        for check in todo:
+        computed = 0
+        for check in [c for c in self.checks if c.no_worse_than_base is not None and c.name not in self._base]:
             if stop():
                 break
             self._base_value(pt, check)
-        return bool(todo)
+            computed += 1
+        return computed > 0
 
     def _base_value(self, pt, check: ReleaseCheck) -> float:
         if check.name not in self._base:
