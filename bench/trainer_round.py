@@ -50,8 +50,8 @@ def reset_peak() -> None:
         pass
 
 
-def watch_phases(svc) -> dict[str, int]:
-    """Peak RSS (MB) of each phase of a round — RLOO (with its local sampling here), DPO, signals, export, the
+def watch_phases(svc) -> tuple[dict[str, int], dict[str, float]]:
+    """Peak RSS (MB) and seconds of each phase of a round — RLOO (with its local sampling here), DPO, signals, export, the
     gate's live/base answers, the gate and, within it, its parts (loading the candidate, its answers, the KL
     pass, the release checks, the judges) — each measured from its own start. The kernel keeps one peak, reset at
     every phase's start, so what it held until then is first credited to every phase still open."""
@@ -59,6 +59,7 @@ def watch_phases(svc) -> dict[str, int]:
     import trainer.rounds as rounds_module
 
     peaks: dict[str, int] = {}
+    seconds: dict[str, float] = {}
     open_phases: list[str] = []
 
     def credit(names) -> None:
@@ -71,9 +72,11 @@ def watch_phases(svc) -> dict[str, int]:
             credit(open_phases)
             reset_peak()
             open_phases.append(name)
+            t = time.perf_counter()
             try:
                 return fn(*a, **kw)
             finally:
+                seconds[name] = round(seconds.get(name, 0.0) + time.perf_counter() - t, 2)
                 open_phases.pop()
                 credit([name, *open_phases])
         return run
@@ -90,7 +93,7 @@ def watch_phases(svc) -> dict[str, int]:
     if svc.rounds.checker is not None:
         svc.rounds.checker.run = watched("gate: release checks", svc.rounds.checker.run)
     rounds_module.probe_logprobs = watched("probe log-probs", rounds_module.probe_logprobs)
-    return peaks
+    return peaks, seconds
 
 
 def main() -> None:
@@ -101,6 +104,9 @@ def main() -> None:
     ap.add_argument("--gate-prompts", type=int, default=Settings().gate_prompts)
     ap.add_argument("--sample-batch", type=int, default=0,
                     help="sequences per local generate call (0: the default, PolicyConfig.sample_batch)")
+    ap.add_argument("--no-warm", action="store_true",
+                    help="skip what `duet train` does while idle before its first round (the base's gate answers and "
+                         "release-check values): the first round then computes them itself")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
 
@@ -130,7 +136,13 @@ def main() -> None:
     svc.cfg.policy_prompts, svc.rounds.cfg.gate.prompts = args.prompts, args.gate_prompts
     if args.sample_batch:
         svc.rounds.pt.cfg.sample_batch = args.sample_batch
-    phase_peaks = watch_phases(svc)
+    phase_peaks, phase_seconds = watch_phases(svc)
+    warm_s = None
+    if not args.no_warm:  # as the trainer does while idle before its first round (TrainerService.warm_gate)
+        t = time.perf_counter()
+        svc.rounds.warm(svc.gate_prompts())
+        warm_s = round(time.perf_counter() - t, 1)
+        phase_peaks.clear(), phase_seconds.clear()
     rounds = []
     for r in range(args.rounds):
         reset_peak()
@@ -143,8 +155,8 @@ def main() -> None:
                           ("kl", "changed_fraction", "answer_tokens", "updates", "groups_trained",
                            "informative_fraction", "dpo_pairs")},
                        "gate_kl": result.gate.metrics.get("kl"), "judged_win_rate": result.gate.metrics.get("win_rate"),
-                       "peak_rss_mb_by_phase": dict(phase_peaks)})
-        phase_peaks.clear()
+                       "peak_rss_mb_by_phase": dict(phase_peaks), "seconds_by_phase": dict(phase_seconds)})
+        phase_peaks.clear(), phase_seconds.clear()
         print(json.dumps(rounds[-1]), file=sys.stderr)
 
     def mb(module) -> float:
@@ -157,7 +169,7 @@ def main() -> None:
         "precision": "bf16" if pt.bf16 else "fp32", "cpu_bf16_instructions": cpu_has_fast_bf16(),
         "policy_prompts": args.prompts, "k": pt.cfg.k, "sample_batch": pt.cfg.sample_batch,
         "max_new_tokens": pt.cfg.max_new_tokens,
-        "gate_prompts": args.gate_prompts, "load_s": round(load_s, 1), "rm_step_s": round(rm_s, 2),
+        "gate_prompts": args.gate_prompts, "warm_s": warm_s, "load_s": round(load_s, 1), "rm_step_s": round(rm_s, 2),
         "rss_mb": {"python+torch": round(rss0), "all loaded": round(rss_loaded), "peak during RM steps": round(rm_peak)},
         "weights_mb": {"policy base fp32 (also the reference)": mb(pt.model) - round(sum(p.numel() * 4 for p in adapters) / 2**20),
                        "adapters fp32": round(sum(p.numel() * 4 for p in adapters) / 2**20),
