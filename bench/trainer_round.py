@@ -10,13 +10,18 @@ serving here, the RLOO samples come from HF `generate` (slower than serving's en
 served round spends). Peak RSS is read from the kernel (VmHWM, reset before each phase through
 /proc/self/clear_refs).
 
-Usage: python bench/trainer_round.py [--rounds 2] [--prompts 16] [--gate-prompts 16] [--sample-batch 128]
+With --ranks N the same work runs as N data-parallel ranks under torchrun (trainer/distributed.py; gloo on CPUs),
+each rank on its share of the trainer's cores (one core here: the ranks share it; DUET_CPU_SPLIT=off gives them
+every core), and `ranks` in the result says so: compare its `seconds` with a 1-rank run's.
+
+Usage: python bench/trainer_round.py [--rounds 2] [--prompts 16] [--gate-prompts 16] [--sample-batch 128] [--ranks 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
@@ -107,22 +112,42 @@ def main() -> None:
     ap.add_argument("--no-warm", action="store_true",
                     help="skip what `duet train` does while idle before its first round (the base's gate answers and "
                          "release-check values): the first round then computes them itself")
+    ap.add_argument("--ranks", type=int, default=1, help="data-parallel ranks under torchrun (1: one process)")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
+    if args.ranks > 1 and "RANK" not in os.environ:  # become torchrun, which starts the ranks
+        os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                  f"--nproc-per-node={args.ranks}", *sys.argv])
 
     from duet.wiring import build_trainer
 
     s = Settings(kafka_bootstrap="unused:9092", home=scratch_home("duet-round-"))
-    from duet.cpus import available_cpus, plan_split, pin_trainer
-    from trainer.precision import cpu_has_fast_bf16
+    from duet.cpus import available_cpus, plan_split, pin_trainer, rank_cpus
 
-    split = plan_split(available_cpus(), s.serving_cpus, s.trainer_cpus)
-    pin_trainer(split.trainer)
+    split = plan_split(available_cpus(), s.serving_cpus, s.trainer_cpus) if s.cpu_split == "auto" else None
+    cores = split.trainer if split else available_cpus()
+    pin_trainer(rank_cpus(cores, int(os.environ.get("LOCAL_RANK", "0")), args.ranks))
     rss0 = rss_mb()
     t = time.perf_counter()
     svc = build_trainer(s)
     svc.rounds.cfg.bootstrap = ""  # no broker here: publish to the scratch registry, announce nothing
     load_s = time.perf_counter() - t
+    if not svc.world.main:  # rank > 0: its share of each step rank 0 takes below
+        svc.follow_rank0()
+        return
+    with svc.leading():
+        result = measure(svc, args, load_s, rss0, cores)
+    out = Path(args.out or f"bench/results/trainer_round-{result['precision']}"
+               f"{'-ranks%d' % args.ranks if args.ranks > 1 else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+def measure(svc, args, load_s: float, rss0: float, cores) -> dict:
+    """Rank 0 (or the one process): reward-model steps, the warm-up, then the rounds, timed and weighed."""
+    from trainer.precision import cpu_has_fast_bf16
+
     rss_loaded = rss_mb()
     rng = random.Random(0)
     groups = [to_prompt_group(marker_event(rng)) for _ in range(args.votes)]
@@ -130,7 +155,7 @@ def main() -> None:
     reset_peak()
     t = time.perf_counter()
     for i in range(0, len(groups), 8):
-        svc.reward.step(groups[i:i + 8])
+        svc.reward_step(groups[i:i + 8])
     rm_s = (time.perf_counter() - t) / max(1, len(groups) // 8)
     rm_peak = rss_mb("VmHWM")
     svc.cfg.policy_prompts, svc.rounds.cfg.gate.prompts = args.prompts, args.gate_prompts
@@ -165,7 +190,8 @@ def main() -> None:
     pt = svc.rounds.pt
     adapters = [p for p in pt.model.parameters() if p.requires_grad]
     result = {
-        "device": str(pt.device), "torch_threads": torch.get_num_threads(), "cores": list(split.trainer),
+        "device": str(pt.device), "ranks": svc.world.size, "torch_threads": torch.get_num_threads(),
+        "cores": list(cores),
         "precision": "bf16" if pt.bf16 else "fp32", "cpu_bf16_instructions": cpu_has_fast_bf16(),
         "policy_prompts": args.prompts, "k": pt.cfg.k, "sample_batch": pt.cfg.sample_batch,
         "max_new_tokens": pt.cfg.max_new_tokens,
@@ -177,10 +203,7 @@ def main() -> None:
                        "reward model": mb(svc.reward.model), "judge encoder": mb(svc.rounds.judges.encoder.model)},
         "rounds": rounds,
     }
-    out = Path(args.out or f"bench/results/trainer_round-{result['precision']}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    return result
 
 
 if __name__ == "__main__":

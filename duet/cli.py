@@ -286,33 +286,46 @@ def cmd_train(args: argparse.Namespace) -> None:
     _release_checks(s), _gate_prompts(s)  # a bad file: one line now, before anything starts
     if not s.kafka_bootstrap:
         raise CLIError("DUET_KAFKA_BOOTSTRAP is not set: the trainer reads votes from Kafka")
+    if s.trainer_ranks > 1 and "RANK" not in os.environ:  # become torchrun, which starts the ranks
+        flags = ["--once"] * args.once + ["--round"] * args.round
+        os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                  f"--nproc-per-node={s.trainer_ranks}", f"--max-restarts={s.trainer_max_restarts}",
+                                  "-m", "duet.cli", "train", *flags])
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     from duet.wiring import checkpoint_dir
 
-    _hold(checkpoint_dir(s) / ".lock", "duet train", "DUET_HOME")
-    if s.trainer_cpus:
-        from duet.cpus import parse_cpus, pin_trainer
+    if rank == 0:  # the one committer
+        _hold(checkpoint_dir(s) / ".lock", "duet train", "DUET_HOME")
+    if s.trainer_cpus or "LOCAL_WORLD_SIZE" in os.environ:
+        from duet.cpus import available_cpus, parse_cpus, pin_trainer, rank_cpus
 
-        _pin(pin_trainer, parse_cpus(s.trainer_cpus), "DUET_TRAINER_CPUS")  # before torch starts its thread pool
+        cpus = rank_cpus(parse_cpus(s.trainer_cpus) or available_cpus(), local_rank,
+                         int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        _pin(pin_trainer, cpus, "DUET_TRAINER_CPUS")  # before torch starts its thread pool
     if s.trainer_nice:
         os.nice(s.trainer_nice)  # serving first where cores are shared
     from duet.wiring import build_trainer
 
     svc = build_trainer(s)
     if args.round:
-        result = svc.policy_round()
+        result = svc.one_round()
+        if rank != 0:
+            return
         if result is None:
             raise CLIError("no policy round: the trainer has no trained comparisons yet")
         if result.published is None:
             raise CLIError(f"the gate refused the candidate: {', '.join(result.gate.reasons)} {result.gate.metrics}")
         print(f"duet: published {result.published.name} ({result.gate.metrics})")
         return
-    if not args.once:
+    if not args.once and rank == 0:
         _serve_metrics(s.trainer_metrics_port, s.host, "trainer")
     import signal
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: svc.stop.set())
     state = svc.run(once=args.once)
+    if rank != 0:
+        return
     print(f"duet: trained on {state.events_trained} votes ({state.events_held_out} held out); "
           f"held-out accuracy {state.held_out_accuracy}")
 

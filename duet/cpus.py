@@ -77,6 +77,12 @@ def pin_serving(cpus: tuple[int, ...]) -> None:
     os.sched_setaffinity(0, cpus)
 
 
+def rank_cpus(cpus: tuple[int, ...], local_rank: int, local_ranks: int) -> tuple[int, ...]:
+    """A trainer rank's share of the trainer's cores (round-robin); with fewer cores than ranks, they share."""
+    share = tuple(sorted(cpus))[local_rank::local_ranks]
+    return share or tuple(sorted(cpus))
+
+
 def pin_trainer(cpus: tuple[int, ...]) -> None:
     """This process on `cpus`, with one torch intra-op thread per core."""
     import torch

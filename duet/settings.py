@@ -125,6 +125,11 @@ class Settings(BaseSettings):
     # the same cores starved the engine until swap probes timed out (bench/soak.py). No effect across machines.
     trainer_nice: int = Field(10, ge=0, le=19)
     trainer_fresh_broker: bool = False  # set by `duet up` with the in-memory embedded broker
+    # Ranks of the trainer (trainer/distributed.py): > 1 runs `duet train` under torchrun on this machine, data
+    # parallel (gloo on CPUs, NCCL on GPUs, one GPU per rank), restarted from the newest checkpoint up to
+    # `trainer_max_restarts` times when a rank dies. Several machines: run torchrun yourself (deploy/k8s/overlays/gpu).
+    trainer_ranks: int = Field(1, ge=1)
+    trainer_max_restarts: int = Field(3, ge=0)
     # Serving's base URL: the trainer asks its live vLLM engine for RLOO samples (POST /admin/rollouts, with
     # DUET_ADMIN_KEY) and samples with HF `generate` itself only when that fails. `duet up` sets it.
     trainer_rollout_url: str = ""

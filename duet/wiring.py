@@ -134,10 +134,14 @@ def build_trainer(s: Settings) -> TrainerService:
     from duet.model_assets import resolve_model
     from trainer.service import TrainerService
 
+    from trainer.distributed import init_world
+    from trainer.reward_model import pick_device
+
     s = resolve_canary(s)  # the trainer and serving must agree on who decides
-    base = resolve_model(s.model, s.home)
+    world = init_world(pick_device())  # one process, or this rank of several under torchrun
+    base = world.broadcast(resolve_model(s.model, s.home) if world.main else None)  # may convert: rank 0 alone
     return TrainerService(service_config(s, rounds=round_config(s, base_model=base)),
-                          reward_config(s, backbone=rm_backbone(s, base)))
+                          reward_config(s, backbone=rm_backbone(s, base)), world=world)
 
 
 # --- users' canary tests and the relay ---------------------------------------------------------------------

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from duet.cpus import available_cpus, parse_cpus, plan_split
+from duet.cpus import available_cpus, parse_cpus, plan_split, rank_cpus
 from tests.waiting import wait_until
 
 
@@ -34,6 +34,12 @@ def test_the_split_is_disjoint_and_overridable():
     assert both.serving == (0,) and both.trainer == (1, 2, 3)
     with pytest.raises(ValueError, match="not available"):
         plan_split((0, 1), trainer="7")
+
+
+def test_trainer_ranks_share_the_trainers_cores():
+    assert [rank_cpus((4, 5, 6, 7), r, 2) for r in (0, 1)] == [(4, 6), (5, 7)]
+    assert rank_cpus((4, 5, 6, 7), 0, 1) == (4, 5, 6, 7)
+    assert rank_cpus((1,), 0, 2) == rank_cpus((1,), 1, 2) == (1,)  # fewer cores than ranks: they share
 
 
 @pytest.mark.skipif(len(available_cpus()) < 2, reason="needs two cores to split")

@@ -172,7 +172,9 @@ def test_k8s_gpu_overlay_is_production_shaped():
     assert secrets and set(secrets) == {"duet-secrets"} and not by_kind(docs, "Secret")
     [trainer] = [d for d in by_kind(docs, "StatefulSet") if d["metadata"]["name"] == "duet-trainer"]
     assert trainer["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
-    assert trainer["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    trainer_c = trainer["spec"]["template"]["spec"]["containers"][0]
+    ranks = {e["name"]: e.get("value") for e in trainer_c["env"]}["DUET_TRAINER_RANKS"]
+    assert trainer_c["resources"]["limits"]["nvidia.com/gpu"] == int(ranks) > 1  # one GPU per rank (torchrun)
     [kafka] = by_kind(docs, "Kafka")
     assert kafka["metadata"]["annotations"]["strimzi.io/kraft"] == "enabled"
     assert kafka["spec"]["kafka"]["config"]["min.insync.replicas"] == 2

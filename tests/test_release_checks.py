@@ -178,3 +178,29 @@ def test_the_base_side_of_the_gate_is_computed_ahead_and_reused(blue_model, tmp_
     assert result.published is not None, result.gate.reasons
     assert base_sampled == [] and len(base_measured) == 1  # the candidate's own check value only
     assert rounds.warm(PROMPTS[5:6]) is True  # other gate prompts: their base answers are new work
+
+
+def test_after_a_restart_the_live_versions_gate_answers_are_warmed_too(blue_model, tmp_path, monkeypatch):
+    """A trainer restarted with a version live (a fresh `PolicyRounds` on the same registry) warms that version's
+    gate answers beside base's: its first round samples only the candidate."""
+    import trainer.rounds as rounds_module
+
+    cfg = round_config(base_model=str(blue_model), registry_root=tmp_path / "registry",
+                       policy=policy_config(max_new_tokens=8),
+                       gate=gate_config(min_win_rate=0.0, max_kl=1e9, max_length_ratio=1e9, max_empty_share=1.0))
+    votes = _synthetic_votes(10)
+    before_restart = PolicyRounds(cfg)
+    first = before_restart.run(PROMPTS[:4], PROMPTS[4:6], blue_reward, pairs=votes, judge_votes=votes)
+    assert first.published is not None, first.gate.reasons
+
+    restarted = PolicyRounds(cfg)
+    restarted.load_state_dict(before_restart.state_dict())  # what the trainer's checkpoint restores
+    assert restarted.warm(PROMPTS[4:6]) is True
+    assert set(restarted.gate_cache) == {"base", first.published.name}
+    assert restarted.warm(PROMPTS[4:6]) is False
+
+    sampled = []
+    monkeypatch.setattr(rounds_module, "gate_answers", lambda *a, **kw: sampled.append(a) or [])
+    second = restarted.run(PROMPTS[:4], PROMPTS[4:6], blue_reward, pairs=votes, judge_votes=votes)
+    assert second.published is not None and second.published.parent_version == first.published.version
+    assert sampled == []  # neither base nor the live version was sampled again

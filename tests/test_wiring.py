@@ -24,7 +24,7 @@ NOT_BOUND = {
     # the CLI / `duet up`
     "host", "port", "cpu_split", "serving_cpus", "trainer_cpus", "trainer_nice", "relay", "relay_metrics_port",
     "supervisor_metrics_port", "trainer_metrics_port", "dev_key", "rm_backbone", "model", "home", "registry_dir",
-    "release_checks", "gate_prompt_file",
+    "release_checks", "gate_prompt_file", "trainer_ranks", "trainer_max_restarts",
     # serving
     "served_model_name", "max_model_len", "dtype", "kv_cache_gb", "gpu_memory_utilization", "enforce_eager",
     "max_tokens_cap", "default_max_tokens", "max_n", "max_body_bytes", "rate_limit_rpm", "pair_rate", "max_k",

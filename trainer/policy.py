@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from feedback.contract.comparisons import ChatMessage
+from trainer.distributed import SINGLE, World, interleave
 from trainer.examples import PromptGroup
 from trainer.lora import (PEFT_DIR, adapter_parameters, adapter_state_dict, adapters_off, add_adapters, peft_adapter,
                           load_adapter_state_dict, lora_layers, merged_state_dict)
@@ -107,10 +108,11 @@ def informative_groups(rewards: list[torch.Tensor], keep: int, min_spread: float
 
 
 class PolicyTrainer:
-    def __init__(self, cfg: PolicyConfig, base_path: str) -> None:
+    def __init__(self, cfg: PolicyConfig, base_path: str, world: World = SINGLE) -> None:
         from transformers import AutoTokenizer
 
         self.cfg = cfg
+        self.world = world  # under torchrun: each rank samples and trains its share (trainer/distributed.py)
         self.device = pick_device()
         self.bf16 = use_bf16(self.device, cfg.precision)
         torch.manual_seed(cfg.seed)
@@ -248,11 +250,16 @@ class PolicyTrainer:
         clock = {"sample_s": 0.0, "reward_s": 0.0, "kl_s": 0.0, "update_s": 0.0}  # where a round's time goes
         t = time.perf_counter()
         ids = [self.prompt_ids(m) for m in prompts]
-        drawn = rollouts(ids, cfg.k) if rollouts is not None else None
-        groups = self.samples_from(ids, drawn) if drawn is not None else self.sample(
-            self.model, prompts, cfg.k, temperature,
-            batch_prompts=max(1, cfg.sample_batch // cfg.k) if self.device.type == "cpu" else len(prompts),
-            max_new_tokens=max_new_tokens)
+        world = self.world
+        drawn = world.broadcast(rollouts(ids, cfg.k) if rollouts is not None and world.main else None)
+        if drawn is not None:
+            groups = self.samples_from(ids, drawn)
+        else:  # each rank draws its share of the prompts
+            mine = world.mine(len(prompts))
+            share = self.sample(self.model, [prompts[i] for i in mine], cfg.k, temperature,
+                                batch_prompts=max(1, cfg.sample_batch // cfg.k) if self.device.type == "cpu"
+                                else len(prompts), max_new_tokens=max_new_tokens) if mine else []
+            groups = interleave(world.gather(share), len(prompts), world.size)
         clock["sample_s"] = time.perf_counter() - t
         t = time.perf_counter()
         rewards = [reward_fn(m, [s.text for s in g]).float().cpu() for m, g in zip(prompts, groups)]
@@ -260,11 +267,13 @@ class PolicyTrainer:
         chosen, informative = informative_groups(rewards, cfg.groups_per_round, cfg.min_spread)
         steps = [chosen[i::max(1, min(cfg.steps_per_round, len(chosen)))]
                  for i in range(min(cfg.steps_per_round, len(chosen)))]
+        # under several ranks each trains its share of every step's groups; the gradients are summed
+        shares = [[step[i] for i in world.mine(len(step))] for step in steps]
         t = time.perf_counter()
         ref: dict[int, torch.Tensor] = {}
         old: dict[int, torch.Tensor] = {}
         with torch.no_grad():
-            for s_i, step in enumerate(steps):
+            for s_i, step in enumerate(shares):
                 for gi in step:
                     if s_i > 0:  # π_old's log-probs, before the first step moves the policy
                         old[gi], _ = self.token_logprobs(self.model, groups[gi], temperature)
@@ -273,10 +282,10 @@ class PolicyTrainer:
         clock["kl_s"] = time.perf_counter() - t
         t = time.perf_counter()
         kls, loss_total = [], 0.0
-        for s_i, step in enumerate(steps):
+        for s_i, (step, share) in enumerate(zip(steps, shares)):
             self.model.train()
             self.optimizer.zero_grad(set_to_none=True)
-            for gi in step:
+            for gi in share:
                 logp, mask = self.token_logprobs(self.model, groups[gi], temperature)
                 behaviour = old.get(gi, logp.detach())
                 kl = ((behaviour - ref[gi]) * mask).sum(-1)
@@ -284,12 +293,15 @@ class PolicyTrainer:
                 loss = rloo_clipped_loss(logp, behaviour, mask, adv.flatten(), cfg.clip_eps) / len(step)
                 loss.backward()
                 loss_total += float(loss.detach()) / len(steps)
-                kls.append(kl)
+                kls.append(kl.cpu())
+            world.all_reduce_grads(adapter_parameters(self.model))
             torch.nn.utils.clip_grad_norm_(adapter_parameters(self.model), 1.0)
             self.optimizer.step()
             self.updates += 1
         self.model.eval()
         clock["update_s"] = time.perf_counter() - t
+        kls = [kl for share in world.gather(kls) for kl in share]
+        loss_total = world.sum(loss_total)
         r = torch.cat(rewards)
         lengths = [len(s.completion_ids) for g in groups for s in g]
         return {"loss": loss_total, "reward_mean": float(r.mean()), "reward_std": float(r.std()),
@@ -323,7 +335,7 @@ class PolicyTrainer:
                 return dpo_loss(seq[0::2], seq[1::2], r[0::2], r[1::2], self.cfg.beta, self.cfg.label_smoothing)
 
             losses.append(self._step("dpo", samples, loss_fn, micro_batch=max(2, self.cfg.micro_batch // 2 * 2)))
-            margins.append(float(torch.cat(stats).mean()))
+            margins.append(float(torch.cat([m for share in self.world.gather(stats) for m in share]).mean()))
         return {"dpo_loss": sum(losses) / len(losses), "dpo_margin": sum(margins) / len(margins),
                 "dpo_pairs": len(pairs), "updates": self.updates}
 
@@ -380,17 +392,19 @@ class PolicyTrainer:
         self.model.train()
         opt.zero_grad(set_to_none=True)
         total = 0.0
-        for j in range(0, len(samples), mbs):
+        starts = list(range(0, len(samples), mbs))
+        for j in (starts[i] for i in self.world.mine(len(starts))):  # this rank's micro-batches
             mb = samples[j:j + mbs]
             logp, mask = self.token_logprobs(self.model, mb)
             loss = loss_fn(j, (logp * mask).sum(-1), logp, mask) * len(mb) / len(samples)
             loss.backward()
             total += float(loss.detach())
+        self.world.all_reduce_grads(adapter_parameters(self.model))
         torch.nn.utils.clip_grad_norm_(adapter_parameters(self.model), 1.0)
         opt.step()
         self.updates += 1
         self.model.eval()
-        return total
+        return self.world.sum(total)
 
     # --- state and export ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:

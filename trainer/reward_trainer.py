@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from trainer.distributed import SINGLE, World
 from trainer.examples import PromptGroup
 from trainer.losses import kwise_loss, pointwise_loss, prompt_aware_loss, tie_loss
 from trainer.precision import use_bf16
@@ -48,8 +49,9 @@ class ReplayBuffer:
 
 
 class RewardTrainer:
-    def __init__(self, cfg: RewardTrainerConfig, model: RewardModel | None = None) -> None:
+    def __init__(self, cfg: RewardTrainerConfig, model: RewardModel | None = None, world: World = SINGLE) -> None:
         self.cfg = cfg
+        self.world = world  # under torchrun: each rank computes its share of a step (trainer/distributed.py)
         self.device = pick_device()
         self.model = (model or RewardModel.from_backbone(cfg.backbone, cfg.max_tokens, cfg.seed)).to(self.device)
         self.model.bf16 = use_bf16(self.device, cfg.precision)
@@ -87,25 +89,37 @@ class RewardTrainer:
     def step(self, new: list[PromptGroup], replay: int | None = None) -> dict[str, float]:
         """One optimizer step on `new` plus replayed groups (`replay_ratio` per new one, or `replay`); then `new`
         joins the replay buffer. With no new groups it is a replay-only step (the trainer's idle time)."""
-        replayed = self.replay.sample(int(len(new) * self.cfg.replay_ratio) if replay is None else replay)
-        batch = new + replayed
+        return self.train_on(self.draw(new, replay), len(new))
+
+    def draw(self, new: list[PromptGroup], replay: int | None = None) -> list[PromptGroup]:
+        """A step's batch: `new`, then the replayed groups."""
+        return new + self.replay.sample(int(len(new) * self.cfg.replay_ratio) if replay is None else replay)
+
+    def train_on(self, batch: list[PromptGroup], n_new: int) -> dict[str, float]:
+        """One optimizer step on `batch`, whose first `n_new` groups are new (they join the replay buffer). Under
+        several ranks each computes the loss of its share of the groups, scaled to the batch's weighted mean, and
+        the gradients are summed before the step: the step one process would take."""
         if not batch:
             return {"loss": float("nan"), "new": 0, "replayed": 0}
         self.model.train()
-        rewards = self._rewards(batch)
         # Weighted mean over prompts: each prompt counts once, however many pairs its ranking has; tie-only groups
         # count `tie_weight` (mostly "both alike", little about what users want).
         weights = torch.tensor([self.cfg.tie_weight if g.ties and not (g.pairs or g.labelled) else 1.0
                                 for g in batch], device=self.device)
-        losses = torch.stack([self.group_loss(r, g) for r, g in zip(rewards, batch)])
-        loss = (losses * weights).sum() / weights.sum()
+        mine = self.world.mine(len(batch))
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = torch.zeros((), device=self.device)
+        if mine:
+            share = [batch[i] for i in mine]
+            losses = torch.stack([self.group_loss(r, g) for r, g in zip(self._rewards(share), share)])
+            loss = (losses * weights[mine]).sum() / weights.sum()
+            loss.backward()
+        self.world.all_reduce_grads(self.model.parameters())
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
-        self.replay.add(new)
+        self.replay.add(batch[:n_new])
         self.steps += 1
-        return {"loss": float(loss.detach()), "new": len(new), "replayed": len(replayed)}
+        return {"loss": self.world.sum(float(loss.detach())), "new": n_new, "replayed": len(batch) - n_new}
 
     @torch.no_grad()
     def agreement(self, g: PromptGroup) -> float | None:

@@ -25,6 +25,7 @@ from feedback.contract.events import WeightsAnnouncement
 from feedback.contract.registry import BASE_VERSION, Manifest, Registry, manifest_checksum
 from feedback.contract.topics import WEIGHTS
 from trainer import metrics
+from trainer.distributed import SINGLE, Lockstep, World
 from trainer.examples import PromptGroup, prompt_key
 from trainer.gate import GateConfig, GateResult, evaluate, gate_answers
 from trainer.judge import JudgeEnsemble, SentenceEncoder
@@ -72,6 +73,22 @@ def reward_model_fn(rm) -> RewardFn:
     return score
 
 
+UPDATE, STATE = "policy_update", "policy_state"  # rank 0's orders to the other ranks (trainer/distributed.py)
+
+
+@dataclass
+class PolicyUpdate:
+    """What the other ranks need to take their share of a round's update: the state it starts from (rank 0 may
+    have moved to users' incumbent), the sampling rng's state, and what the update trains on."""
+    state: dict
+    rng: tuple
+    prompts: list[list[ChatMessage]]
+    pairs: list[PromptGroup]
+    signals: list[PromptGroup]
+    temperature: float
+    max_tokens: int
+
+
 def announce(bootstrap: str, manifest: Manifest, folder: Path) -> WeightsAnnouncement:
     from kafka import KafkaProducer
 
@@ -89,12 +106,14 @@ def announce(bootstrap: str, manifest: Manifest, folder: Path) -> WeightsAnnounc
 class PolicyRounds:
     """Owns the policy state (fp32 adapters + optimizer) and the gate's judges."""
 
-    def __init__(self, cfg: RoundConfig) -> None:
+    def __init__(self, cfg: RoundConfig, world: World = SINGLE) -> None:
         from trainer.reward_model import minilm_path
 
         self.cfg = cfg
+        self.world = world  # under torchrun: rank 0 runs rounds, the others take their share (`update_from_order`)
+        self.lockstep = Lockstep(world)
         self.registry = Registry(cfg.registry_root, keep=cfg.keep_versions)
-        self.pt = PolicyTrainer(cfg.policy, cfg.base_model)
+        self.pt = PolicyTrainer(cfg.policy, cfg.base_model, world)
         self.version = BASE_VERSION  # the version this policy state was published as (or the base model)
         self.judges = JudgeEnsemble(SentenceEncoder(cfg.judge_encoder or minilm_path()), seed=cfg.policy.seed)
         self.serving = ServingRollouts(cfg.rollout_url, cfg.rollout_key) if cfg.rollout_url else None
@@ -117,7 +136,7 @@ class PolicyRounds:
         if target == self.version:
             return
         if target == BASE_VERSION:
-            self.pt = PolicyTrainer(self.cfg.policy, self.cfg.base_model)
+            self.pt = PolicyTrainer(self.cfg.policy, self.cfg.base_model, self.world)
         else:
             m = self.registry.show(target)
             path = self.registry.path(m) / POLICY_STATE if m else None
@@ -141,85 +160,112 @@ class PolicyRounds:
         round goes on from it), nothing is gated or published."""
         cfg = self.cfg
         before = copy.deepcopy(self.pt.state_dict())
-        live = self.registry.latest() if live_name == "latest" else (
-            self.registry.show(live_name) if live_name else None)
+        live = self._live(live_name)
         live_path = self.registry.path(live) if live else Path(cfg.base_model)
         max_tokens, temperature = sampling or (cfg.policy.max_new_tokens, cfg.policy.temperature)
         max_tokens = min(max_tokens, cfg.policy.max_rollout_tokens)
         trained_events = [g.event_id for g in [*pairs, *signals]]
-        train_metrics = self.update(prompts, reward_fn, pairs, self._rollouts(temperature, max_tokens),
-                                    list(signals), temperature, max_tokens)
-        if may_publish is not None and not may_publish():
-            metrics.POLICY_ROUNDS.labels(result="held").inc()
-            log.info("round held: users are still judging the last candidate; its update is kept for the next round")
-            return RoundResult(None, GateResult(passed=False, reasons=["held"]), train_metrics, trained_events,
-                               held=True)
-        with tempfile.TemporaryDirectory(prefix="duet-candidate-") as tmp:
-            t = time.perf_counter()
-            exported = self.pt.export(Path(tmp))
-            train_metrics["export_s"] = round(time.perf_counter() - t, 2)
-            parent = load_file(str(live_path / "model.safetensors"))
-            train_metrics["changed_fraction"] = changed_fraction(exported, parent, self.pt.trained_weights())
-            del exported, parent
-            t = time.perf_counter()
-            self.judges.fit(judge_votes)
-            live_key = live.name if live else BASE_VERSION
-            result = evaluate(self.pt, Path(tmp), live_path, eval_prompts, self.judges, cfg.gate,
-                              live_answers=self._gate_answers(live_key, live_path, eval_prompts),
-                              base_answers=self._gate_answers(BASE_VERSION, None, eval_prompts),
-                              checker=self.checker)
-            train_metrics["gate_s"] = round(time.perf_counter() - t, 2)
-            if train_metrics["changed_fraction"] == 0.0:  # every update rounded away in bf16
-                result.passed, result.reasons = False, result.reasons + ["unchanged"]
-            self._record_gate(result)
-            if not result.passed:
-                self.pt.load_state_dict(before)  # continue from the live version's state
-                log.warning("gate refused the candidate: %s %s", result.reasons, result.metrics)
-                return RoundResult(None, result, train_metrics, trained_events)
-            state = self.pt.state_dict()
+        self.lockstep.send(UPDATE, lambda: PolicyUpdate(self.pt.state_dict(), self.pt.rng.getstate(), prompts,
+                                                        list(pairs), list(signals), temperature, max_tokens))
+        try:
+            train_metrics = self.update(prompts, reward_fn, pairs, self._rollouts(temperature, max_tokens),
+                                        list(signals), temperature, max_tokens)
+            if may_publish is not None and not may_publish():
+                metrics.POLICY_ROUNDS.labels(result="held").inc()
+                log.info("round held: users are still judging the last candidate; its update is kept for the next "
+                         "round")
+                return RoundResult(None, GateResult(passed=False, reasons=["held"]), train_metrics, trained_events,
+                                   held=True)
+            with tempfile.TemporaryDirectory(prefix="duet-candidate-") as tmp:
+                t = time.perf_counter()
+                exported = self.pt.export(Path(tmp))
+                train_metrics["export_s"] = round(time.perf_counter() - t, 2)
+                parent = load_file(str(live_path / "model.safetensors"))
+                train_metrics["changed_fraction"] = changed_fraction(exported, parent, self.pt.trained_weights())
+                del exported, parent
+                t = time.perf_counter()
+                self.judges.fit(judge_votes)
+                live_key = live.name if live else BASE_VERSION
+                result = evaluate(self.pt, Path(tmp), live_path, eval_prompts, self.judges, cfg.gate,
+                                  live_answers=self._gate_answers(live_key, live_path, eval_prompts),
+                                  base_answers=self._gate_answers(BASE_VERSION, None, eval_prompts),
+                                  checker=self.checker)
+                train_metrics["gate_s"] = round(time.perf_counter() - t, 2)
+                if train_metrics["changed_fraction"] == 0.0:  # every update rounded away in bf16
+                    result.passed, result.reasons = False, result.reasons + ["unchanged"]
+                self._record_gate(result)
+                if not result.passed:
+                    self.pt.load_state_dict(before)  # continue from the live version's state
+                    log.warning("gate refused the candidate: %s %s", result.reasons, result.metrics)
+                    return RoundResult(None, result, train_metrics, trained_events)
+                state = self.pt.state_dict()
 
-            def write(dst: Path) -> None:
-                _copy_files(Path(tmp), dst)
-                torch.save(state, dst / POLICY_STATE)  # to continue from this version if it becomes the incumbent
+                def write(dst: Path) -> None:
+                    _copy_files(Path(tmp), dst)
+                    # to continue from this version if it becomes the incumbent
+                    torch.save(state, dst / POLICY_STATE)
 
-            manifest, folder = self.registry.publish(
-                write, base_model=cfg.base_model, parent=live,
-                algorithm=cfg.policy.algorithm, hyperparameters=asdict(cfg.policy), train_metrics=train_metrics,
-                eval={**result.metrics, "passed": True}, kafka_offsets=kafka_offsets or {},
-                release_checks=[c.model_dump() for c in result.checks],
-                probe=probe_logprobs(self.pt, Path(tmp)))
-        self.version = manifest.name
-        key = _prompts_key(eval_prompts, cfg.gate, cfg.policy.max_new_tokens)
-        self.gate_cache = {k: v for k, v in self.gate_cache.items() if k in (BASE_VERSION, live_key)}
-        self.gate_cache[manifest.name] = (key, result.answers)
-        metrics.PUBLISHED_VERSION.set(manifest.version)
-        if oldest_vote_ts:
-            metrics.VOTE_TO_PUBLISH.observe(time.time() - oldest_vote_ts)
-        if cfg.bootstrap:
-            announce(cfg.bootstrap, manifest, folder)
-        log.info("published %s (judged win rate %.2f [%.2f, %.2f], KL %.2f, %.1f %% of weights changed)",
-                 manifest.name, result.metrics["win_rate"], result.metrics["win_rate_low"],
-                 result.metrics["win_rate_high"], result.metrics["kl"], 100 * train_metrics["changed_fraction"])
-        return RoundResult(manifest, result, train_metrics, trained_events)
+                manifest, folder = self.registry.publish(
+                    write, base_model=cfg.base_model, parent=live,
+                    algorithm=cfg.policy.algorithm, hyperparameters=asdict(cfg.policy), train_metrics=train_metrics,
+                    eval={**result.metrics, "passed": True}, kafka_offsets=kafka_offsets or {},
+                    release_checks=[c.model_dump() for c in result.checks],
+                    probe=probe_logprobs(self.pt, Path(tmp)))
+            self.version = manifest.name
+            key = _prompts_key(eval_prompts, cfg.gate, cfg.policy.max_new_tokens)
+            self.gate_cache = {k: v for k, v in self.gate_cache.items() if k in (BASE_VERSION, live_key)}
+            self.gate_cache[manifest.name] = (key, result.answers)
+            metrics.PUBLISHED_VERSION.set(manifest.version)
+            if oldest_vote_ts:
+                metrics.VOTE_TO_PUBLISH.observe(time.time() - oldest_vote_ts)
+            if cfg.bootstrap:
+                announce(cfg.bootstrap, manifest, folder)
+            log.info("published %s (judged win rate %.2f [%.2f, %.2f], KL %.2f, %.1f %% of weights changed)",
+                     manifest.name, result.metrics["win_rate"], result.metrics["win_rate_low"],
+                     result.metrics["win_rate_high"], result.metrics["kl"], 100 * train_metrics["changed_fraction"])
+            return RoundResult(manifest, result, train_metrics, trained_events)
+        finally:  # the state this round leaves (trained, published, held or reverted) becomes every rank's
+            self.lockstep.send(STATE, self.pt.state_dict)
 
-    def warm(self, eval_prompts: list[list[ChatMessage]], stop: Callable[[], bool] = lambda: False) -> bool:
-        """What every gate needs of the base model, which never changes — its answers to the gate prompts and its
-        release-check values — computed ahead: the trainer calls this while idle before its first round (whose
-        gate spent ~110 of its 207 s on them under `duet up`). True if anything was computed; `stop()` is asked
-        between the parts (what is left is computed by the first round)."""
-        key = _prompts_key(eval_prompts, self.cfg.gate, self.cfg.policy.max_new_tokens)
-        cached = self.gate_cache.get(BASE_VERSION, (None,))[0] == key
-        if not cached:
+    def update_from_order(self, order: PolicyUpdate, reward_fn: RewardFn) -> None:
+        """A rank other than 0: its share of rank 0's update (the same state, prompts, pairs and signals)."""
+        self.pt.load_state_dict(order.state)
+        self.pt.rng.setstate(order.rng)
+        self.update(order.prompts, reward_fn, order.pairs, None, order.signals, order.temperature, order.max_tokens)
+
+    def warm(self, eval_prompts: list[list[ChatMessage]], stop: Callable[[], bool] = lambda: False,
+             live_name: str | None = "latest") -> bool:
+        """What the next gate needs of the models it compares against, computed ahead: the trainer calls this while
+        idle before its first round (whose gate spent ~110 of its 207 s on them under `duet up`). The base model's
+        answers to the gate prompts and its release-check values (they never change), then the live version's
+        answers (`live_name` as in `run`: after a restart with a version live, the first round would sample them).
+        True if anything was computed; `stop()` is asked between the parts (what is left is computed by the round)."""
+        computed = not self._gate_cached(BASE_VERSION, eval_prompts)
+        if computed:
             self._gate_answers(BASE_VERSION, None, eval_prompts)
-        checked = self.checker.warm(self.pt, stop) if self.checker is not None and not stop() else False
-        return not cached or checked
+        if self.checker is not None and not stop():
+            computed = self.checker.warm(self.pt, stop) or computed
+        live = self._live(live_name)
+        if live is not None and not stop() and not self._gate_cached(live.name, eval_prompts):
+            self._gate_answers(live.name, self.registry.path(live), eval_prompts)
+            computed = True
+        return computed
+
+    def _live(self, live_name: str | None) -> Manifest | None:
+        """The version `live_name` names: "latest" = the registry's newest, None = the base model."""
+        return self.registry.latest() if live_name == "latest" else (
+            self.registry.show(live_name) if live_name else None)
+
+    def _gate_cached(self, name: str, prompts: list[list[ChatMessage]]) -> bool:
+        key = _prompts_key(prompts, self.cfg.gate, self.cfg.policy.max_new_tokens)
+        return self.gate_cache.get(name, (None,))[0] == key
 
     def _gate_answers(self, name: str, path: Path | None, prompts: list[list[ChatMessage]]) -> list:
         """`name`'s answers to the gate prompts at the gate's seed: cached, else drawn here (base: the reference;
         a version: loaded from `path` for as long as it takes)."""
-        key = _prompts_key(prompts, self.cfg.gate, self.cfg.policy.max_new_tokens)
-        if name in self.gate_cache and self.gate_cache[name][0] == key:
+        if self._gate_cached(name, prompts):
             return self.gate_cache[name][1]
+        key = _prompts_key(prompts, self.cfg.gate, self.cfg.policy.max_new_tokens)
         if name == BASE_VERSION:
             with self.pt.reference():
                 answers = gate_answers(self.pt, self.pt.model, prompts, self.cfg.gate)

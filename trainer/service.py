@@ -36,6 +36,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,9 +50,10 @@ from feedback.unconfirmed import Unconfirmed
 from trainer import checkpoint, metrics
 from trainer.backlog import BacklogWatcher, backlog_of
 from trainer.checkpoint import Snapshot, TrainerState
+from trainer.distributed import SINGLE, Lockstep, World
 from trainer.examples import PromptGroup, is_held_out, prompt_key, to_prompt_group
 from trainer.reward_trainer import ReplayBuffer, RewardTrainer, RewardTrainerConfig
-from trainer.rounds import PolicyRounds, RoundConfig, RoundResult, reward_model_fn
+from trainer.rounds import STATE, UPDATE, PolicyRounds, RoundConfig, RoundResult, reward_model_fn
 from trainer import triggers
 from trainer.voters import voters_of
 
@@ -90,19 +92,29 @@ class ServiceConfig:
     idle_checkpoint_s: float = 10.0  # checkpoint consumed-but-untrained votes at most this often
 
 
+SYNC, RM_STEP, TICK = "sync", "rm_step", "tick"  # rank 0's orders to the other ranks (trainer/distributed.py)
+TICK_S = 600.0  # an order at least this often: the others wait in a collective, which times out
+
+
 class TrainerService:
-    def __init__(self, cfg: ServiceConfig, rm: RewardTrainerConfig, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, cfg: ServiceConfig, rm: RewardTrainerConfig, clock: Callable[[], float] = time.time,
+                 world: World = SINGLE) -> None:
         self.cfg = cfg
         self.clock = clock  # wall time (unix seconds): the triggers' elapsed times; tests pass their own
-        self.reward = RewardTrainer(rm)
-        self.rounds = PolicyRounds(cfg.rounds) if cfg.rounds is not None else None
+        # under torchrun rank 0 runs the loop below and the others train their share of its steps (`follow_rank0`)
+        self.world, self.lockstep = world, Lockstep(world)
+        self.last_order = time.monotonic()
+        self.reward = RewardTrainer(rm, world=world)
+        self.rounds = PolicyRounds(cfg.rounds, world) if cfg.rounds is not None else None
         self.gate_texts = {p.strip() for p in cfg.rounds.gate_prompts} if cfg.rounds is not None else set()
         self.state = TrainerState()
         self.held_out: list[PromptGroup] = []
         self.pending: list[PromptGroup] = []
         self.stop = threading.Event()
-        # a damaged newest checkpoint is moved aside and the one before it used (not a crash loop)
-        found = checkpoint.load_newest_good(cfg.checkpoint_dir, self.reward.model, self.reward.optimizer)
+        # a damaged newest checkpoint is moved aside and the one before it used (not a crash loop); the other
+        # ranks take rank 0's state when the loop starts
+        found = checkpoint.load_newest_good(cfg.checkpoint_dir, self.reward.model, self.reward.optimizer) \
+            if world.main else None
         if found is not None:
             path, snap = found
             self.state, self.held_out, self.pending = snap.state, snap.held_out, snap.pending
@@ -132,7 +144,15 @@ class TrainerService:
 
     # --- the loop -----------------------------------------------------------------------------------
     def run(self, once: bool = False) -> TrainerState:
-        """Train until stopped; with once=True, until caught up with the topic and nothing is pending."""
+        """Train until stopped; with once=True, until caught up with the topic and nothing is pending. On a rank
+        other than 0: follow rank 0's orders until it stops."""
+        if not self.world.main:
+            self.follow_rank0()
+            return self.state
+        with self.leading():
+            return self._run(once)
+
+    def _run(self, once: bool) -> TrainerState:
         consumer = FeedbackConsumer(self.cfg.kafka_bootstrap, self.cfg.trainer_group_id, topic=self.cfg.topic,
                                     start_offsets=self.state.offsets, seen=self.seen)
         bar = _progress(self.state)
@@ -156,6 +176,8 @@ class TrainerService:
                 if triggers.checkpoint_due(self.dirty, self.clock() - self.last_checkpoint,
                                            self.cfg.idle_checkpoint_s):
                     self.checkpoint(consumer)
+                if time.monotonic() - self.last_order > TICK_S:
+                    self._order(TICK)
                 _show(bar, self.state)
                 if once and caught_up and not self.pending and consumer.consumer.assignment():
                     if self.dirty:
@@ -168,6 +190,51 @@ class TrainerService:
                 bar.close()
             consumer.close()
         return self.state
+
+    def one_round(self) -> RoundResult | None:
+        """`duet train --round`: one policy round now (every rank takes its share; None on the others)."""
+        if not self.world.main:
+            self.follow_rank0()
+            return None
+        with self.leading():
+            return self.policy_round()
+
+    @contextmanager
+    def leading(self):
+        """Rank 0, around what it trains: the other ranks start from its state (what it resumed from) and take
+        their share of each step until the block ends. Nothing to do for one process."""
+        self.lockstep.send(SYNC, self._weights)
+        try:
+            yield
+        finally:
+            self.lockstep.send(Lockstep.STOP)
+
+    # --- ranks other than 0 ---------------------------------------------------------------------------
+    def follow_rank0(self) -> None:
+        """Rank > 0: take rank 0's state, then train this rank's share of each of its steps until it stops."""
+        handlers = {SYNC: self._load_weights, RM_STEP: lambda order: self.reward.train_on(*order),
+                    TICK: lambda _: None}
+        if self.rounds is not None:
+            handlers[UPDATE] = lambda order: self.rounds.update_from_order(order,
+                                                                           reward_model_fn(self.reward.model))
+            handlers[STATE] = lambda state: self.rounds.pt.load_state_dict(state)
+        self.lockstep.serve(handlers)
+
+    def _order(self, kind: str, payload: Callable[[], object] = lambda: None) -> None:
+        self.lockstep.send(kind, payload)
+        self.last_order = time.monotonic()
+
+    def _weights(self) -> dict:
+        return {"reward": self.reward.model.state_dict(), "reward_optimizer": self.reward.optimizer.state_dict(),
+                "reward_steps": self.reward.steps,
+                "policy": self.rounds.state_dict() if self.rounds is not None else None}
+
+    def _load_weights(self, weights: dict) -> None:
+        self.reward.model.load_state_dict(weights["reward"])
+        self.reward.optimizer.load_state_dict(weights["reward_optimizer"])
+        self.reward.steps = weights["reward_steps"]
+        if self.rounds is not None and weights["policy"] is not None:
+            self.rounds.load_state_dict(weights["policy"])
 
     # --- consume ------------------------------------------------------------------------------------
     def follow_log(self, consumer: FeedbackConsumer) -> None:
@@ -248,7 +315,7 @@ class TrainerService:
         chunk, self.pending = self.pending[:self.cfg.rm_step_groups], self.pending[self.cfg.rm_step_groups:]
         self.pending_since = self.clock()
         t0 = time.perf_counter()
-        out = self.reward.step(chunk)
+        out = self.reward_step(chunk)
         metrics.STEP_TIME.observe(time.perf_counter() - t0)
         metrics.RM_STEPS.inc()
         metrics.RM_LOSS.set(out["loss"])
@@ -258,13 +325,19 @@ class TrainerService:
         self.state.last_loss = out["loss"]
         self._after_reward_step(out)
 
+    def reward_step(self, new: list[PromptGroup], replay: int | None = None) -> dict:
+        """`RewardTrainer.step`, with every rank taking its share of the batch rank 0 draws."""
+        batch = self.reward.draw(new, replay)
+        self._order(RM_STEP, lambda: (batch, len(new)))
+        return self.reward.train_on(batch, len(new))
+
     def idle_reward_step_due(self) -> bool:
         return triggers.idle_reward_step_due(len(self.pending), len(self.reward.replay.items), self.state.idle_rm_steps,
                                              self.cfg.rm_idle_steps_per_vote, self.state.events_trained)
 
     def train_reward_model_on_replay(self) -> None:
         """A replay-only step (the trainer is otherwise idle): as many groups as a step of new votes has in all."""
-        out = self.reward.step([], replay=int(self.cfg.rm_step_groups * (1 + self.reward.cfg.replay_ratio)))
+        out = self.reward_step([], replay=int(self.cfg.rm_step_groups * (1 + self.reward.cfg.replay_ratio)))
         metrics.RM_STEPS.inc()
         self.state.idle_rm_steps += 1
         self._after_reward_step(out)
@@ -350,7 +423,10 @@ class TrainerService:
         except Exception:
             metrics.POLICY_ROUNDS.labels(result="failed").inc()
             log.exception("policy round failed")
+            if self.world.size > 1:  # the ranks may be in different collectives now: torchrun restarts the group
+                raise                # from the last checkpoint, and the round's votes are drawn again
             result = None
+        self.last_order = time.monotonic()  # the round's orders to the other ranks (trainer/rounds.py)
         log.info("policy round took %.0f s", time.time() - t0)
         if result is not None:  # one machine-readable line per round (bench/round_under_load.py reads them)
             log.info("round metrics: %s", json.dumps({
@@ -369,17 +445,19 @@ class TrainerService:
         return [[ChatMessage(role="user", content=p)] for p in self.cfg.rounds.gate_prompts[:self.cfg.rounds.gate.prompts]]
 
     def warm_gate(self, consumer: FeedbackConsumer) -> None:
-        """Once, the first time the trainer is idle: the base model's side of every gate (`PolicyRounds.warm`),
-        so the first round — the one users wait for — does not spend its time on it. Votes arriving meanwhile
-        wait in the log; a stop asked meanwhile is heeded between its parts (the base's answers take the longest)."""
+        """Once, the first time the trainer is idle: the base model's side of every gate and the live version's
+        answers (`PolicyRounds.warm`), so the first round — the one users wait for — does not spend its time on
+        them. Votes arriving meanwhile wait in the log; a stop asked meanwhile is heeded between its parts (each
+        model's answers are one piece of a minute or two)."""
         self.gate_warmed = True
         if self.dirty:  # what was consumed is safe before a minute or two of sampling
             self.checkpoint(consumer)
         t0 = time.time()
         try:
-            if self.rounds.warm(self.gate_prompts(), stop=self.stop.is_set):
-                log.info("gate warmed while idle: the base model's gate answers and release-check values (%.0f s)",
-                         time.time() - t0)
+            live = self._canary()[1] if self.cfg.canary == "users" else "latest"  # what the next round gates against
+            if self.rounds.warm(self.gate_prompts(), stop=self.stop.is_set, live_name=live):
+                log.info("gate warmed while idle: base's and the live version's gate answers, base's release-check "
+                         "values (%.0f s)", time.time() - t0)
         except Exception:  # the first round computes them itself
             log.exception("warming the gate failed")
 
