@@ -291,7 +291,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                   f"--nproc-per-node={s.trainer_ranks}", f"--max-restarts={s.trainer_max_restarts}",
                                   "-m", "duet.cli", "train", *flags])
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    from trainer.distributed import launched_rank
+
+    rank, local_rank = launched_rank(), int(os.environ.get("LOCAL_RANK", "0"))
     from duet.wiring import checkpoint_dir
 
     if rank == 0:  # the one committer

@@ -50,6 +50,7 @@ def main(model: str, out: str) -> None:
         torch.save({"world": world.size, "reward": rm.model.state_dict(), "adapters": adapter_state_dict(pt.model),
                     "reward_init": reward_init, "adapters_init": adapters_init,
                     "losses": [rm_out["loss"], rloo["loss"], dpo["dpo_loss"], kto["kto_loss"]],
+                    "grad_norms": [rm_out["grad_norm"], rloo["grad_norm"]],
                     "groups_trained": rloo["groups_trained"]}, out)
 
 

@@ -21,6 +21,7 @@ from feedback.contract.topics import FEEDBACK, ensure_topics
 from tests.conftest import TEST_REDIS_DB, empty_redis
 from tests.waiting import wait_until
 from trainer import checkpoint
+from trainer.distributed import World, interleave
 from trainer.synthetic import marker_event
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,6 +56,16 @@ def test_two_ranks_train_what_one_process_trains(tiny_model, tmp_path):
     assert max(float((adapters[k] - b["adapters"][k]).abs().max()) for k in adapters) < 1e-5
     assert any(float(v.abs().max()) > 0 for k, v in a["adapters"].items() if "lora_B" in k)  # the update moved B
     assert b["losses"] == pytest.approx(a["losses"], rel=1e-4)
+    # the summed gradients themselves (AdamW's first step is ~lr·sign(g): blind to a gradient scaled by the ranks)
+    assert b["grad_norms"] == pytest.approx(a["grad_norms"], rel=1e-4) and min(a["grad_norms"]) > 0
+
+
+def test_interleave_undoes_each_ranks_share():
+    world = [World(r, 3) for r in range(3)]
+    items = list("abcdefg")
+    shares = [[items[i] for i in w.mine(len(items))] for w in world]
+    assert shares == [list("adg"), list("be"), list("cf")]
+    assert interleave(shares, len(items), 3) == items
 
 
 @pytest.fixture

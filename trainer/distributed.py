@@ -17,6 +17,7 @@ gloo on CPUs, NCCL on GPUs; the single-process trainer is `SINGLE` (every collec
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from datetime import timedelta
@@ -47,10 +48,11 @@ class World:
         return list(range(self.rank, n, self.size))
 
     def broadcast(self, obj: T) -> T:
-        """Rank 0's `obj` on every rank (pickled; other ranks pass anything)."""
+        """Rank 0's `obj` on every rank (pickled, its tensors moved to the CPU first: a CUDA tensor would be
+        unpickled onto rank 0's device; other ranks pass anything)."""
         if self.size == 1:
             return obj
-        box = [obj]
+        box = [to_cpu(obj)]
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
 
@@ -59,22 +61,24 @@ class World:
         if self.size == 1:
             return [obj]
         out: list[Any] = [None] * self.size
-        torch.distributed.all_gather_object(out, obj)
+        torch.distributed.all_gather_object(out, to_cpu(obj))
         return out
 
     def all_reduce_grads(self, params: Iterable[torch.nn.Parameter]) -> None:
         """Sum every parameter's gradient across ranks (a rank whose share was empty contributes zeros): each
-        rank's loss is its share of the global mean, so the sum is the one-process gradient."""
+        rank's loss is its share of the global mean, so the sum is the one-process gradient. A parameter no rank
+        has a gradient for keeps None, as in one process (AdamW then leaves it alone)."""
         if self.size == 1:
             return
         params = [p for p in params if p.requires_grad]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1).float() for g in grads])  # one collective, not one per tensor
+        has = torch.tensor([float(p.grad is not None) for p in params], device=grads[0].device)
+        flat = torch.cat([g.reshape(-1).float() for g in grads] + [has])  # one collective, not one per tensor
         torch.distributed.all_reduce(flat)
         offset = 0
-        for p, g in zip(params, grads):
+        for p, g, present in zip(params, grads, flat[-len(params):].tolist()):
             n = g.numel()
-            p.grad = flat[offset:offset + n].view_as(g).to(g.dtype)
+            p.grad = flat[offset:offset + n].view_as(g).to(g.dtype) if present else None
             offset += n
 
     def sum(self, value: float) -> float:
@@ -82,6 +86,31 @@ class World:
 
 
 SINGLE = World()
+
+
+class LockstepBroken(RuntimeError):
+    """The ranks can no longer agree on their next collective (one failed or died mid-step): rank 0 must exit, and
+    torchrun restarts the group from the newest checkpoint."""
+
+
+def to_cpu(obj: Any) -> Any:
+    """`obj` with every tensor in it (nested in dicts, lists, tuples) on the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(to_cpu(v) for v in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: to_cpu(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                                           if f.init})
+    return obj
+
+
+def launched_rank() -> int:
+    """This process's rank as torchrun launched it (0 when it was not: one process), read as `init_world` reads
+    it, before the process group starts."""
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
 
 
 def interleave(shares: Sequence[Sequence[T]], n: int, size: int) -> list[T]:

@@ -262,7 +262,10 @@ class PolicyTrainer:
             groups = interleave(world.gather(share), len(prompts), world.size)
         clock["sample_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        rewards = [reward_fn(m, [s.text for s in g]).float().cpu() for m, g in zip(prompts, groups)]
+        # each rank scores its share; every rank then chooses from the same gathered rewards (scored everywhere,
+        # rounding could differ with the thread count, and ranks choosing different groups would hang)
+        share = [reward_fn(prompts[i], [s.text for s in groups[i]]).float().cpu() for i in world.mine(len(groups))]
+        rewards = interleave(world.gather(share), len(groups), world.size)
         clock["reward_s"] = time.perf_counter() - t
         chosen, informative = informative_groups(rewards, cfg.groups_per_round, cfg.min_spread)
         steps = [chosen[i::max(1, min(cfg.steps_per_round, len(chosen)))]
@@ -281,7 +284,7 @@ class PolicyTrainer:
                         ref[gi], _ = self.token_logprobs(self.model, groups[gi], temperature)
         clock["kl_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        kls, loss_total = [], 0.0
+        kls, loss_total, grad_norm = [], 0.0, 0.0
         for s_i, (step, share) in enumerate(zip(steps, shares)):
             self.model.train()
             self.optimizer.zero_grad(set_to_none=True)
@@ -295,7 +298,7 @@ class PolicyTrainer:
                 loss_total += float(loss.detach()) / len(steps)
                 kls.append(kl.cpu())
             world.all_reduce_grads(adapter_parameters(self.model))
-            torch.nn.utils.clip_grad_norm_(adapter_parameters(self.model), 1.0)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(adapter_parameters(self.model), 1.0))
             self.optimizer.step()
             self.updates += 1
         self.model.eval()
@@ -308,6 +311,7 @@ class PolicyTrainer:
                 "kl": float(torch.cat(kls).mean()) if kls else 0.0, "prompts": len(prompts),
                 "groups_trained": len(chosen), "informative_fraction": informative / max(1, len(groups)),
                 "updates": self.updates, "sampled_by": "serving" if drawn is not None else "trainer",
+                "grad_norm": grad_norm,  # of the round's last step, before clipping
                 "answer_tokens": sum(lengths) / max(1, len(lengths)), "temperature": temperature,
                 **{k: round(v, 2) for k, v in clock.items()}}
 
@@ -331,7 +335,7 @@ class PolicyTrainer:
 
             def loss_fn(j: int, seq: torch.Tensor, logp, mask) -> torch.Tensor:
                 r = ref[j:j + len(seq)]
-                stats.append(((seq[0::2] - r[0::2]) - (seq[1::2] - r[1::2])).detach())
+                stats.append(((seq[0::2] - r[0::2]) - (seq[1::2] - r[1::2])).detach().cpu())
                 return dpo_loss(seq[0::2], seq[1::2], r[0::2], r[1::2], self.cfg.beta, self.cfg.label_smoothing)
 
             losses.append(self._step("dpo", samples, loss_fn, micro_batch=max(2, self.cfg.micro_batch // 2 * 2)))

@@ -115,11 +115,12 @@ class RewardTrainer:
             loss = (losses * weights[mine]).sum() / weights.sum()
             loss.backward()
         self.world.all_reduce_grads(self.model.parameters())
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.replay.add(batch[:n_new])
         self.steps += 1
-        return {"loss": self.world.sum(float(loss.detach())), "new": n_new, "replayed": len(batch) - n_new}
+        return {"loss": self.world.sum(float(loss.detach())), "new": n_new, "replayed": len(batch) - n_new,
+                "grad_norm": float(grad_norm)}
 
     @torch.no_grad()
     def agreement(self, g: PromptGroup) -> float | None:

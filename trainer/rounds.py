@@ -25,7 +25,7 @@ from feedback.contract.events import WeightsAnnouncement
 from feedback.contract.registry import BASE_VERSION, Manifest, Registry, manifest_checksum
 from feedback.contract.topics import WEIGHTS
 from trainer import metrics
-from trainer.distributed import SINGLE, Lockstep, World
+from trainer.distributed import SINGLE, Lockstep, LockstepBroken, World
 from trainer.examples import PromptGroup, prompt_key
 from trainer.gate import GateConfig, GateResult, evaluate, gate_answers
 from trainer.judge import JudgeEnsemble, SentenceEncoder
@@ -74,6 +74,20 @@ def reward_model_fn(rm) -> RewardFn:
 
 
 UPDATE, STATE = "policy_update", "policy_state"  # rank 0's orders to the other ranks (trainer/distributed.py)
+
+
+class _StateShare:
+    """Sends the policy state a round leaves to the other ranks (once); a failure to send is LockstepBroken."""
+
+    def __init__(self, lockstep: Lockstep, pt: PolicyTrainer) -> None:
+        self.lockstep, self.pt, self.sent = lockstep, pt, False
+
+    def __call__(self) -> None:
+        self.sent = True
+        try:
+            self.lockstep.send(STATE, self.pt.state_dict)
+        except Exception as e:
+            raise LockstepBroken("could not send the round's policy state to the other ranks") from e
 
 
 @dataclass
@@ -165,12 +179,22 @@ class PolicyRounds:
         max_tokens, temperature = sampling or (cfg.policy.max_new_tokens, cfg.policy.temperature)
         max_tokens = min(max_tokens, cfg.policy.max_rollout_tokens)
         trained_events = [g.event_id for g in [*pairs, *signals]]
+        # Several ranks: they all take part in the update (its collectives in the same order on every rank); then
+        # rank 0 alone gates, and sends the state the round leaves before anything leaves this process. A failure
+        # inside the update leaves the ranks in different collectives: LockstepBroken, torchrun restarts the group.
         self.lockstep.send(UPDATE, lambda: PolicyUpdate(self.pt.state_dict(), self.pt.rng.getstate(), prompts,
                                                         list(pairs), list(signals), temperature, max_tokens))
         try:
             train_metrics = self.update(prompts, reward_fn, pairs, self._rollouts(temperature, max_tokens),
                                         list(signals), temperature, max_tokens)
+        except Exception as e:
+            if self.world.size > 1:
+                raise LockstepBroken("the round's update failed on rank 0") from e
+            raise
+        share = _StateShare(self.lockstep, self.pt)
+        try:
             if may_publish is not None and not may_publish():
+                share()
                 metrics.POLICY_ROUNDS.labels(result="held").inc()
                 log.info("round held: users are still judging the last candidate; its update is kept for the next "
                          "round")
@@ -196,9 +220,11 @@ class PolicyRounds:
                 self._record_gate(result)
                 if not result.passed:
                     self.pt.load_state_dict(before)  # continue from the live version's state
+                    share()
                     log.warning("gate refused the candidate: %s %s", result.reasons, result.metrics)
                     return RoundResult(None, result, train_metrics, trained_events)
                 state = self.pt.state_dict()
+                share()
 
                 def write(dst: Path) -> None:
                     _copy_files(Path(tmp), dst)
@@ -224,8 +250,9 @@ class PolicyRounds:
                      manifest.name, result.metrics["win_rate"], result.metrics["win_rate_low"],
                      result.metrics["win_rate_high"], result.metrics["kl"], 100 * train_metrics["changed_fraction"])
             return RoundResult(manifest, result, train_metrics, trained_events)
-        finally:  # the state this round leaves (trained, published, held or reverted) becomes every rank's
-            self.lockstep.send(STATE, self.pt.state_dict)
+        finally:  # a failure in the gate (rank 0's alone): the others still wait for the state to go on from
+            if not share.sent:
+                share()
 
     def update_from_order(self, order: PolicyUpdate, reward_fn: RewardFn) -> None:
         """A rank other than 0: its share of rank 0's update (the same state, prompts, pairs and signals)."""

@@ -50,7 +50,7 @@ from feedback.unconfirmed import Unconfirmed
 from trainer import checkpoint, metrics
 from trainer.backlog import BacklogWatcher, backlog_of
 from trainer.checkpoint import Snapshot, TrainerState
-from trainer.distributed import SINGLE, Lockstep, World
+from trainer.distributed import SINGLE, Lockstep, LockstepBroken, World
 from trainer.examples import PromptGroup, is_held_out, prompt_key, to_prompt_group
 from trainer.reward_trainer import ReplayBuffer, RewardTrainer, RewardTrainerConfig
 from trainer.rounds import STATE, UPDATE, PolicyRounds, RoundConfig, RoundResult, reward_model_fn
@@ -204,10 +204,8 @@ class TrainerService:
         """Rank 0, around what it trains: the other ranks start from its state (what it resumed from) and take
         their share of each step until the block ends. Nothing to do for one process."""
         self.lockstep.send(SYNC, self._weights)
-        try:
-            yield
-        finally:
-            self.lockstep.send(Lockstep.STOP)
+        yield  # an exception ends rank 0 with the others in a collective: torchrun stops them (and restarts)
+        self.lockstep.send(Lockstep.STOP)
 
     # --- ranks other than 0 ---------------------------------------------------------------------------
     def follow_rank0(self) -> None:
@@ -420,11 +418,13 @@ class TrainerService:
                                      kafka_offsets=self.state.offsets, oldest_vote_ts=self.state.oldest_unrounded_vote,
                                      signals=signals, live_name=live, sampling=served_sampling(prompt_groups),
                                      may_publish=self.may_publish)
+        except LockstepBroken:  # the ranks are in different collectives now: torchrun restarts the group from
+            metrics.POLICY_ROUNDS.labels(result="failed").inc()  # the last checkpoint; the votes are drawn again
+            log.exception("policy round failed with the ranks out of step")
+            raise
         except Exception:
             metrics.POLICY_ROUNDS.labels(result="failed").inc()
             log.exception("policy round failed")
-            if self.world.size > 1:  # the ranks may be in different collectives now: torchrun restarts the group
-                raise                # from the last checkpoint, and the round's votes are drawn again
             result = None
         self.last_order = time.monotonic()  # the round's orders to the other ranks (trainer/rounds.py)
         log.info("policy round took %.0f s", time.time() - t0)
@@ -454,12 +454,23 @@ class TrainerService:
             self.checkpoint(consumer)
         t0 = time.time()
         try:
-            live = self._canary()[1] if self.cfg.canary == "users" else "latest"  # what the next round gates against
+            live = self._warm_live()
             if self.rounds.warm(self.gate_prompts(), stop=self.stop.is_set, live_name=live):
                 log.info("gate warmed while idle: base's and the live version's gate answers, base's release-check "
                          "values (%.0f s)", time.time() - t0)
         except Exception:  # the first round computes them itself
             log.exception("warming the gate failed")
+
+    def _warm_live(self) -> str | None:
+        """The version the next round's gate compares with, for the warm-up: users' incumbent under canary tests
+        (None, base alone, if Redis cannot say), else the registry's latest."""
+        if self.cfg.canary != "users":
+            return "latest"
+        try:
+            return self._canary()[1]
+        except Exception as e:
+            log.warning("cannot read users' incumbent to warm its gate answers: %s: %s", type(e).__name__, e)
+            return None
 
     def _report_round(self, result: RoundResult | None) -> None:
         if self.redis is None:
