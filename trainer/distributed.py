@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from datetime import timedelta
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -152,11 +153,17 @@ class Lockstep:
 
     def __init__(self, world: World) -> None:
         self.world = world
+        self.last_sent = time.monotonic()  # the others wait in a collective, which times out: see `idle_for`
 
     def send(self, kind: str, payload: Callable[[], Any] = lambda: None) -> None:
         """Rank 0: the order `kind` with `payload()` (called only when there are other ranks to tell)."""
         if self.world.size > 1 and self.world.main:
             self.world.broadcast((kind, payload()))
+        self.last_sent = time.monotonic()
+
+    def idle_for(self) -> float:
+        """Seconds since the last order."""
+        return time.monotonic() - self.last_sent
 
     def serve(self, handlers: dict[str, Callable[[Any], None]]) -> None:
         assert not self.world.main, "rank 0 gives the orders"

@@ -25,7 +25,7 @@ from feedback.contract.events import WeightsAnnouncement
 from feedback.contract.registry import BASE_VERSION, Manifest, Registry, manifest_checksum
 from feedback.contract.topics import WEIGHTS
 from trainer import metrics
-from trainer.distributed import SINGLE, Lockstep, LockstepBroken, World
+from trainer.distributed import SINGLE, Lockstep, LockstepBroken
 from trainer.examples import PromptGroup, prompt_key
 from trainer.gate import GateConfig, GateResult, evaluate, gate_answers
 from trainer.judge import JudgeEnsemble, SentenceEncoder
@@ -120,14 +120,16 @@ def announce(bootstrap: str, manifest: Manifest, folder: Path) -> WeightsAnnounc
 class PolicyRounds:
     """Owns the policy state (fp32 adapters + optimizer) and the gate's judges."""
 
-    def __init__(self, cfg: RoundConfig, world: World = SINGLE) -> None:
+    def __init__(self, cfg: RoundConfig, lockstep: Lockstep | None = None) -> None:
         from trainer.reward_model import minilm_path
 
         self.cfg = cfg
-        self.world = world  # under torchrun: rank 0 runs rounds, the others take their share (`update_from_order`)
-        self.lockstep = Lockstep(world)
+        # under torchrun: rank 0 runs rounds, the others take their share (`update_from_order`); the lockstep is the
+        # trainer's own, so its orders and the round's share one sequence
+        self.lockstep = lockstep or Lockstep(SINGLE)
+        self.world = self.lockstep.world
         self.registry = Registry(cfg.registry_root, keep=cfg.keep_versions)
-        self.pt = PolicyTrainer(cfg.policy, cfg.base_model, world)
+        self.pt = PolicyTrainer(cfg.policy, cfg.base_model, self.world)
         self.version = BASE_VERSION  # the version this policy state was published as (or the base model)
         self.judges = JudgeEnsemble(SentenceEncoder(cfg.judge_encoder or minilm_path()), seed=cfg.policy.seed)
         self.serving = ServingRollouts(cfg.rollout_url, cfg.rollout_key) if cfg.rollout_url else None

@@ -103,9 +103,8 @@ class TrainerService:
         self.clock = clock  # wall time (unix seconds): the triggers' elapsed times; tests pass their own
         # under torchrun rank 0 runs the loop below and the others train their share of its steps (`follow_rank0`)
         self.world, self.lockstep = world, Lockstep(world)
-        self.last_order = time.monotonic()
         self.reward = RewardTrainer(rm, world=world)
-        self.rounds = PolicyRounds(cfg.rounds, world) if cfg.rounds is not None else None
+        self.rounds = PolicyRounds(cfg.rounds, self.lockstep) if cfg.rounds is not None else None
         self.gate_texts = {p.strip() for p in cfg.rounds.gate_prompts} if cfg.rounds is not None else set()
         self.state = TrainerState()
         self.held_out: list[PromptGroup] = []
@@ -176,8 +175,8 @@ class TrainerService:
                 if triggers.checkpoint_due(self.dirty, self.clock() - self.last_checkpoint,
                                            self.cfg.idle_checkpoint_s):
                     self.checkpoint(consumer)
-                if time.monotonic() - self.last_order > TICK_S:
-                    self._order(TICK)
+                if self.lockstep.idle_for() > TICK_S:
+                    self.lockstep.send(TICK)
                 _show(bar, self.state)
                 if once and caught_up and not self.pending and consumer.consumer.assignment():
                     if self.dirty:
@@ -217,10 +216,6 @@ class TrainerService:
                                                                            reward_model_fn(self.reward.model))
             handlers[STATE] = lambda state: self.rounds.pt.load_state_dict(state)
         self.lockstep.serve(handlers)
-
-    def _order(self, kind: str, payload: Callable[[], object] = lambda: None) -> None:
-        self.lockstep.send(kind, payload)
-        self.last_order = time.monotonic()
 
     def _weights(self) -> dict:
         return {"reward": self.reward.model.state_dict(), "reward_optimizer": self.reward.optimizer.state_dict(),
@@ -326,7 +321,7 @@ class TrainerService:
     def reward_step(self, new: list[PromptGroup], replay: int | None = None) -> dict:
         """`RewardTrainer.step`, with every rank taking its share of the batch rank 0 draws."""
         batch = self.reward.draw(new, replay)
-        self._order(RM_STEP, lambda: (batch, len(new)))
+        self.lockstep.send(RM_STEP, lambda: (batch, len(new)))
         return self.reward.train_on(batch, len(new))
 
     def idle_reward_step_due(self) -> bool:
@@ -426,7 +421,6 @@ class TrainerService:
             metrics.POLICY_ROUNDS.labels(result="failed").inc()
             log.exception("policy round failed")
             result = None
-        self.last_order = time.monotonic()  # the round's orders to the other ranks (trainer/rounds.py)
         log.info("policy round took %.0f s", time.time() - t0)
         if result is not None:  # one machine-readable line per round (bench/round_under_load.py reads them)
             log.info("round metrics: %s", json.dumps({
