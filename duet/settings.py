@@ -188,6 +188,11 @@ class Settings(BaseSettings):
     # users' votes on blind cross-version pairs; "off": every version that passes the trainer's gate goes live;
     # "auto": "users" where two engines fit this machine's memory (or GPU), else "off" (duet/two_engines.py)
     canary: Literal["auto", "off", "users"] = "auto"
+    # How the candidate is served while users judge it: "engine", a second vLLM engine beside the live one; "adapter",
+    # a runtime LoRA adapter on the live engine (no second copy of the model; vLLM's punica kernels batch both);
+    # "auto": "adapter" on a GPU, "engine" on a CPU, where vLLM's LoRA requests run several times slower and turn
+    # off its compilation for every request (serving/adapter_candidate.py)
+    canary_candidate: Literal["auto", "engine", "adapter"] = "auto"
     # While users judge a candidate the trainer goes on learning; it publishes a newer candidate — which
     # supersedes the running test (its votes do not count for the newcomer) — only once that test has this many
     # cross-version votes, so a clear candidate is decided first (median ~97 votes at a true 0.65, bench/canary.py)

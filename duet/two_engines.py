@@ -1,6 +1,8 @@
 """DUET_CANARY=auto: users judge each new version wherever the canary's second engine fits beside the first.
 
-A canary test serves the candidate from a second vLLM engine (serving/canary.py). On a CPU both engines hold
+Where the candidate is a LoRA adapter on the live engine (DUET_CANARY_CANDIDATE=adapter, the default on a GPU),
+nothing more has to fit: users judge. Otherwise a canary test serves the candidate from a second vLLM engine
+(serving/canary.py). On a CPU both engines hold
 their weights and KV cache in the machine's memory, beside the trainer; on a GPU each engine takes
 `gpu_memory_utilization` of the device, so two fit only if twice that does. Where they do not fit the canary is
 off: a version goes live when the trainer's gate passes it (trainer/gate.py — non-inferiority against the live
@@ -32,10 +34,13 @@ class CanaryChoice:
 
 
 def choose_canary(requested: str, *, on_gpu: bool, weights_gb: float, kv_cache_gb: float,
-                  gpu_memory_utilization: float, mem_total_gb: float) -> CanaryChoice:
-    """What DUET_CANARY=`requested` means on this machine; "off" and "users" are taken as said."""
+                  gpu_memory_utilization: float, mem_total_gb: float, candidate: str = "engine") -> CanaryChoice:
+    """What DUET_CANARY=`requested` means on this machine; "off" and "users" are taken as said. `candidate`:
+    how a candidate is served (DUET_CANARY_CANDIDATE, resolved); as an adapter it needs no second engine."""
     if requested in ("off", "users"):
         return CanaryChoice(requested, "DUET_CANARY=" + requested)  # type: ignore[arg-type]
+    if candidate == "adapter":
+        return CanaryChoice("users", "the candidate is served as a LoRA adapter on the live engine: no second engine")
     if on_gpu:
         if 2 * gpu_memory_utilization <= GPU_SHARE_LIMIT:
             return CanaryChoice("users", f"two engines at gpu_memory_utilization {gpu_memory_utilization} fit one GPU")

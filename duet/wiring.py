@@ -177,7 +177,7 @@ def resolve_canary(s: Settings, say=None) -> Settings:
     from duet.two_engines import choose_canary, mem_total_gb, weights_gb
 
     on_gpu = torch.cuda.is_available()
-    choice = choose_canary(s.canary, on_gpu=on_gpu, kv_cache_gb=s.kv_cache_gb,
+    choice = choose_canary(s.canary, on_gpu=on_gpu, candidate=canary_candidate(s), kv_cache_gb=s.kv_cache_gb,
                            weights_gb=weights_gb(resolve_model(s.model, s.home), engine_dtype(s.dtype, on_gpu)),
                            gpu_memory_utilization=s.gpu_memory_utilization, mem_total_gb=mem_total_gb())
     what = ("users judge each new version against the live one (blind pairs)" if choice.mode == "users" else
@@ -188,11 +188,21 @@ def resolve_canary(s: Settings, say=None) -> Settings:
 
 # --- serving ---------------------------------------------------------------------------------------------------
 
+def canary_candidate(s: Settings) -> str:
+    """DUET_CANARY_CANDIDATE resolved for this device: "adapter" on a GPU, "engine" on a CPU (settings.py says why)."""
+    if s.canary_candidate != "auto":
+        return s.canary_candidate
+    import torch
+
+    return "adapter" if torch.cuda.is_available() else "engine"
+
+
 def engine_config(s: Settings | None = None, /, **override) -> EngineConfig:
     """How serving starts an engine; DUET_DTYPE=auto resolved for this device here (duet/cpus.py)."""
     import torch
 
     from duet.cpus import engine_dtype
+    from serving.adapters import engine_lora_rank
     from serving.config import EngineConfig
 
     s = s or defaults()
@@ -202,8 +212,13 @@ def engine_config(s: Settings | None = None, /, **override) -> EngineConfig:
     cfg = EngineConfig(
         served_model_name=s.served_model_name, max_model_len=s.max_model_len, dtype=dtype,
         enforce_eager=s.enforce_eager, seed=s.seed, kv_cache_gb=s.kv_cache_gb,
-        gpu_memory_utilization=s.gpu_memory_utilization, cache_root=s.home / "vllm-cache")
+        gpu_memory_utilization=s.gpu_memory_utilization, cache_root=s.home / "vllm-cache",
+        max_lora_rank=engine_lora_rank(s.policy_lora_rank) if candidates_as_adapters(s) else 0)
     return cfg.model_copy(update=override) if override else cfg
+
+
+def candidates_as_adapters(s: Settings) -> bool:
+    return s.canary == "users" and canary_candidate(s) == "adapter"
 
 
 def chat_config(s: Settings | None = None, /, **override) -> ChatConfig:
@@ -230,7 +245,8 @@ def serving_config(s: Settings) -> ServingConfig:
         auth_disabled=s.auth_disabled, rate_limit_rpm=s.rate_limit_rpm, registry_root=s.registry_root(),
         swap_probe_timeout_s=s.swap_probe_timeout_s, swap_logprob_tolerance=s.swap_logprob_tolerance,
         replica=f"{socket.gethostname()}:{s.port}", canary=canary_config(s) if s.canary == "users" else None,
-        canary_engine_nice=s.canary_engine_nice)
+        canary_candidate=canary_candidate(s), canary_engine_nice=s.canary_engine_nice,
+        canary_adapter_dir=s.home / "canary-adapters" / str(s.port))
 
 
 def build_app(s: Settings):

@@ -70,8 +70,8 @@ def create_app(s: ServingConfig, model: Callable[[], str], engine_factory: Engin
                 await asyncio.to_thread(rt.watcher.stop)
             if rt.engine is not None:
                 rt.engine.shutdown()
-            if rt.canary is not None and rt.canary.candidate is not None:
-                rt.canary.candidate.engine.shutdown()
+            if rt.canary is not None and rt.canary.candidate is not None and rt.canary.candidate.engine is not None:
+                rt.canary.candidate.engine.shutdown()  # a second engine; an adapter view stops nothing
             await redis.aclose()
 
     app = FastAPI(title="Duet", lifespan=lifespan, docs_url=None, redoc_url=None)

@@ -2,10 +2,11 @@
 beside the incumbent's, a share of pairs shows one answer from each, their votes are counted, and the
 decision — by the votes, the budget or an admin — is carried out on this replica.
 
-Why a second engine and not a runtime LoRA adapter: measured on the 2-core CPU (bench/README.md), and the
-trainer exports full weights; the candidate's engine then only answers the cross-version share of pairs.
-Roles are fixed: the first engine always serves the incumbent and takes a promoted candidate by the
-existing in-place swap (with all its checks); the second loads each new candidate in place too.
+The candidate is served one of two ways (DUET_CANARY_CANDIDATE; a `CandidateSlot` either way): by a second
+engine that loads each new candidate in place (the default on a CPU, where vLLM's runtime LoRA is several times
+slower), or as a runtime LoRA adapter on the incumbent's engine (serving/adapter_candidate.py; the default on a
+GPU: no second copy of the model). Roles are fixed: the first engine always serves the incumbent and takes a
+promoted candidate by the existing in-place swap of its merged weights (with all its checks).
 
 Every replica runs `CanaryRunner.run`: once a second it reads the test from Redis, decides it if the
 tallies say so (compare and set: the first replica to see it decides, the rest find it decided), and
@@ -21,6 +22,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import numpy as np
 
@@ -30,9 +32,17 @@ from feedback.canary import CanaryConfig, CanaryStore, CanaryTest, decide, outco
 from feedback.contract.comparisons import PendingComparison, SamplingSpec
 from serving import metrics
 from serving.engine import Engine, GenerationStep
-from serving.swap import WeightSwapper
+from serving.swap import SwapRecord, WeightSwapper
 
 log = logging.getLogger(__name__)
+
+
+class CandidateSlot(Protocol):
+    """Where the candidate is served: a second engine's WeightSwapper, or serving/adapter_candidate.py's
+    AdapterCandidate. `engine` answers as the candidate once a load succeeded."""
+    engine: Engine | None
+
+    async def activate(self, version: str, rollback_ok: bool = ...) -> SwapRecord: ...
 
 
 @dataclass
@@ -81,12 +91,12 @@ async def generate_cross(pair: CrossPair, prompt_ids: list[int], sampling: Sampl
 
 class CanaryRunner:
     def __init__(self, store: CanaryStore, cfg: CanaryConfig, incumbent: WeightSwapper,
-                 start_candidate_engine: Callable[[], Engine], rng: random.Random | None = None) -> None:
+                 start_candidate: Callable[[], CandidateSlot], rng: random.Random | None = None) -> None:
         self.store = store
         self.cfg = cfg
         self.incumbent = incumbent
-        self._start_engine = start_candidate_engine  # blocking: run in a thread, once
-        self.candidate: WeightSwapper | None = None  # the second engine's swapper, once started
+        self._start_candidate = start_candidate  # blocking (it may start an engine): run in a thread, once
+        self.candidate: CandidateSlot | None = None  # once started
         self.test: CanaryTest | None = None  # as last read from Redis
         self.load_error: str | None = None
         self._failed: str | None = None  # the candidate this replica could not load (not retried)
@@ -98,20 +108,25 @@ class CanaryRunner:
         """For a new pair: one answer from each version, or None. At `pair_share` of pairs, or `pair_share_idle`
         while the incumbent answers nobody else (low traffic: a test's pace is its cross-version votes)."""
         t = self.test
-        if (t is None or t.status != "running" or self.candidate is None
-                or self.candidate.engine.model_version != t.candidate
+        candidate = self.candidate_engine(t.candidate if t is not None else None)
+        if (t is None or t.status != "running" or candidate is None
                 or self.incumbent.engine.model_version != t.incumbent):
             return None
         idle = self.incumbent.engine.num_unfinished() == 0
         if self.rng.random() >= (self.cfg.pair_share_idle if idle else self.cfg.pair_share):
             return None
-        return CrossPair(self.incumbent.engine, self.candidate.engine, self.rng.randrange(2))
+        return CrossPair(self.incumbent.engine, candidate, self.rng.randrange(2))
 
     def candidate_engine(self, version: str | None) -> Engine | None:
-        """The second engine, if it holds `version`: the trainer continues from the candidate under test and
-        samples its rollouts there."""
-        c = self.candidate
-        return c.engine if c is not None and version is not None and c.engine.model_version == version else None
+        """What serves the candidate, if it is `version`: the trainer continues from the candidate under test
+        and samples its rollouts there."""
+        engine = self.candidate.engine if self.candidate is not None else None
+        return engine if engine is not None and version is not None and engine.model_version == version else None
+
+    def loaded_version(self) -> str | None:
+        """The version the candidate's slot serves now, if any."""
+        engine = self.candidate.engine if self.candidate is not None else None
+        return (engine.model_version or None) if engine is not None else None
 
     def loading(self, version: str | None) -> bool:
         """`version` is the candidate of the running test, and its engine is not serving it yet."""
@@ -166,14 +181,11 @@ class CanaryRunner:
             await self._load_candidate(t.candidate)
 
     async def _load_candidate(self, version: str) -> None:
-        if self._failed == version or (self.candidate and self.candidate.engine.model_version == version):
+        if self._failed == version or self.candidate_engine(version) is not None:
             return
         try:
             if self.candidate is None:
-                engine = await asyncio.to_thread(self._start_engine)
-                inc = self.incumbent
-                self.candidate = WeightSwapper(engine, inc.prompts, str(inc.base_path), inc.registry.root,
-                                               inc.probe_timeout_s, logprob_tolerance=inc.logprob_tolerance)
+                self.candidate = await asyncio.to_thread(self._start_candidate)
             rec = await self.candidate.activate(version, rollback_ok=False)
             if rec.result != "ok":
                 raise RuntimeError(f"{rec.result}: {rec.reason}")
@@ -187,8 +199,7 @@ class CanaryRunner:
         running = t is not None and t.status == "running"
         metrics.CANARY_RUNNING.set(1 if running else 0)
         metrics.CANARY_CANDIDATE_LOADED.set(
-            1 if t is not None and self.candidate is not None and self.candidate.engine.model_version == t.candidate
-            else 0)
+            1 if t is not None and self.candidate_engine(t.candidate) is not None else 0)
         if t is None:
             return
         s = t.summary(self.cfg)
@@ -217,7 +228,7 @@ class CanaryRunner:
     async def status(self) -> dict:
         t = await self.store.current()
         out: dict = {"test": None, "history": [h.summary(self.cfg) for h in await self.store.history()],
-                     "candidate_loaded": (self.candidate.engine.model_version if self.candidate else None),
+                     "candidate_loaded": self.loaded_version(),
                      "load_error": self.load_error, "pair_share": self.cfg.pair_share}
         if t is not None:
             out["test"] = {**t.summary(self.cfg), "length_controlled_win_rate": await self.length_controlled_win_rate()}

@@ -5,6 +5,7 @@ alone (duet/settings.py, DUET_<FIELD>); values here are already resolved (dtype,
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -23,6 +24,7 @@ class EngineConfig(BaseModel):
     kv_cache_gb: int
     gpu_memory_utilization: float
     cache_root: Path  # vLLM's caches
+    max_lora_rank: int = 0  # > 0: runtime LoRA up to this rank (candidates as adapters); 0: none
 
 
 class ChatConfig(BaseModel):
@@ -66,4 +68,6 @@ class ServingConfig(BaseModel):
     swap_logprob_tolerance: float
     replica: str  # how this replica names itself in swap status (host:port)
     canary: CanaryConfig | None  # users judge each published version (DUET_CANARY=users); None: versions go live
+    canary_candidate: Literal["engine", "adapter"]  # how the candidate is served (resolved for this device)
     canary_engine_nice: int
+    canary_adapter_dir: Path  # this replica's adapters built for candidates (cleared at start)

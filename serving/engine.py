@@ -16,6 +16,7 @@ from typing import Protocol
 
 from feedback.contract.comparisons import SamplingSpec
 from feedback.contract.registry import BASE_VERSION
+from serving.adapters import Adapter
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,23 @@ class Engine(Protocol):
     def num_unfinished(self) -> int: ...
 
     def shutdown(self) -> None: ...
+
+
+class LoRAHost(Engine, Protocol):
+    """An engine started with runtime LoRA: it also answers with an adapter on top of the weights it holds
+    (serving/adapter_candidate.py serves a canary's candidate this way)."""
+
+    def generate(
+        self, prompt_token_ids: list[int], sampling: SamplingSpec, n: int, request_id: str,
+        adapter: Adapter | None = None,
+    ) -> AsyncIterator[GenerationStep]: ...
+
+    async def prompt_logprobs(self, token_ids: list[int], request_id: str,
+                              adapter: Adapter | None = None) -> list[float]: ...
+
+    async def add_adapter(self, adapter: Adapter) -> None: ...
+
+    async def remove_adapter(self, adapter: Adapter) -> None: ...
 
 
 def prepare_cpu_env(kv_cache_gb: int, cache_root: str) -> None:
@@ -141,10 +159,11 @@ def lower_priority(pid: int, nice: int) -> None:
 class VLLMEngine:
     """vLLM's AsyncLLM behind the Engine interface. One per process."""
 
-    def __init__(self, llm, model_path: str, max_model_len: int) -> None:
+    def __init__(self, llm, model_path: str, max_model_len: int, max_lora_rank: int = 0) -> None:
         self._llm = llm
         self.model_path = model_path
         self.max_model_len = max_model_len
+        self.max_lora_rank = max_lora_rank  # 0: started without runtime LoRA
         self.model_version = BASE_VERSION
         self._swap_lock = asyncio.Lock()
 
@@ -161,11 +180,15 @@ class VLLMEngine:
         kv_cache_gb: int,
         gpu_memory_utilization: float,
         cache_root: str,
+        max_lora_rank: int = 0,
     ) -> VLLMEngine:
+        """`max_lora_rank` > 0: with runtime LoRA, one adapter at a time up to that rank (on a CPU this also turns
+        off vLLM's compilation for every request, adapter or not: serving/adapter_candidate.py)."""
         prepare_cpu_env(kv_cache_gb, cache_root)
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        lora = dict(enable_lora=True, max_loras=1, max_lora_rank=max_lora_rank) if max_lora_rank else {}
         args = AsyncEngineArgs(
             model=model_path,
             served_model_name=served_model_name,
@@ -175,12 +198,31 @@ class VLLMEngine:
             seed=seed,
             gpu_memory_utilization=gpu_memory_utilization,
             worker_extension_cls="serving.worker_extension.DuetWorkerExtension",
+            **lora,
         )
         llm = AsyncLLM.from_engine_args(args)
-        return cls(llm, model_path, max_model_len)
+        return cls(llm, model_path, max_model_len, max_lora_rank)
+
+    @staticmethod
+    def _lora_request(adapter: Adapter | None):
+        if adapter is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(lora_name=adapter.name, lora_int_id=adapter.id, lora_path=adapter.path)
+
+    async def add_adapter(self, adapter: Adapter) -> None:
+        """Load `adapter` into the engine now (else its first request would)."""
+        if not self.max_lora_rank:
+            raise RuntimeError("this engine was started without runtime LoRA")
+        await self._llm.add_lora(self._lora_request(adapter))
+
+    async def remove_adapter(self, adapter: Adapter) -> None:
+        await self._llm.remove_lora(adapter.id)
 
     async def generate(
-        self, prompt_token_ids: list[int], sampling: SamplingSpec, n: int, request_id: str
+        self, prompt_token_ids: list[int], sampling: SamplingSpec, n: int, request_id: str,
+        adapter: Adapter | None = None,
     ) -> AsyncIterator[GenerationStep]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
@@ -198,7 +240,7 @@ class VLLMEngine:
         # AsyncLLM.generate aborts the request itself when this generator is closed or
         # cancelled (client gone), so no request outlives its HTTP connection.
         async for out in _input_errors(self._llm.generate(TokensPrompt(prompt_token_ids=prompt_token_ids), params,
-                                                          request_id)):
+                                                          request_id, lora_request=self._lora_request(adapter))):
             deltas = [
                 ChoiceDelta(
                     index=c.index,
@@ -214,16 +256,39 @@ class VLLMEngine:
     async def abort(self, request_id: str) -> None:
         await self._llm.abort(request_id)
 
-    async def prompt_logprobs(self, token_ids: list[int], request_id: str) -> list[float]:
+    async def prompt_logprobs(self, token_ids: list[int], request_id: str,
+                              adapter: Adapter | None = None) -> list[float]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        if self.max_lora_rank:
+            return await self._next_token_logprobs(token_ids, request_id, adapter)
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)  # 0: only the actual token
         final = None
-        async for out in self._llm.generate(TokensPrompt(prompt_token_ids=token_ids), params, request_id):
+        async for out in self._llm.generate(TokensPrompt(prompt_token_ids=token_ids), params, request_id,
+                                            lora_request=self._lora_request(adapter)):
             final = out
         per_position = final.prompt_logprobs  # [None, {token id: Logprob}, ...]
         return [per_position[t][token_ids[t]].logprob for t in range(1, len(token_ids))]
+
+    async def _next_token_logprobs(self, token_ids: list[int], request_id: str,
+                                   adapter: Adapter | None) -> list[float]:
+        """`prompt_logprobs` on an engine with runtime LoRA: vLLM's prompt log-probs map LoRA per request, not per
+        prompt token, once LoRA is enabled (vllm#16668, #29955: on its CPU backend the engine dies, for requests
+        with or without an adapter). Instead each position is one request for one token, scored by
+        `logprob_token_ids` from the raw logits (the same log-softmax); they share their prefix in one batch."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        async def one(t: int) -> float:
+            params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=[token_ids[t]])
+            final = None
+            async for out in self._llm.generate(TokensPrompt(prompt_token_ids=token_ids[:t]), params,
+                                                f"{request_id}-{t}", lora_request=self._lora_request(adapter)):
+                final = out
+            return final.outputs[0].logprobs[0][token_ids[t]].logprob
+
+        return list(await asyncio.gather(*(one(t) for t in range(1, len(token_ids)))))
 
     async def stage_weights(self, path: str, timeout_s: float = 600.0) -> None:
         """Read `path`'s weights into memory inside the workers while generation goes on

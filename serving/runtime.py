@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +19,8 @@ from feedback.contract.events import WeightsAnnouncement
 from feedback.outbox import async_outbox_stats
 from serving import metrics
 from serving.auth import KeyStore
-from serving.canary import CanaryRunner
+from serving.adapter_candidate import AdapterCandidate
+from serving.canary import CandidateSlot, CanaryRunner
 from serving.chat import ChatService
 from serving.config import EngineConfig, ServingConfig
 from serving.engine import Engine, VLLMEngine, start_then_nice
@@ -48,7 +50,21 @@ def vllm_engine_factory(cfg: EngineConfig, model_path: str) -> Engine:
         model_path, served_model_name=cfg.served_model_name, max_model_len=cfg.max_model_len, dtype=cfg.dtype,
         enforce_eager=cfg.enforce_eager, seed=cfg.seed, kv_cache_gb=cfg.kv_cache_gb,
         gpu_memory_utilization=cfg.gpu_memory_utilization, cache_root=str(cfg.cache_root),
+        max_lora_rank=cfg.max_lora_rank,
     )
+
+
+def candidate_slot(s: ServingConfig, incumbent: WeightSwapper, factory: EngineFactory, model_path: str) -> CandidateSlot:
+    """Where a canary's candidate is served (blocking: it may start an engine): an adapter on the incumbent's
+    engine, or a second engine started at `canary_engine_nice` that loads each candidate in place."""
+    if s.canary_candidate == "adapter":
+        shutil.rmtree(s.canary_adapter_dir, ignore_errors=True)  # a previous run's adapters
+        s.canary_adapter_dir.mkdir(parents=True)
+        return AdapterCandidate(incumbent, s.canary_adapter_dir)
+    engine = start_then_nice(s.canary_engine_nice, factory, s.engine.model_copy(update={"max_lora_rank": 0}),
+                             model_path)
+    return WeightSwapper(engine, incumbent.prompts, str(incumbent.base_path), incumbent.registry.root,
+                         incumbent.probe_timeout_s, logprob_tolerance=incumbent.logprob_tolerance)
 
 
 @dataclass
@@ -88,8 +104,9 @@ async def load_engine(rt: Runtime, factory: EngineFactory, model: Callable[[], s
             rt.watcher = WeightsWatcher(s.kafka_bootstrap, asyncio.get_running_loop(),
                                         lambda ann: on_announcement(rt, ann)).start()
         if s.canary is not None:
-            rt.canary = CanaryRunner(CanaryStore(rt.redis), s.canary, rt.swapper,
-                                     lambda: start_then_nice(s.canary_engine_nice, factory, s.engine, model_path))
+            swapper = rt.swapper
+            rt.canary = CanaryRunner(CanaryStore(rt.redis), s.canary, swapper,
+                                     lambda: candidate_slot(s, swapper, factory, model_path))
             rt.votes.canary = rt.canary
         latest = rt.swapper.registry.latest()
         if latest is not None and rt.canary is None:  # published while this replica was down

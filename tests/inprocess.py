@@ -17,18 +17,29 @@ from tests.waiting import wait_until
 
 
 class FakeEngine:
-    """Answers every prompt at once: choice i says "answer i from <its version>", one token per word, stopping
-    (finish "stop") unless max_tokens cuts it ("length"); every prompt token's log-prob is −1 (what `probe()` records
-    in a manifest). Deterministic; counts what it was asked."""
+    """Answers every prompt at once: choice i says "answer i from <its version>" (with an adapter: "from <the
+    adapter's name>"), one token per word, stopping (finish "stop") unless max_tokens cuts it ("length"); every
+    prompt token's log-prob is −1 (what `probe()` records in a manifest), `adapter_logprob` with an adapter.
+    Deterministic; counts what it was asked. A LoRAHost (serving/engine.py)."""
 
     def __init__(self, version: str = "base", max_model_len: int = 512) -> None:
         self.model_version, self.max_model_len = version, max_model_len
         self.generations, self.aborted, self.loaded = 0, [], []
+        self.adapters: dict[int, object] = {}  # loaded now, by id
+        self.adapter_names: list[str] = []  # every adapter ever loaded, in order
+        self.adapter_logprob = -1.0
 
-    async def generate(self, prompt_token_ids, sampling, n, request_id):
+    async def add_adapter(self, adapter) -> None:
+        self.adapters[adapter.id] = adapter
+        self.adapter_names.append(adapter.name)
+
+    async def remove_adapter(self, adapter) -> None:
+        self.adapters.pop(adapter.id, None)
+
+    async def generate(self, prompt_token_ids, sampling, n, request_id, adapter=None):
         self.generations += 1
         for i in range(n):
-            words = [f"answer {i}", f" from {self.model_version}", "."]
+            words = [f"answer {i}", f" from {adapter.name if adapter else self.model_version}", "."]
             words = words[:sampling.max_tokens]
             finish = "stop" if len(words) == 3 else "length"
             for j, w in enumerate(words):
@@ -39,8 +50,8 @@ class FakeEngine:
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
 
-    async def prompt_logprobs(self, token_ids, request_id):
-        return [-1.0] * (len(token_ids) - 1)
+    async def prompt_logprobs(self, token_ids, request_id, adapter=None):
+        return [self.adapter_logprob if adapter else -1.0] * (len(token_ids) - 1)
 
     async def load_weights(self, path: str, version: str) -> float:
         if not Path(path).exists():

@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from feedback.canary import CanaryStore
 from tests.conftest import ADMIN_KEY, TEST_REDIS_DB
 from tests.inprocess import InProcessServing, publish_copy
+from tests.test_adapters import adapted, exported, publish
 from tests.test_api_fast import Authed
 from tests.test_serving_api import HELLO, assert_openai_error
 from tests.waiting import wait_until
@@ -78,9 +79,9 @@ def judged(api, candidate: str) -> tuple[Authed, Authed]:
     return admin, user
 
 
-def serving(tiny_model, home):
+def serving(tiny_model, home, **settings):
     return InProcessServing(tiny_model, CANARY_REDIS, home, canary="users", canary_engine_nice=0, pair_rate=1.0,
-                            admin_key=ADMIN_KEY)
+                            admin_key=ADMIN_KEY, **settings)
 
 
 def test_users_route_count_and_promote_a_candidate(tiny_model, tmp_path, clean_db):
@@ -135,3 +136,25 @@ def test_an_admins_hand_on_a_test(tiny_model, tmp_path, clean_db):
         assert admin.get("/admin/models").json()["current"] == "base"
         assert_openai_error(user.get("/admin/canary"), 403)  # an API key is not the admin key
 
+
+
+def test_users_judge_a_candidate_served_as_an_adapter(tiny_model, tmp_path, clean_db):
+    """DUET_CANARY_CANDIDATE=adapter (the default on a GPU): no second engine; the candidate answers through an
+    adapter on the incumbent's engine, and a promotion swaps its merged weights in as usual."""
+    home = tmp_path / "home"
+    candidate = publish(home / "registry", exported(adapted(tiny_model, 1), tmp_path / "v1"))
+    with serving(tiny_model, home, canary_candidate="adapter") as api:
+        admin, user = judged(api, candidate)
+        assert len(api.engines) == 1 and api.engine.adapter_names == [f"{candidate}-on-base-1"]
+        body = pair(user)
+        assert sorted(body["duet"]["model_versions"]) == sorted(["base", candidate])
+        texts = [c["message"]["content"] for c in body["choices"]]
+        assert sorted(" from base" in t for t in texts) == [False, True]  # one answer is the adapter's
+        assert any(f" from {candidate}-on-base-1" in t for t in texts)
+        status = vote_until_decided(api, admin, user, prefer=candidate)
+        assert (status["status"], status["reason"]) == ("promoted", "votes"), status
+        wait_until(lambda: admin.get("/admin/models").json()["current"] == candidate, 30,
+                   "the promoted candidate's merged weights to be swapped into the engine")
+        assert api.engine.loaded == [candidate]
+        # the adapter was the difference to base: with the candidate's weights in the engine it serves nothing
+        assert admin.get("/admin/canary").json()["candidate_loaded"] is None

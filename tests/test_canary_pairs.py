@@ -26,7 +26,7 @@ class QueueOnly:
 def runner(busy: int, share: float = 0.5, idle_share: float = 1.0) -> CanaryRunner:
     r = CanaryRunner(store=None, cfg=canary_config(pair_share=share, pair_share_idle=idle_share),  # type: ignore[arg-type]
                      incumbent=SimpleNamespace(engine=QueueOnly("base", busy)),  # type: ignore[arg-type]
-                     start_candidate_engine=lambda: None, rng=random.Random(7))  # type: ignore[arg-type,return-value]
+                     start_candidate=lambda: None, rng=random.Random(7))  # type: ignore[arg-type,return-value]
     r.candidate = SimpleNamespace(engine=QueueOnly("v000001"))  # type: ignore[assignment]
     r.test = CanaryTest(candidate="v000001", incumbent="base", started_at=time.time())
     return r

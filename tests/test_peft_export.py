@@ -8,8 +8,8 @@ import json
 import torch
 
 from duet.wiring import policy_config
-from feedback.contract.registry import Registry, verify
-from trainer.lora import PEFT_DIR, lora_layers
+from feedback.contract.registry import ADAPTER_DIR, Registry, verify
+from trainer.lora import lora_layers
 from trainer.policy import PolicyTrainer
 
 
@@ -25,11 +25,11 @@ def test_peft_loads_the_exported_adapters_and_computes_the_same(tiny_model, tmp_
     out = tmp_path / "export"
     out.mkdir()
     pt.export(out)
-    config = json.loads((out / PEFT_DIR / "adapter_config.json").read_text())
+    config = json.loads((out / ADAPTER_DIR / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"]) == (pt.cfg.lora_rank, pt.cfg.lora_alpha)
 
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
-    peft_model = PeftModel.from_pretrained(base, str(out / PEFT_DIR)).eval()
+    peft_model = PeftModel.from_pretrained(base, str(out / ADAPTER_DIR)).eval()
     ids = torch.tensor([[1, 42, 7, 99, 1000, 5, 300]])
     with torch.no_grad():
         mine = pt.model(input_ids=ids).logits
@@ -54,6 +54,6 @@ def test_the_registry_checksums_the_adapter(tiny_model, tmp_path):
 
     manifest, folder = Registry(tmp_path / "registry").publish(
         write, base_model="tiny", algorithm="test", hyperparameters={}, train_metrics={}, eval={}, kafka_offsets={})
-    assert {f"{PEFT_DIR}/adapter_config.json", f"{PEFT_DIR}/adapter_model.safetensors"} <= set(manifest.files)
-    (folder / PEFT_DIR / "adapter_model.safetensors").write_bytes(b"tampered")
-    assert verify(folder) == [f"{PEFT_DIR}/adapter_model.safetensors checksum mismatch"]
+    assert {f"{ADAPTER_DIR}/adapter_config.json", f"{ADAPTER_DIR}/adapter_model.safetensors"} <= set(manifest.files)
+    (folder / ADAPTER_DIR / "adapter_model.safetensors").write_bytes(b"tampered")
+    assert verify(folder) == [f"{ADAPTER_DIR}/adapter_model.safetensors checksum mismatch"]

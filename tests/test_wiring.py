@@ -30,7 +30,7 @@ NOT_BOUND = {
     "max_tokens_cap", "default_max_tokens", "max_n", "max_body_bytes", "rate_limit_rpm", "pair_rate", "max_k",
     "pair_min_temperature", "comparison_ttl_s", "max_edit_chars", "vote_cap_per_key", "vote_cap_per_user",
     "auth_disabled", "secret", "redis_timeout_s", "outbox_max", "vote_max_bytes", "swap_probe_timeout_s",
-    "swap_logprob_tolerance", "canary_engine_nice",
+    "swap_logprob_tolerance", "canary_engine_nice", "canary_candidate",
 }
 
 

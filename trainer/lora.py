@@ -115,9 +115,6 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.T
     return out
 
 
-PEFT_DIR = "adapter"  # in each exported version: adapter_config.json + adapter_model.safetensors
-
-
 def peft_adapter(model: nn.Module, base_model: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """The adapters as PEFT saves a LoRA model: (adapter_config.json's content, adapter_model.safetensors' tensors,
     fp32) — keys `base_model.model.<module>.lora_A.weight` [r, in] and `...lora_B.weight` [out, r], scaling

@@ -20,9 +20,10 @@ from typing import Callable
 import torch
 
 from feedback.contract.comparisons import ChatMessage
+from feedback.contract.registry import ADAPTER_DIR
 from trainer.distributed import SINGLE, World, interleave
 from trainer.examples import PromptGroup
-from trainer.lora import (PEFT_DIR, adapter_parameters, adapter_state_dict, adapters_off, add_adapters, peft_adapter,
+from trainer.lora import (adapter_parameters, adapter_state_dict, adapters_off, add_adapters, peft_adapter,
                           load_adapter_state_dict, lora_layers, merged_state_dict)
 from trainer.losses import (dpo_loss, kl_penalized_rewards, kto_loss, kto_weights, rloo_advantages,
                             rloo_clipped_loss, sft_loss)
@@ -442,9 +443,9 @@ class PolicyTrainer:
         save_file(state, str(Path(folder) / "model.safetensors"), metadata={"format": "pt"})
         self.tokenizer.save_pretrained(folder)
         adapter_cfg, adapter = peft_adapter(self.model, self.base_path)
-        (Path(folder) / PEFT_DIR).mkdir(exist_ok=True)
-        (Path(folder) / PEFT_DIR / "adapter_config.json").write_text(json.dumps(adapter_cfg, indent=2))
-        save_file(adapter, str(Path(folder) / PEFT_DIR / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (Path(folder) / ADAPTER_DIR).mkdir(exist_ok=True)
+        (Path(folder) / ADAPTER_DIR / "adapter_config.json").write_text(json.dumps(adapter_cfg, indent=2))
+        save_file(adapter, str(Path(folder) / ADAPTER_DIR / "adapter_model.safetensors"), metadata={"format": "pt"})
         return state
 
 

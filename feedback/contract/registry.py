@@ -5,6 +5,8 @@ in feedback/ because it is a contract: the trainer writes it, serving reads and 
         model.safetensors, config.json, generation_config.json, tokenizer files ...
         manifest.json      `Manifest`: version, parent, base model, sha256 of every other file,
                            training and eval metrics, algorithm and hyper-parameters, Kafka offsets
+        adapter/           the same version as LoRA adapters on the base, in PEFT's format (adapter_config.json +
+                           adapter_model.safetensors): what PEFT and vLLM's runtime LoRA load
     <root>/latest          text file holding the newest version's folder name
 
 A version is written into a hidden temporary folder and renamed into place only when complete, so a
@@ -27,6 +29,7 @@ from feedback.contract.probes import ProbeLogprobs
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
+ADAPTER_DIR = "adapter"  # in each version: its adapters alone, PEFT's LoRA format
 
 
 class Manifest(BaseModel):

@@ -29,7 +29,7 @@ async def admin_models(swapper: SwapperDep, rt: RuntimeDep) -> dict:
     if rt.canary is not None:  # what this replica holds for the canary test (it serves the incumbent regardless)
         c = rt.canary
         out["canary"] = {"candidate": c.test.candidate if c.test else None, "status": c.test.status if c.test else None,
-                         "candidate_loaded": c.candidate.engine.model_version if c.candidate else None,
+                         "candidate_loaded": c.loaded_version(),
                          "load_error": c.load_error}
     return out
 
