@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from duet.settings import Settings
+from duet.wiring import engine_config
+from serving.adapters import engine_lora_rank
 from tests.test_metrics_catalogue import catalogue, code_metrics
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -187,6 +190,10 @@ def test_k8s_gpu_overlay_is_production_shaped():
     assert all(t["replicas"] == 3 and t["config"]["min.insync.replicas"] == 2 for t in topics.values())
     [config] = by_kind(docs, "ConfigMap")
     assert config["data"]["DUET_KAFKA_REPLICATION"] == "3" and config["data"]["DUET_KAFKA_MIN_INSYNC"] == "2"
+    # users judge each version; its candidate is an adapter on the live engine (serving then starts it with LoRA)
+    assert (config["data"]["DUET_CANARY"], config["data"]["DUET_CANARY_CANDIDATE"]) == ("users", "adapter")
+    s = Settings(_env_file=None, **{k[5:].lower(): v for k, v in config["data"].items() if k.startswith("DUET_")})
+    assert engine_config(s).max_lora_rank == engine_lora_rank(s.policy_lora_rank)
     [rule] = by_kind(docs, "PrometheusRule")
     assert rule["spec"]["groups"] == yaml.safe_load(RULES.read_text())["groups"]
     monitored = {ep["port"] for sm in by_kind(docs, "ServiceMonitor") for ep in sm["spec"]["endpoints"]}
