@@ -16,7 +16,7 @@ after the first.
 With `--feedback thumbs|edits|mixed` users rate, edit or mix instead of picking (`duet simulate --feedback`);
 issue 17's targets: thumbs only >= 0.70 within 500 ratings and 30 minutes; mixed at least as fast as pairs.
 
-Usage: python bench/learning.py --rule shorter --seed 0 [--feedback pairs] [--minutes 30] [--votes 500]
+Usage: python bench/learning.py --rule shorter --seed 0 [--feedback pairs] [--minutes 30] [--votes 500] [--set NAME=VALUE]
 """
 
 from __future__ import annotations
@@ -86,9 +86,13 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--stop-at-target", action="store_true",
                     help="stop voting once the target (0.80, lower bound 0.60) is measured: for second seeds")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="a setting off its default, as DUET_<NAME> (ablations only: the targets are at the defaults)")
     args = ap.parse_args()
+    changed = dict(kv.split("=", 1) for kv in args.set)
 
-    home, url, _, env = up_at_defaults("duet-learning-", REDIS_DB)
+    home, url, _, env = up_at_defaults("duet-learning-", REDIS_DB,
+                                       **{f"DUET_{k.upper()}": v for k, v in changed.items()})
     me = [sys.executable, "-m", "duet.cli"]
     t0 = time.time()
     up = start_server(me + ["up"], env, url, home / "up.log", timeout_s=900)
@@ -117,7 +121,7 @@ def main() -> None:
     met = next((p for p in voting if p["win_rate"] is not None and p["win_rate"] >= 0.8 and p["ci_low"] >= 0.6), None)
     at_70 = next((p for p in voting if p["win_rate"] is not None and p["win_rate"] >= 0.7), None)
     result = {
-        "rule": args.rule, "feedback": args.feedback, "seed": args.seed, "noise": args.noise, "settings": "defaults",
+        "rule": args.rule, "feedback": args.feedback, "seed": args.seed, "noise": args.noise, "settings": changed or "defaults",
         "stopped_at_target": args.stop_at_target,
         "max_tokens": args.max_tokens,
         "target_met_at": {"votes": met["votes"], "minutes": round((met["seconds"] - aa["seconds"]) / 60, 1)} if met else None,

@@ -27,6 +27,7 @@ from feedback.contract.topics import WEIGHTS
 from trainer import metrics
 from trainer.distributed import SINGLE, Lockstep, LockstepBroken
 from trainer.examples import PromptGroup, prompt_key
+from trainer.orders import STATE, UPDATE
 from trainer.gate import GateConfig, GateResult, evaluate, gate_answers
 from trainer.judge import JudgeEnsemble, SentenceEncoder
 from trainer.probe import probe_logprobs
@@ -73,19 +74,17 @@ def reward_model_fn(rm) -> RewardFn:
     return score
 
 
-UPDATE, STATE = "policy_update", "policy_state"  # rank 0's orders to the other ranks (trainer/distributed.py)
-
-
 class _StateShare:
     """Sends the policy state a round leaves to the other ranks (once); a failure to send is LockstepBroken."""
 
     def __init__(self, lockstep: Lockstep, pt: PolicyTrainer) -> None:
         self.lockstep, self.pt, self.sent = lockstep, pt, False
 
-    def __call__(self) -> None:
+    def __call__(self, state: dict | None = None) -> None:
+        """`state`: the policy state already built (on publish), else built here when there are ranks to tell."""
         self.sent = True
         try:
-            self.lockstep.send(STATE, self.pt.state_dict)
+            self.lockstep.send(STATE, (lambda: state) if state is not None else self.pt.state_dict)
         except Exception as e:
             raise LockstepBroken("could not send the round's policy state to the other ranks") from e
 
@@ -226,7 +225,7 @@ class PolicyRounds:
                     log.warning("gate refused the candidate: %s %s", result.reasons, result.metrics)
                     return RoundResult(None, result, train_metrics, trained_events)
                 state = self.pt.state_dict()
-                share()
+                share(state)
 
                 def write(dst: Path) -> None:
                     _copy_files(Path(tmp), dst)

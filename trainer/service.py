@@ -53,7 +53,8 @@ from trainer.checkpoint import Snapshot, TrainerState
 from trainer.distributed import SINGLE, Lockstep, LockstepBroken, World
 from trainer.examples import PromptGroup, is_held_out, prompt_key, to_prompt_group
 from trainer.reward_trainer import ReplayBuffer, RewardTrainer, RewardTrainerConfig
-from trainer.rounds import STATE, UPDATE, PolicyRounds, RoundConfig, RoundResult, reward_model_fn
+from trainer.rounds import PolicyRounds, RoundConfig, RoundResult, reward_model_fn
+from trainer.orders import RM_STEP, STATE, STOP, SYNC, TICK, TICK_S, UPDATE
 from trainer import triggers
 from trainer.voters import voters_of
 
@@ -92,8 +93,6 @@ class ServiceConfig:
     idle_checkpoint_s: float = 10.0  # checkpoint consumed-but-untrained votes at most this often
 
 
-SYNC, RM_STEP, TICK = "sync", "rm_step", "tick"  # rank 0's orders to the other ranks (trainer/distributed.py)
-TICK_S = 600.0  # an order at least this often: the others wait in a collective, which times out
 
 
 class TrainerService:
@@ -204,7 +203,7 @@ class TrainerService:
         their share of each step until the block ends. Nothing to do for one process."""
         self.lockstep.send(SYNC, self._weights)
         yield  # an exception ends rank 0 with the others in a collective: torchrun stops them (and restarts)
-        self.lockstep.send(Lockstep.STOP)
+        self.lockstep.send(STOP)
 
     # --- ranks other than 0 ---------------------------------------------------------------------------
     def follow_rank0(self) -> None:
