@@ -345,14 +345,16 @@ class PolicyTrainer:
                 "dpo_pairs": len(pairs), "updates": self.updates}
 
     def _reference_logp(self, keys: list[tuple[str, int, str]], samples: list[Sample]) -> torch.Tensor:
-        """log π_ref(y|x) per sample, computed once per (event id, answer index, text)."""
+        """log π_ref(y|x) per sample, computed once per (event id, answer index, text); with ranks, each computes
+        its share of the new ones and all keep all (every rank's cache holds the same keys)."""
         todo = [i for i, k in enumerate(keys) if k not in self.ref_cache]
-        for j in range(0, len(todo), self.cfg.micro_batch):
-            idx = todo[j:j + self.cfg.micro_batch]
+        mine = [todo[j] for j in self.world.mine(len(todo))]
+        values: list[float] = []
+        for j in range(0, len(mine), self.cfg.micro_batch):
             with torch.no_grad(), self.reference():
-                seq = self._sequence_logp(self.model, [samples[i] for i in idx])
-            for i, v in zip(idx, seq.tolist()):
-                self.ref_cache[keys[i]] = v
+                values += self._sequence_logp(self.model, [samples[i] for i in mine[j:j + self.cfg.micro_batch]]).tolist()
+        for i, v in zip(todo, interleave(self.world.gather(values), len(todo), self.world.size)):
+            self.ref_cache[keys[i]] = v
         return torch.tensor([self.ref_cache[k] for k in keys], device=self.device)
 
     # --- users' direct signals: KTO on labelled answers, SFT on edits ---------------------------------------
