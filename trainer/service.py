@@ -543,8 +543,8 @@ class TrainerService:
 
 def replay_draw(items: list[PromptGroup], n: int, rng: random.Random, fresh: int = 0) -> list[PromptGroup]:
     """n of `items` (oldest first), biased to recent ones: the newest max(fresh, n/2) — `fresh`: the votes since
-    the last round, so each is drawn at least once — then the rest uniformly from the older ones, so every vote
-    so far keeps being replayed."""
+    the last round, each drawn at least once while they fit in n — then the rest uniformly from the older ones, so
+    older votes keep being replayed. When more than n came in since the last round the draw is the newest n."""
     newest = min(n, max(fresh, n // 2), len(items))
     older = items[:len(items) - newest]
     return items[len(items) - newest:] + rng.sample(older, min(n - newest, len(older)))
