@@ -45,11 +45,14 @@ def main(model: str, out: str) -> None:
     prompts = [g.messages for g in groups[:6]]
     rloo = pt.rloo_round(prompts, lambda m, answers: torch.tensor([-len(a) / 10 for a in answers]), rollouts)
     dpo = pt.pair_round(groups)
+    if world.main:  # rank 0 alone forgets its reference cache (as when it alone restarts from base): the ranks'
+        pt.ref_cache.clear()  # caches differ, and the next DPO steps must still pair each value with its key
+    dpo_again = pt.pair_round(groups)
     kto = pt.signal_round(labelled, z_ref=0.1)
     if world.main:
         torch.save({"world": world.size, "reward": rm.model.state_dict(), "adapters": adapter_state_dict(pt.model),
                     "reward_init": reward_init, "adapters_init": adapters_init,
-                    "losses": [rm_out["loss"], rloo["loss"], dpo["dpo_loss"], kto["kto_loss"]],
+                    "losses": [rm_out["loss"], rloo["loss"], dpo["dpo_loss"], dpo_again["dpo_loss"], kto["kto_loss"]],
                     "grad_norms": [rm_out["grad_norm"], rloo["grad_norm"]],
                     "groups_trained": rloo["groups_trained"]}, out)
 

@@ -411,7 +411,10 @@ def test_rounds_continue_from_users_incumbent_not_a_rejected_candidate(tiny_mode
     assert all(torch.equal(at_v1["adapters"][k], rounds.pt.state_dict()["adapters"][k]) for k in at_v1["adapters"])
     v3 = rounds.run(PROMPTS[:4], PROMPTS[4:6], reward, pairs=votes, judge_votes=votes, live_name=v1.name).published
     assert v3.parent_version == v1.version  # judged against and trained from v1, not v2
+    cached = dict(rounds.pt.ref_cache)
     rounds.follow(None)  # users kept the base model
     assert rounds.version == "base" and rounds.pt.updates == 0
+    # the reference's log-probs do not depend on who is followed: kept (with ranks, every rank keeps its own)
+    assert cached and rounds.pt.ref_cache == cached
     v4 = rounds.run(PROMPTS[:4], PROMPTS[4:6], reward, pairs=votes, judge_votes=votes, live_name=None).published
     assert v4.parent_version is None

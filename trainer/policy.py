@@ -346,8 +346,10 @@ class PolicyTrainer:
 
     def _reference_logp(self, keys: list[tuple[str, int, str]], samples: list[Sample]) -> torch.Tensor:
         """log π_ref(y|x) per sample, computed once per (event id, answer index, text); with ranks, each computes
-        its share of the new ones and all keep all (every rank's cache holds the same keys)."""
-        todo = [i for i, k in enumerate(keys) if k not in self.ref_cache]
+        its share of the keys any rank lacks and all keep all. The union, not this rank's own list: the caches can
+        differ (rank 0 alone restarts from base when users reject a candidate), and ranks that split different
+        lists would pair values with the wrong keys."""
+        todo = sorted(set().union(*self.world.gather([i for i, k in enumerate(keys) if k not in self.ref_cache])))
         mine = [todo[j] for j in self.world.mine(len(todo))]
         values: list[float] = []
         for j in range(0, len(mine), self.cfg.micro_batch):

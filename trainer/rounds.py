@@ -151,7 +151,9 @@ class PolicyRounds:
         if target == self.version:
             return
         if target == BASE_VERSION:
+            cache = self.pt.ref_cache  # the reference (base) model's log-probs: the same whoever is followed
             self.pt = PolicyTrainer(self.cfg.policy, self.cfg.base_model, self.world)
+            self.pt.ref_cache = cache
         else:
             m = self.registry.show(target)
             path = self.registry.path(m) / POLICY_STATE if m else None
