@@ -135,14 +135,18 @@ def users_battle(test: CanaryTest, length_controlled_win_rate: float | None = No
 
 # --- Redis ------------------------------------------------------------------------------------------
 _START = """
--- a new candidate: the running test (if any) is superseded and archived; a new one begins
+-- a new candidate: the running test (if any) is superseded and archived; a new one begins, against users'
+-- incumbent as the last test left it (its candidate if promoted, else its incumbent) — not the caller's engine,
+-- which may not have swapped a promotion in yet; ARGV[2] only when there was no test
 local cur = redis.call('HGETALL', KEYS[1])
+local incumbent = ARGV[2]
 if #cur > 0 then
   local t = {}
   for i = 1, #cur, 2 do t[cur[i]] = cur[i+1] end
   if t['candidate'] == ARGV[1] then
     return 0  -- the same candidate again (a replayed announcement): its test stands, decided or not
   end
+  if t['status'] == 'promoted' then incumbent = t['candidate'] else incumbent = t['incumbent'] end
   if t['status'] == 'running' or t['status'] == 'paused' then
     t['status'] = 'rejected'; t['reason'] = 'superseded'; t['decided_at'] = ARGV[3]
   end
@@ -150,7 +154,7 @@ if #cur > 0 then
   redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[4]) - 1)
 end
 redis.call('DEL', KEYS[1], KEYS[2])
-redis.call('HSET', KEYS[1], 'candidate', ARGV[1], 'incumbent', ARGV[2], 'status', 'running',
+redis.call('HSET', KEYS[1], 'candidate', ARGV[1], 'incumbent', incumbent, 'status', 'running',
            'started_at', ARGV[3], 'wins', 0, 'ties', 0, 'losses', 0)
 return 1
 """
@@ -215,7 +219,8 @@ class CanaryStore:
         return _test_from(await self.redis.hgetall(CANARY))
 
     async def start(self, candidate: str, incumbent: str) -> bool:
-        """Begin testing `candidate` (superseding a test still running). False if it is already tested."""
+        """Begin testing `candidate` (superseding a test still running) against users' incumbent as the store
+        knows it; `incumbent` (the caller's engine) only for the first test. False if it is already tested."""
         return bool(await self._start(keys=[CANARY, CANARY_VOTES, CANARY_HISTORY],
                                       args=[candidate, incumbent, time.time(), HISTORY_KEEP]))
 

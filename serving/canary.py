@@ -99,7 +99,9 @@ class CanaryRunner:
         self.candidate: CandidateSlot | None = None  # once started
         self.test: CanaryTest | None = None  # as last read from Redis
         self.load_error: str | None = None
-        self._failed: str | None = None  # the candidate this replica could not load (not retried)
+        # (candidate, incumbent's weights) this replica could not load: not retried until the incumbent's weights
+        # change (an adapter candidate is built against them; an admin swap during its check refuses it)
+        self._failed: tuple[str, str] | None = None
         self._promotion_failed: str | None = None  # a promoted candidate whose swap failed here (not retried)
         self.rng = rng or random.Random()
 
@@ -171,17 +173,21 @@ class CanaryRunner:
         self._export(t)
         if t is None:
             return
-        if (t.status == "promoted" and self.incumbent.engine.model_version != t.candidate
-                and self._promotion_failed != t.candidate):
-            rec = await self.incumbent.activate(t.candidate)
-            log.info("canary: promoted %s swapped in: %s %s", t.candidate, rec.result, rec.reason or "")
+        # this replica serves users' incumbent: a promoted candidate, else the test's incumbent — also when a
+        # new test superseded a promotion before this replica's poll saw it (the new test is against it)
+        users = t.candidate if t.status == "promoted" else t.incumbent
+        if (self.incumbent.engine.model_version != users and self._promotion_failed != users
+                and not self.incumbent.paused):  # an admin's pause holds every swap
+            rec = await self.incumbent.activate(users)
+            log.info("canary: users' incumbent %s swapped in: %s %s", users, rec.result, rec.reason or "")
             if rec.result != "ok":  # the swap's checks refused it here: say so once (/admin/models, swap metrics)
-                self._promotion_failed = t.candidate
-        elif t.status in ("running", "paused"):
+                self._promotion_failed = users
+        if t.status in ("running", "paused"):
             await self._load_candidate(t.candidate)
 
     async def _load_candidate(self, version: str) -> None:
-        if self._failed == version or self.candidate_engine(version) is not None:
+        against = self.incumbent.engine.model_version
+        if self._failed == (version, against) or self.candidate_engine(version) is not None:
             return
         try:
             if self.candidate is None:
@@ -191,7 +197,8 @@ class CanaryRunner:
                 raise RuntimeError(f"{rec.result}: {rec.reason}")
             self.load_error = None
         except Exception as e:
-            self._failed, self.load_error = version, f"{type(e).__name__}: {e}"
+            self._failed = (version, against)
+            self.load_error = f"{type(e).__name__}: {e}"
             metrics.CANARY_LOAD_FAILURES.inc()
             log.warning("canary: cannot load candidate %s; serving the incumbent alone: %s", version, e)
 

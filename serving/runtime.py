@@ -135,7 +135,8 @@ async def on_announcement(rt: Runtime, ann: WeightsAnnouncement) -> None:
         return
     if rt.canary is not None:  # users decide: a test against the live version, not a swap
         if await rt.canary.store.start(ann.name, swapper.engine.model_version):
-            log.info("canary: testing %s against %s", ann.name, swapper.engine.model_version)
+            t = await rt.canary.store.current()
+            log.info("canary: testing %s against %s", ann.name, t.incumbent if t else "?")
         return
     await swapper.activate(ann.name, ann.manifest_sha256)
 

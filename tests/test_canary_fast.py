@@ -79,6 +79,16 @@ def judged(api, candidate: str) -> tuple[Authed, Authed]:
     return admin, user
 
 
+def store_call(method: str, *args):
+    async def go():
+        r = aioredis.from_url(CANARY_REDIS, decode_responses=True)
+        try:
+            return await getattr(CanaryStore(r), method)(*args)
+        finally:
+            await r.aclose()
+    return asyncio.run(go())
+
+
 def serving(tiny_model, home, **settings):
     return InProcessServing(tiny_model, CANARY_REDIS, home, canary="users", canary_engine_nice=0, pair_rate=1.0,
                             admin_key=ADMIN_KEY, **settings)
@@ -158,3 +168,29 @@ def test_users_judge_a_candidate_served_as_an_adapter(tiny_model, tmp_path, clea
         assert api.engine.loaded == [candidate]
         # the adapter was the difference to base: with the candidate's weights in the engine it serves nothing
         assert admin.get("/admin/canary").json()["candidate_loaded"] is None
+
+
+def test_a_replica_that_missed_a_promotion_serves_users_incumbent(tiny_model, tmp_path, clean_db):
+    """The trainer's next candidate can be announced seconds after users promote one, before every replica's
+    once-a-second look has swapped the promoted one in: the new test is against users' incumbent, not the
+    announcing replica's engine, and a replica still on the old weights swaps them in (else no cross pair is
+    ever served and the test, and the trainer holding its rounds for it, stall — seen in learning.py)."""
+    home = tmp_path / "home"
+    v1 = publish_copy(home / "registry", tiny_model)
+    v2 = publish_copy(home / "registry", tiny_model)
+    with serving(tiny_model, home) as api:
+        admin = Authed(api.client, ADMIN_KEY)
+        assert admin.post("/admin/updates/pause").json() == {"updates_paused": True}  # this replica swaps nothing
+        assert start_test(v1, "base")
+        assert store_call("move", v1, ("running",), "promoted", "votes") == "ok"
+        assert start_test(v2, "base")  # announced while this engine still holds base
+        assert (store_call("current").incumbent) == v1
+        assert admin.get("/admin/models").json()["current"] == "base"
+        assert admin.post("/admin/updates/resume").json() == {"updates_paused": False}
+        wait_until(lambda: admin.get("/admin/models").json()["current"] == v1, 30,
+                   "the replica to swap users' incumbent in")
+        wait_until(lambda: admin.get("/admin/canary").json().get("candidate_loaded") == v2, 30,
+                   "the candidate's engine to hold v2")
+        user = Authed(api.client, api.create_key("judge"))
+        # cross pairs again, v2 against v1 (every pair is one while the incumbent answers nobody else)
+        assert sorted(pair(user)["duet"]["model_versions"]) == sorted([v1, v2])

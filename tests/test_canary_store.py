@@ -116,3 +116,18 @@ def test_no_test_at_all():
         assert await store.move("v2", ("running",), "promoted", "admin") == "none"
         assert not await store.tally("v2", 1.0, 1, 1)
     with_store(go)
+
+
+def test_a_new_test_is_against_users_incumbent_not_the_callers_engine():
+    async def go(store):
+        assert await store.start("v1", "base")  # the first test: the announcing replica's engine names it
+        assert (await store.current()).incumbent == "base"
+        assert await store.move("v1", ("running",), "promoted", "votes") == "ok"
+        assert await store.start("v2", "base")  # announced before this replica swapped v1 in
+        assert (await store.current()).incumbent == "v1"
+        assert await store.move("v2", ("running",), "rejected", "votes") == "ok"
+        assert await store.start("v3", "v2")  # users kept v1, whatever the caller's engine says
+        assert (await store.current()).incumbent == "v1"
+        assert await store.start("v4", "base")  # superseding a running test: its incumbent stands
+        assert (await store.current()).incumbent == "v1"
+    with_store(go)
