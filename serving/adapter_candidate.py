@@ -103,14 +103,22 @@ class AdapterCandidate:
                 shutil.rmtree(folder, ignore_errors=True)
                 return SwapRecord(version, "refused", f"{type(e).__name__}: {e}", seconds=time.perf_counter() - t0)
             view = AdapterView(self.host, adapter, version, against)
-            got = await asyncio.gather(*(view.prompt_logprobs(ids, f"adapter-logprobs-{time.time_ns()}-{i}")
-                                         for i, ids in enumerate(manifest.probe.token_ids)))
+            try:
+                got = await asyncio.gather(*(view.prompt_logprobs(ids, f"adapter-logprobs-{time.time_ns()}-{i}")
+                                             for i, ids in enumerate(manifest.probe.token_ids)))
+            except Exception:
+                await self._drop(adapter)  # an adapter no request will use must not stay loaded
+                raise
             diff = mean_abs_diff(manifest.probe.logprobs, got)
-            if not diff <= self.incumbent.logprob_tolerance:
+            problem = None
+            if self.host.model_version != against:  # an admin swap replaced the incumbent's weights meanwhile
+                problem = f"the engine's weights changed from {against} to {self.host.model_version} during the check"
+            elif not diff <= self.incumbent.logprob_tolerance:
+                problem = (f"with the adapter the engine's log-probs differ from the trainer's by {diff:.3f} "
+                           f"nats/token (tolerance {self.incumbent.logprob_tolerance})")
+            if problem:
                 await self._drop(adapter)
-                return SwapRecord(version, "refused", f"with the adapter the engine's log-probs differ from the "
-                                  f"trainer's by {diff:.3f} nats/token (tolerance {self.incumbent.logprob_tolerance})",
-                                  seconds=time.perf_counter() - t0, logprob_diff=diff)
+                return SwapRecord(version, "refused", problem, seconds=time.perf_counter() - t0, logprob_diff=diff)
             old, self.engine = self.engine, view
             # the engine keeps one adapter and evicts the old one itself; requests still running with it may need
             # its files to reload it, so they are kept until the next load (only the last two are on disk)

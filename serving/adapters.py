@@ -61,7 +61,8 @@ def _read(version_dir: Path) -> tuple[dict, dict]:
         tensors = load_file(str(folder / WEIGHTS))
     except (OSError, ValueError) as e:
         raise AdapterUnavailable(f"{version_dir.name} has no readable adapter ({type(e).__name__}: {e})") from None
-    if cfg.get("peft_type") != "LORA" or cfg.get("use_rslora") or not cfg.get("r"):
+    if (cfg.get("peft_type") != "LORA" or cfg.get("use_rslora") or not cfg.get("r")
+            or cfg.get("rank_pattern") or cfg.get("alpha_pattern")):  # one scaling for every layer, or refuse
         raise AdapterUnavailable(f"{version_dir.name}: not a plain LoRA adapter")
     return cfg, tensors
 

@@ -30,9 +30,9 @@ from trainer.policy import PolicyTrainer
 IDS = torch.tensor([[1, 42, 7, 99, 1000, 5, 300]])
 
 
-def adapted(base: Path, seed: int, scale: float = 0.05) -> PolicyTrainer:
+def adapted(base: Path, seed: int, scale: float = 0.05, **lora) -> PolicyTrainer:
     """The base with random adapters (B is zero when fresh, which would prove nothing)."""
-    pt = PolicyTrainer(policy_config(precision="fp32"), str(base))
+    pt = PolicyTrainer(policy_config(precision="fp32", **lora), str(base))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in lora_layers(pt.model).values():
@@ -57,7 +57,9 @@ def logits_with(base: Path, weights: dict, adapter: Path):
 
 
 def test_the_delta_adapter_turns_the_incumbent_into_the_candidate(tiny_model, tmp_path):
-    incumbent, candidate = adapted(tiny_model, 1), adapted(tiny_model, 2)
+    # another rank and alpha on each side: a scaling folded into the wrong side, or one side's rank read for
+    # both, would not cancel
+    incumbent, candidate = adapted(tiny_model, 1, lora_rank=4, lora_alpha=4.0), adapted(tiny_model, 2)
     inc_dir, cand_dir = exported(incumbent, tmp_path / "inc"), exported(candidate, tmp_path / "cand")
     with torch.no_grad():
         want = candidate.model(input_ids=IDS).logits
@@ -65,7 +67,7 @@ def test_the_delta_adapter_turns_the_incumbent_into_the_candidate(tiny_model, tm
     assert (want - was).abs().max() > 1e-2  # the two versions answer differently
 
     rank = write_delta(cand_dir, inc_dir, tmp_path / "delta")
-    assert rank == 2 * policy_config().lora_rank
+    assert rank == 4 + policy_config().lora_rank
     got = logits_with(tiny_model, merged_state_dict(incumbent.model, torch.float32), tmp_path / "delta")
     assert torch.allclose(got, want, atol=1e-4)
 
@@ -154,3 +156,58 @@ def test_each_load_is_a_new_adapter_checked_against_the_probe(tiny_model, tmp_pa
         assert f"from {v2}-on-{v1}-4" in "".join(d.text for s in steps for d in s.deltas)
 
     asyncio.run(go())
+
+
+def test_a_load_whose_check_is_interrupted_leaves_no_adapter_behind(tiny_model, tmp_path):
+    registry = tmp_path / "registry"
+    v1 = publish(registry, exported(adapted(tiny_model, 1), tmp_path / "v1"))
+    v2 = publish(registry, exported(adapted(tiny_model, 2), tmp_path / "v2"))
+
+    class SwappedMidCheck(FakeEngine):
+        """An admin swap lands while the candidate's log-probs are checked (reload_weights drops adapters in
+        vLLM; the adapter was built against the weights before it)."""
+        async def prompt_logprobs(self, token_ids, request_id, adapter=None):
+            self.model_version = v1
+            return await super().prompt_logprobs(token_ids, request_id, adapter)
+
+    class Broken(FakeEngine):
+        async def prompt_logprobs(self, token_ids, request_id, adapter=None):
+            raise RuntimeError("engine dead")
+
+    for host in (SwappedMidCheck(), Broken()):
+        work = tmp_path / f"adapters-{type(host).__name__}"
+        work.mkdir()
+        slot = AdapterCandidate(WeightSwapper(host, None, str(tiny_model), registry), work)
+        if isinstance(host, Broken):
+            with pytest.raises(RuntimeError, match="engine dead"):
+                asyncio.run(slot.activate(v2))
+        else:
+            rec = asyncio.run(slot.activate(v2))
+            assert rec.result == "refused" and f"changed from base to {v1}" in rec.reason
+        assert host.adapter_names == [f"{v2}-on-base-1"] and host.adapters == {}  # loaded, then unloaded
+        assert list(work.iterdir()) == [] and slot.engine is None
+
+
+def test_a_candidate_refused_by_an_admin_swap_is_tried_again_against_the_new_weights(tiny_model, tmp_path):
+    from serving.canary import CanaryRunner
+
+    registry = tmp_path / "registry"
+    v1 = publish(registry, exported(adapted(tiny_model, 1), tmp_path / "v1"))
+    v2 = publish(registry, exported(adapted(tiny_model, 2), tmp_path / "v2"))
+
+    class SwappedOnce(FakeEngine):
+        async def prompt_logprobs(self, token_ids, request_id, adapter=None):
+            self.model_version = v1  # an admin swap to v1 lands during the first check
+            return await super().prompt_logprobs(token_ids, request_id, adapter)
+
+    host = SwappedOnce()
+    (tmp_path / "adapters").mkdir()
+    incumbent = WeightSwapper(host, None, str(tiny_model), registry)
+    slot = AdapterCandidate(incumbent, tmp_path / "adapters")
+    runner = CanaryRunner(store=None, cfg=None, incumbent=incumbent, start_candidate=lambda: slot)
+
+    asyncio.run(runner._load_candidate(v2))
+    assert runner.load_error and "changed from base" in runner.load_error and runner.candidate_engine(v2) is None
+    asyncio.run(runner._load_candidate(v2))  # the incumbent's weights are v1's now: built again against them
+    assert runner.load_error is None and runner.candidate_engine(v2) is not None
+    assert host.adapter_names == [f"{v2}-on-base-1", f"{v2}-on-{v1}-2"]
