@@ -158,23 +158,28 @@ def test_each_load_is_a_new_adapter_checked_against_the_probe(tiny_model, tmp_pa
     asyncio.run(go())
 
 
+class SwappedMidCheck(FakeEngine):
+    """An admin swap to `to` lands while a candidate's log-probs are checked (reload_weights drops adapters in
+    vLLM; the adapter was built against the weights before it)."""
+    def __init__(self, to: str) -> None:
+        super().__init__()
+        self.to = to
+
+    async def prompt_logprobs(self, token_ids, request_id, adapter=None):
+        self.model_version = self.to
+        return await super().prompt_logprobs(token_ids, request_id, adapter)
+
+
 def test_a_load_whose_check_is_interrupted_leaves_no_adapter_behind(tiny_model, tmp_path):
     registry = tmp_path / "registry"
     v1 = publish(registry, exported(adapted(tiny_model, 1), tmp_path / "v1"))
     v2 = publish(registry, exported(adapted(tiny_model, 2), tmp_path / "v2"))
 
-    class SwappedMidCheck(FakeEngine):
-        """An admin swap lands while the candidate's log-probs are checked (reload_weights drops adapters in
-        vLLM; the adapter was built against the weights before it)."""
-        async def prompt_logprobs(self, token_ids, request_id, adapter=None):
-            self.model_version = v1
-            return await super().prompt_logprobs(token_ids, request_id, adapter)
-
     class Broken(FakeEngine):
         async def prompt_logprobs(self, token_ids, request_id, adapter=None):
             raise RuntimeError("engine dead")
 
-    for host in (SwappedMidCheck(), Broken()):
+    for host in (SwappedMidCheck(v1), Broken()):
         work = tmp_path / f"adapters-{type(host).__name__}"
         work.mkdir()
         slot = AdapterCandidate(WeightSwapper(host, None, str(tiny_model), registry), work)
@@ -195,12 +200,7 @@ def test_a_candidate_refused_by_an_admin_swap_is_tried_again_against_the_new_wei
     v1 = publish(registry, exported(adapted(tiny_model, 1), tmp_path / "v1"))
     v2 = publish(registry, exported(adapted(tiny_model, 2), tmp_path / "v2"))
 
-    class SwappedOnce(FakeEngine):
-        async def prompt_logprobs(self, token_ids, request_id, adapter=None):
-            self.model_version = v1  # an admin swap to v1 lands during the first check
-            return await super().prompt_logprobs(token_ids, request_id, adapter)
-
-    host = SwappedOnce()
+    host = SwappedMidCheck(v1)  # an admin swap to v1 lands during the first check
     (tmp_path / "adapters").mkdir()
     incumbent = WeightSwapper(host, None, str(tiny_model), registry)
     slot = AdapterCandidate(incumbent, tmp_path / "adapters")

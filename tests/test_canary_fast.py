@@ -32,16 +32,6 @@ def clean_db():
     r.close()
 
 
-def start_test(candidate: str, incumbent: str) -> bool:
-    async def go() -> bool:
-        r = aioredis.from_url(CANARY_REDIS, decode_responses=True)
-        try:
-            return await CanaryStore(r).start(candidate, incumbent)
-        finally:
-            await r.aclose()
-    return asyncio.run(go())
-
-
 def pair(user: Authed) -> dict:
     r = user.post("/v1/chat/completions", json={"model": "duet", "messages": HELLO, "duet": {"pairs": "force"}})
     assert r.status_code == 200, r.text
@@ -80,6 +70,7 @@ def judged(api, candidate: str) -> tuple[Authed, Authed]:
 
 
 def store_call(method: str, *args):
+    """`CanaryStore.<method>(*args)` on the tests' database, from synchronous test code."""
     async def go():
         r = aioredis.from_url(CANARY_REDIS, decode_responses=True)
         try:
@@ -87,6 +78,10 @@ def store_call(method: str, *args):
         finally:
             await r.aclose()
     return asyncio.run(go())
+
+
+def start_test(candidate: str, incumbent: str) -> bool:
+    return store_call("start", candidate, incumbent)
 
 
 def serving(tiny_model, home, **settings):
@@ -184,7 +179,7 @@ def test_a_replica_that_missed_a_promotion_serves_users_incumbent(tiny_model, tm
         assert start_test(v1, "base")
         assert store_call("move", v1, ("running",), "promoted", "votes") == "ok"
         assert start_test(v2, "base")  # announced while this engine still holds base
-        assert (store_call("current").incumbent) == v1
+        assert store_call("current").incumbent == v1
         assert admin.get("/admin/models").json()["current"] == "base"
         assert admin.post("/admin/updates/resume").json() == {"updates_paused": False}
         wait_until(lambda: admin.get("/admin/models").json()["current"] == v1, 30,
